@@ -1,0 +1,259 @@
+"""One typed configuration that flows through every stage.
+
+A run is described by :class:`RunConfig`; each stage reads only its own section
+(``data``, ``diffusion``, ``features``, ``classifier``). YAML files map onto these
+dataclasses one to one; an unknown or mistyped key is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "medmnist"  # medmnist | folder | csv
+    name: str = "pneumoniamnist"  # MedMNIST dataset name (source=medmnist)
+    path: Optional[str] = None  # npz file, image-folder root or CSV manifest
+    image_size: int = 28  # images are resized to image_size x image_size
+    channels: int = 1  # 1 = grayscale, 3 = RGB
+    val_fraction: float = 0.1  # used when the source has no predefined split
+    test_fraction: float = 0.2
+    max_train: Optional[int] = None  # stratified subsample caps (quick runs, tests)
+    max_val: Optional[int] = None
+    max_test: Optional[int] = None
+    download: bool = True  # MedMNIST: download when absent from the cache
+
+
+@dataclass
+class DiffusionConfig:
+    backbone: str = "unet"  # unet (MONAI DiffusionModelUNet) | uvit
+    preset: str = "tiny"  # size preset of the backbone, see dcube.diffusion
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    epochs: int = 5
+    max_steps: Optional[int] = None  # stop after this many optimiser steps
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    contrastive_weight: float = 0.1  # 0 switches the contrastive loss off
+    contrastive_margin: float = 1.0
+    checkpoint_every: int = 200  # optimiser steps between checkpoints
+    sample_grid: bool = True  # per-class sample grid at the end of training
+    sample_steps: int = 50  # DDIM steps for the grid
+
+
+@dataclass
+class FeatureConfig:
+    input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
+    timestep: int = 50  # the same timestep at train and test time
+    condition: str = "uniform"  # class conditioning while extracting: uniform soft embedding
+    layers: Optional[list] = None  # explicit layer names; None = KS selection
+    ks_alpha: float = 0.05
+    ks_images: int = 256  # training images used for the KS test
+    ks_values: int = 1000  # standardised values drawn per layer for the test
+    ks_fallback_k: int = 2  # when no layer has p < alpha, keep the k least Gaussian
+    max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
+    batch_size: int = 128
+
+
+@dataclass
+class ClassifierConfig:
+    subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none
+    subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
+    fuse_size: int = 8  # spatial size the features are fused at
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    ce_weight: float = 1.0
+    cycle_weight: float = 0.1  # 0 switches the cycle loss off
+    cycle_batch: int = 16  # images per step that go through the frozen denoiser for it
+    consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
+    class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
+    select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch intra-op threads (None = torch default)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.source": ("medmnist", "folder", "csv"),
+    "data.channels": (1, 3),
+    "diffusion.backbone": ("unet", "uvit"),
+    "features.input_mode": ("x0", "xt"),
+    "features.condition": ("uniform",),
+    "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none"),
+    "classifier.select_metric": ("auc", "acc", "f1"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (as a string or type); ints widen to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        where = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, where + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigError naming the field for any value outside its allowed range."""
+    for key, allowed in _CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"{key}: {obj!r} is not one of {list(allowed)}")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "diffusion.batch_size": cfg.diffusion.batch_size,
+        "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
+        "classifier.batch_size": cfg.classifier.batch_size,
+        "classifier.fuse_size": cfg.classifier.fuse_size,
+        "features.batch_size": cfg.features.batch_size,
+        "features.ks_images": cfg.features.ks_images,
+        "features.ks_values": cfg.features.ks_values,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    for key, v in {
+        "diffusion.epochs": cfg.diffusion.epochs,
+        "classifier.epochs": cfg.classifier.epochs,
+        "diffusion.contrastive_weight": cfg.diffusion.contrastive_weight,
+        "classifier.cycle_weight": cfg.classifier.cycle_weight,
+        "classifier.consistency_weight": cfg.classifier.consistency_weight,
+        "classifier.ce_weight": cfg.classifier.ce_weight,
+    }.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if not 0 <= cfg.features.timestep < cfg.diffusion.num_train_timesteps:
+        raise ConfigError(
+            f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
+            f"got {cfg.features.timestep}"
+        )
+    if not 0 < cfg.features.ks_alpha < 1:
+        raise ConfigError(f"features.ks_alpha: must lie in (0, 1), got {cfg.features.ks_alpha}")
+    for key in ("val_fraction", "test_fraction"):
+        v = getattr(cfg.data, key)
+        if not 0 <= v < 1:
+            raise ConfigError(f"data.{key}: must lie in [0, 1), got {v}")
+    for key in ("diffusion.ema_decay", "classifier.ema_decay"):
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key}: must lie in [0, 1), got {v}")
+    if cfg.data.source in ("folder", "csv") and not cfg.data.path:
+        raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
+    return cfg
+
+
+def from_dict(values: dict) -> RunConfig:
+    return validate(_build(RunConfig, values or {}, ""))
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML file; `overrides` are ``section.key=value`` strings (YAML-parsed values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    from dcube.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,102 @@
+"""Read one DICOM file into a float image in [0, 1] (pydicom is imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dcube.data.bundle import DataError
+
+LOW_PCT, HIGH_PCT = 0.5, 99.5  # robust window: these percentiles map to 0 and 1
+
+
+def is_dicom(path: Path) -> bool:
+    """By suffix (.dcm/.dicom) or by the 'DICM' magic after the 128-byte preamble."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as exc:  # pragma: no cover - pydicom is a test dependency
+        raise DataError("reading DICOM needs pydicom: pip install 'dcube[dicom]'") from exc
+    return pydicom
+
+
+def window(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Map the LOW_PCT..HIGH_PCT percentiles of x (ignoring `mask`ed pixels) onto [0, 1]."""
+    x = x.astype(np.float64)
+    valid = x[~mask] if mask is not None and (~mask).any() else x.ravel()
+    lo, hi = np.percentile(valid, [LOW_PCT, HIGH_PCT])
+    if hi <= lo:
+        lo, hi = valid.min(), valid.max()
+    if hi <= lo:
+        return np.zeros(x.shape, np.float32)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _padding_mask(ds, raw: np.ndarray) -> np.ndarray | None:
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None:
+        return raw == pad
+    return (raw >= min(pad, limit)) & (raw <= max(pad, limit))
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """(H, W) grayscale or (H, W, 3) RGB float32 in [0, 1].
+
+    Rescale slope/intercept applied, pixel padding ignored (set to 0), MONOCHROME1 inverted,
+    the middle frame of a multi-frame file, palette/YBR colour converted to RGB.
+    """
+    pydicom = _pydicom()
+    try:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except pydicom.errors.InvalidDicomError:
+            ds = pydicom.dcmread(str(path), force=True)
+        arr = np.asarray(ds.pixel_array)
+    except DataError:
+        raise
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DataError(f"{path}: cannot read DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and arr.ndim == (4 if spp > 1 else 3):
+        arr = arr[frames // 2]
+    if pi == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr, spp = apply_color_lut(arr, ds), 3
+    elif spp == 3 and pi.startswith("YBR") and int(pydicom.__version__.split(".")[0]) < 3:
+        from pydicom.pixel_data_handlers.util import convert_color_space  # pydicom 2.x
+
+        arr = convert_color_space(arr, pi, "RGB")
+    if spp == 3:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise DataError(f"{path}: unexpected RGB DICOM pixel array of shape {arr.shape}")
+        if arr.dtype == np.uint8:
+            return arr.astype(np.float32) / 255.0
+        return window(arr)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2D image (or frames), got pixel array {arr.shape}")
+    mask = _padding_mask(ds, arr)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    x = window(arr.astype(np.float64) * slope + intercept, mask)
+    if pi == "MONOCHROME1":
+        x = 1.0 - x
+    if mask is not None:
+        x[mask] = 0.0
+    return x

@@ -1,0 +1,143 @@
+"""Scan image folders and CSV manifests into a list of entries (path, label[, split][, group]).
+
+Layouts: ``root/<class>/*`` (split later), ``root/{train,val,test}/<class>/*`` (predefined; a
+missing val or test folder is carved out of train, by data.val_fraction / test_fraction of it), and a CSV manifest with columns
+``path,label[,split][,patient_id]``. Files are found recursively below each class folder;
+hidden files and files without an image suffix are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dcube.data.bundle import DataError
+from dcube.data.images import IMAGE_SUFFIXES
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class Entry:
+    path: Path  # absolute
+    label: str  # class name
+    split: Optional[str] = None  # "train" | "val" | "test" when predefined
+    group: Optional[str] = None  # patient id (CSV manifests)
+    where: str = ""  # for messages: "<csv>:<line>" or the class folder
+
+
+def absolute(path: str | Path) -> Path:
+    """Absolute and normalised, without resolving symlinks (ids keep the names the user sees)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def sort_classes(names) -> list[str]:
+    """Alphabetical; numerically when every name is an integer ('2' before '10')."""
+    names = sorted({str(n) for n in names})
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def _visible_dirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(d).parts))
+
+
+def _class_entries(d: Path, split: Optional[str]) -> list[Entry]:
+    out = []
+    for cdir in _visible_dirs(d):
+        files = _image_files(cdir)
+        if not files:
+            raise DataError(f"class folder {cdir} holds no image files "
+                            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        out += [Entry(absolute(f), cdir.name, split, None, str(cdir)) for f in files]
+    loose = [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        warnings.warn(f"{d}: {len(loose)} image file(s) outside any class folder are ignored, "
+                      f"e.g. {loose[0].name}", stacklevel=3)
+    return out
+
+
+def scan_folder(root: str | Path) -> tuple[list[Entry], str]:
+    """Entries of an image folder and its layout: 'classes' or 'predefined'."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.path: image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder (data.source is 'folder')")
+    subdirs = {p.name.lower(): p for p in _visible_dirs(root)}
+    if "train" in subdirs and set(subdirs) <= set(SPLIT_ALIASES):
+        entries = []
+        for name, d in subdirs.items():
+            found = _class_entries(d, SPLIT_ALIASES[name])
+            if not found:
+                raise DataError(f"split folder {d} holds no class folders")
+            entries += found
+        return entries, "predefined"
+    if not subdirs:
+        raise DataError(f"image folder {root} holds no class folders; expected root/<class>/<image> "
+                        f"or root/{{train,val,test}}/<class>/<image>")
+    return _class_entries(root, None), "classes"
+
+
+def read_manifest(csv_path: str | Path) -> list[Entry]:
+    """Entries of a CSV manifest; relative paths are relative to the CSV's folder."""
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise DataError(f"data.path: CSV manifest {csv_path} does not exist or is not a file")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("path", "label") if c not in fields]
+        if missing:
+            raise DataError(f"{csv_path}: missing column(s) {missing}; the header must name "
+                            f"path,label[,split][,patient_id], got {fields}")
+        reader.fieldnames = fields
+        entries, seen, absent = [], {}, []
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            entries.append(_manifest_entry(row, csv_path.parent, where, "split" in fields,
+                                           "patient_id" in fields))
+            e = entries[-1]
+            if e.path in seen:
+                raise DataError(f"{where}: image {e.path} is listed twice (also at {seen[e.path]})")
+            seen[e.path] = where
+            if not e.path.is_file():
+                absent.append(e)
+    if absent:
+        raise DataError(f"{csv_path}: {len(absent)} listed image file(s) do not exist, e.g. "
+                        f"{absent[0].path} ({absent[0].where})")
+    if not entries:
+        raise DataError(f"{csv_path}: the manifest lists no images")
+    return entries
+
+
+def _manifest_entry(row: dict, base: Path, where: str, has_split: bool, has_group: bool) -> Entry:
+    def cell(name):
+        return (row.get(name) or "").strip()
+
+    path, label = cell("path"), cell("label")
+    if not path:
+        raise DataError(f"{where}: empty 'path'")
+    if not label:
+        raise DataError(f"{where}: empty 'label' for {path}")
+    p = absolute(base / Path(path).expanduser())
+    split = group = None
+    if has_split:
+        split = SPLIT_ALIASES.get(cell("split").lower())
+        if split is None:
+            raise DataError(f"{where}: split {cell('split')!r} is not one of train, val, test")
+    if has_group:
+        group = cell("patient_id")
+        if not group:
+            raise DataError(f"{where}: empty 'patient_id' for {path}")
+    return Entry(p, label, split, group, where)

@@ -1,0 +1,95 @@
+"""Image files and arrays -> float32 (C, H, W) in [-1, 1] at the configured size and channels.
+
+Images are resized to a square image_size x image_size (no crop; the aspect ratio is not kept)
+with antialiased bilinear interpolation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from dcube.data.bundle import DataError
+from dcube.data.dicom import is_dicom, read_dicom, window
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp",
+                  ".dcm", ".dicom"}
+_GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's "L"
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    """(H, W) or (H, W, 3) float32 in [0, 1]; high bit depths are windowed like DICOM."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in _GRAY_MODES:
+                if img.mode in ("1", "L", "LA"):
+                    return np.asarray(img.convert("L"), np.float32) / 255.0
+                return window(np.asarray(img))
+            return np.asarray(img.convert("RGB"), np.float32) / 255.0
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def _fit_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) -> (channels, H, W)."""
+    if x.ndim == 2:
+        return np.repeat(x[None], channels, axis=0)
+    if channels == 3:
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return (x @ _LUMA)[None]
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) float32 -> (C, size, size), per channel with PIL's antialiased bilinear."""
+    if x.shape[1:] == (size, size):
+        return x
+    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR))
+                     for c in x.astype(np.float32)])
+
+
+def read_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF/... or DICOM file -> float32 (channels, image_size, image_size) in [-1, 1]."""
+    path = Path(path)
+    x = read_dicom(path) if is_dicom(path) else _read_pil(path)
+    x = _resize(_fit_channels(x, channels), image_size)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: image holds NaN/inf values")
+    return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+
+
+def check_finite(images: np.ndarray, file: str | Path, split: str) -> None:
+    """DataError naming the file and split when a float image array holds NaN or inf."""
+    if np.issubdtype(images.dtype, np.floating):
+        bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            raise DataError(f"{file}: split {split!r} ({split}_images) holds NaN/inf values in "
+                            f"{len(idx)} image(s), e.g. index {int(idx[0])}")
+
+
+def array_to_tensor(images: np.ndarray, image_size: int, channels: int,
+                    chunk: int = 4096) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, 3) uint8 (0..255) or float ([0, 1] or [0, 255]) -> (N, C, S, S) in [-1, 1]."""
+    n = len(images)
+    out = torch.empty((n, channels, image_size, image_size), dtype=torch.float32)
+    scale = 255.0
+    if images.dtype != np.uint8 and n and float(np.max(images)) <= 1.0:
+        scale = 1.0
+    for s in range(0, n, chunk):
+        x = torch.from_numpy(np.asarray(images[s:s + chunk], dtype=np.float32)) / scale
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[1] != channels:
+            x = x.repeat(1, channels, 1, 1) if x.shape[1] == 1 else \
+                (x * torch.from_numpy(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if x.shape[-1] != image_size or x.shape[-2] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        out[s:s + chunk] = x.clamp(0.0, 1.0) * 2.0 - 1.0
+    return out

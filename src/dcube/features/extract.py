@@ -1,0 +1,76 @@
+"""Forward hooks on every block of the frozen denoiser.
+
+The denoiser sees either the clean image x0 or x_t noised with a noise draw fixed per
+image index and seed, always at the same timestep, and a uniform soft class embedding
+(the label is unknown at test time). Train and test features are therefore computed
+the same deterministic way.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from dcube.config import FeatureConfig
+
+
+class FeatureExtractor:
+    """Context manager: registers hooks on `names`, collects `model.to_map` outputs."""
+
+    def __init__(self, model, names: list[str]):
+        unknown = [n for n in names if n not in model.feature_names]
+        if unknown:
+            raise KeyError(f"unknown layer(s) {unknown}; this model has {model.feature_names}")
+        self.model, self.names, self.maps = model, list(names), {}
+        self.handles = []
+
+    def __enter__(self):
+        mods = self.model.feature_modules()
+        for name in self.names:
+            self.handles.append(mods[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.maps[name] = self.model.to_map(name, output)
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def denoiser_inputs(model, x: torch.Tensor, cfg: FeatureConfig, index: torch.Tensor, seed: int,
+                    scheduler=None):
+    """(x_in, t, y) for the feature forward pass; noise depends only on (seed, image index)."""
+    n = x.shape[0]
+    t = torch.full((n,), cfg.timestep, dtype=torch.long, device=x.device)
+    y = torch.full((n, model.num_classes), 1.0 / model.num_classes, device=x.device)
+    if cfg.input_mode == "xt":
+        noise = torch.stack([
+            torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+            for i in index
+        ]).to(x.device)
+        x = scheduler.add_noise(x, noise, t)
+    return x, t, y
+
+
+@torch.no_grad()
+def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, seed: int = 0,
+            scheduler=None, device="cpu", dtype=torch.float32, desc: str = "features",
+            progress: bool = True) -> dict[str, torch.Tensor]:
+    """Feature maps of `names` for every image: name -> (N, C, h, w) on the CPU."""
+    if cfg.input_mode == "xt" and scheduler is None:
+        raise ValueError("features.input_mode='xt' needs the diffusion scheduler")
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    bs = cfg.batch_size
+    with FeatureExtractor(model, names) as fx:
+        for s in tqdm(range(0, len(images), bs), desc=desc, disable=not progress, leave=False):
+            x = images[s:s + bs].to(device)
+            idx = torch.arange(s, s + len(x))
+            model(*denoiser_inputs(model, x, cfg, idx, seed, scheduler))
+            for n in names:
+                out[n].append(fx.maps[n].detach().to("cpu", dtype))
+    return {n: torch.cat(v) for n, v in out.items()}

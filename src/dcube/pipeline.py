@@ -1,0 +1,231 @@
+"""The whole D-Cube pipeline, one run directory, each stage skipped when its output exists.
+
+run_dir/
+  config.yaml            resolved configuration
+  run.json               seed, package versions, data hashes and sizes, wall time per stage
+  splits.csv             (image folders / CSV) the split, reused on resume
+  diffusion/             step 1: last.safetensors (resume), ema.safetensors, history.json, samples.png
+  features/              selection.json, ks_pvalues.png, cached feature maps per split
+  classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
+  metrics.json           test metrics (+ validation metrics of the chosen epoch); confusion.png, roc.png
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dcube.config import RunConfig, dump_config
+from dcube.utils.io import read_json, sha256_file, write_json
+from dcube.utils.runtime import package_versions, pick_device, seed_everything
+
+STAGES = ("diffusion", "select", "classify", "evaluate")
+
+
+class Run:
+    """State shared by the stages of one run (config, device, data, directory)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._data = None
+        self._check_config()
+        self.info = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
+        self.info.setdefault("timings_s", {})
+
+    def _check_config(self):
+        path = self.dir / "config.yaml"
+        new = self.cfg.to_dict()
+        if path.exists():
+            old = yaml.safe_load(path.read_text()) or {}
+            for section in ("data", "diffusion"):
+                if old.get(section) != new[section] and (self.dir / "diffusion" / "ema.safetensors").exists():
+                    raise RuntimeError(
+                        f"{self.dir}: the {section!r} section differs from the one this run directory was "
+                        f"made with ({path}); its outputs would be stale. Use a new run_dir.")
+            if old.get("seed") != new["seed"]:
+                raise RuntimeError(f"{self.dir}: seed {new['seed']} differs from the run's seed "
+                                   f"{old.get('seed')}; use a new run_dir")
+        dump_config(self.cfg, path)
+
+    @property
+    def data(self):
+        if self._data is None:
+            from dcube.data import load_data
+
+            self._data = load_data(self.cfg.data, self.cfg.seed, self.dir)
+            self.info["data"] = self._data.info
+            self.save_info()
+        return self._data
+
+    def save_info(self):
+        self.info.update(seed=self.cfg.seed, versions=package_versions(), device=str(self.device))
+        write_json(self.dir / "run.json", self.info)
+
+    def timed(self, name, fn):
+        seed_everything(self.cfg.seed)
+        t0 = time.time()
+        out = fn()
+        self.info["timings_s"][name] = round(time.time() - t0, 2)
+        self.save_info()
+        return out
+
+    # -- step 1 ---------------------------------------------------------------------------
+    @property
+    def denoiser_path(self) -> Path:
+        return self.dir / "diffusion" / "ema.safetensors"
+
+    def train_diffusion(self):
+        from dcube.diffusion.trainer import train_diffusion
+
+        if self.denoiser_path.exists():
+            print(f"[step 1] done already: {self.denoiser_path}")
+            return self.denoiser_path
+        d = self.data
+        return self.timed("diffusion", lambda: train_diffusion(
+            self.cfg.diffusion, d.train.images, d.train.labels, len(d.class_names), self.dir / "diffusion",
+            seed=self.cfg.seed, device=self.device, class_names=d.class_names))
+
+    def denoiser(self):
+        from dcube.diffusion.trainer import load_denoiser
+
+        if not self.denoiser_path.exists():
+            raise FileNotFoundError(f"no step-1 model at {self.denoiser_path}: run 'dcube train-diffusion' first")
+        return load_denoiser(self.denoiser_path, self.device)
+
+    # -- step 2a: KS selection and cached features -----------------------------------------
+    def select_layers(self):
+        from dcube.features import extract, select_layers
+        from dcube.features.ks import plot_pvalues
+
+        fdir = self.dir / "features"
+        if (fdir / "selection.json").exists():
+            return read_json(fdir / "selection.json")["names"]
+        fc = self.cfg.features
+
+        def work():
+            model, dcfg = self.denoiser()
+            d = self.data
+            if fc.layers:
+                names = list(fc.layers)
+                missing = [n for n in names if n not in model.feature_names]
+                if missing:
+                    raise ValueError(f"features.layers: {missing} not in {model.feature_names}")
+                write_json(fdir / "selection.json", {"names": names, "manual": True})
+                return names
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            k = min(fc.ks_images, len(d.train.labels))
+            idx = torch.randperm(len(d.train.labels), generator=g)[:k]
+            maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
+                           self._scheduler(dcfg), self.device, desc="KS sample")
+            sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed)
+            if sel.note:
+                print(f"[KS] {sel.note}")
+            write_json(fdir / "selection.json", sel.to_dict())
+            plot_pvalues(sel, fdir / "ks_pvalues.png")
+            print("[KS] p-values: " + ", ".join(f"{n}={sel.pvalues[n]:.2g}" for n in sel.order))
+            print(f"[KS] selected layers: {sel.names}")
+            return sel.names
+
+        return self.timed("select_layers", work)
+
+    def _scheduler(self, dcfg):
+        from dcube.diffusion.schedule import ddpm_scheduler
+
+        return ddpm_scheduler(dcfg)
+
+    def features(self, split: str, names: list[str], model, dcfg, flipped: bool = False):
+        """Cached feature maps of one split (computed once, reused every epoch and on resume)."""
+        from dcube.features import extract
+        from dcube.features.cache import load_features, save_features
+
+        d = self.data
+        images = getattr(d, split).images
+        if flipped:
+            images = images.flip(-1)
+        key = {"model": sha256_file(self.denoiser_path), "features": vars(self.cfg.features),
+               "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images)}
+        path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}.safetensors"
+        maps = load_features(path, names, key)
+        if maps is None:
+            maps = extract(model, images, names, self.cfg.features, self.cfg.seed, self._scheduler(dcfg),
+                           self.device, desc=f"features {split}{' (flipped)' if flipped else ''}")
+            save_features(path, maps, key)
+        return [maps[n] for n in names]
+
+    # -- step 2b ----------------------------------------------------------------------------
+    def feature_split(self, split, names, model, dcfg, with_flip=False):
+        from dcube.classify.trainer import FeatureSplit
+
+        s = getattr(self.data, split)
+        flip = self.features(split, names, model, dcfg, flipped=True) if with_flip else None
+        return FeatureSplit(self.features(split, names, model, dcfg), s.images, s.labels, flip)
+
+    def train_classifier(self):
+        from dcube.classify.trainer import BEST, train_classifier
+
+        cdir = self.dir / "classifier"
+        names = self.select_layers()
+        cc = self.cfg.classifier
+
+        def work():
+            model, dcfg = self.denoiser()
+            train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0)
+            val = self.feature_split("val", names, model, dcfg)
+            return train_classifier(cc, train, val, self.data.class_names, cdir, denoiser=model,
+                                    scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device)
+
+        if (cdir / "history.json").exists() and (cdir / BEST).exists():
+            print(f"[step 2] done already: {cdir / BEST}")
+            return None
+        return self.timed("classifier", work)
+
+    # -- evaluate ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        from dcube.classify.trainer import BEST, build_head, predict
+        from dcube.evaluate import compute_metrics, format_table
+        from dcube.evaluate.report import write_report
+        from dcube.utils.io import load_checkpoint
+
+        names = self.select_layers()
+        model, dcfg = self.denoiser()
+        d = self.data
+        test = self.feature_split("test", names, model, dcfg)
+        val = self.feature_split("val", names, model, dcfg)
+        head = build_head(self.cfg.classifier, test, len(d.class_names)).to(self.device)
+        best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
+        probs = predict(head, test, device=self.device)
+        val_metrics = compute_metrics(val.labels.numpy(), predict(head, val, device=self.device).numpy(),
+                                      d.class_names)
+        metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
+        write_report(self.dir, metrics, test.labels.numpy(), probs.numpy(), d.class_names, split="test")
+        full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names,
+                "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
+                "timings_s": self.info["timings_s"]}
+        write_json(self.dir / "metrics.json", full)
+        print(format_table(metrics, title=f"test metrics ({self.dir})"))
+        return full
+
+
+def run(cfg: RunConfig, stages=STAGES) -> dict | None:
+    r = Run(cfg)
+    t0 = time.time()
+    out = None
+    if "diffusion" in stages:
+        r.train_diffusion()
+    if "select" in stages:
+        r.select_layers()
+    if "classify" in stages:
+        r.train_classifier()
+    if "evaluate" in stages:
+        out = r.evaluate()
+    r.info["timings_s"]["total_this_call"] = round(time.time() - t0, 2)
+    r.save_info()
+    return out

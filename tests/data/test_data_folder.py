@@ -1,0 +1,229 @@
+"""Image folders and CSV manifests: splits, splits.csv reuse, patient grouping, and every error."""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcube.config import DataConfig
+from dcube.data import DataError, load_data
+
+
+def _cfg(path, **kw):
+    kw.setdefault("image_size", 8)
+    return DataConfig(source=kw.pop("source", "folder"), path=str(path), **kw)
+
+
+def _by_class(split, bundle):
+    return {c: int((split.labels == i).sum()) for i, c in enumerate(bundle.class_names)}
+
+
+def test_folder_split_is_stratified_and_seeded(tmp_path, make_folder):
+    root = make_folder(tmp_path / "imgs", {"b_cls": 70, "a_cls": 30})
+    b = load_data(_cfg(root), seed=0)
+    assert b.class_names == ["a_cls", "b_cls"]
+    assert _by_class(b.train, b) == {"a_cls": 21, "b_cls": 49}
+    assert _by_class(b.val, b) == {"a_cls": 3, "b_cls": 7}
+    assert _by_class(b.test, b) == {"a_cls": 6, "b_cls": 14}
+    assert b.train.images.shape == (70, 1, 8, 8) and b.train.labels.dtype == torch.int64
+    ids = [set(s.ids) for s in (b.train, b.val, b.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert all(Path(i).is_file() for i in b.test.ids)
+    for s in (b.train, b.val, b.test):  # labels follow the folder names
+        assert all(Path(i).parent.name == b.class_names[y] for i, y in zip(s.ids, s.labels.tolist()))
+    again = load_data(_cfg(root), seed=0)
+    assert again.test.ids == b.test.ids and again.info["sha256"] == b.info["sha256"]
+    assert load_data(_cfg(root), seed=1).test.ids != b.test.ids
+    assert b.info["layout"] == "classes" and b.info["split_file"] is None
+
+
+def test_splits_csv_saved_and_reused(tmp_path, make_folder, write_png):
+    root = make_folder(tmp_path / "imgs", {"A": 20, "B": 20})
+    run = tmp_path / "run"
+    b = load_data(_cfg(root), seed=0, run_dir=run)
+    file = run / "splits.csv"
+    rows = list(csv.DictReader(file.open()))
+    assert list(rows[0]) == ["path", "label", "split"] and len(rows) == 40
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert rows[0]["path"] == "A/A_000.png"  # relative to the folder root
+    assert b.info["split_file"] == str(file) and not b.info["split_reused"]
+    # a resumed run (even with another seed, or new files in the folder) keeps the saved split
+    write_png(root / "A" / "A_new.png", 99)
+    with pytest.warns(UserWarning, match="not in"):
+        again = load_data(_cfg(root), seed=5, run_dir=run)
+    assert again.info["split_reused"]
+    for s in ("train", "val", "test"):
+        assert again.split(s).ids == b.split(s).ids
+    (root / "B" / "B_003.png").unlink()  # an image of the saved split is gone
+    with pytest.raises(DataError, match="B_003.png"):
+        load_data(_cfg(root), seed=0, run_dir=run)
+
+
+def test_caps_on_folder(tmp_path, make_folder):
+    root = make_folder(tmp_path / "imgs", {"A": 40, "B": 160})
+    b = load_data(_cfg(root, max_train=20, max_val=5, max_test=10), seed=0)
+    assert (len(b.train), len(b.val), len(b.test)) == (20, 5, 10)
+    assert _by_class(b.train, b) == {"A": 4, "B": 16}
+    assert b.info["split_sizes_before_caps"] == {"train": 140, "val": 20, "test": 40}
+
+
+def test_predefined_folders(tmp_path, make_folder):
+    root = tmp_path / "pre"
+    make_folder(root / "train", {"x": 6, "y": 5})
+    make_folder(root / "val", {"x": 2, "y": 2})
+    make_folder(root / "test", {"x": 3, "y": 1})
+    b = load_data(_cfg(root, channels=3), seed=0)
+    assert b.info["layout"] == "predefined" and b.class_names == ["x", "y"]
+    assert (len(b.train), len(b.val), len(b.test)) == (11, 4, 4)
+    assert all("/val/" in i for i in b.val.ids) and b.val.images.shape == (4, 3, 8, 8)
+
+
+def test_predefined_without_val_is_carved_from_train(tmp_path, make_folder):
+    root = tmp_path / "pre"
+    make_folder(root / "train", {"x": 20, "y": 20})
+    make_folder(root / "test", {"x": 5, "y": 5})
+    b = load_data(_cfg(root, val_fraction=0.1), seed=0)
+    assert (len(b.train), len(b.val), len(b.test)) == (36, 4, 10)
+    assert all("/train/" in i for i in b.val.ids)
+
+
+def test_predefined_class_missing_from_train(tmp_path, make_folder):
+    root = tmp_path / "pre"
+    make_folder(root / "train", {"x": 3, "y": 3})
+    make_folder(root / "val", {"x": 1, "y": 1})
+    make_folder(root / "test", {"x": 1, "z": 1})
+    with pytest.raises(DataError, match="unknown label 'z'.*test/z"):
+        load_data(_cfg(root), seed=0)
+
+
+def _manifest(path: Path, rows, header=("path", "label", "split", "patient_id")):
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_csv_grouped_by_patient(tmp_path, write_png):
+    rows = []
+    for p in range(40):
+        label = "sick" if p % 4 == 0 else "well"
+        for k in range(1 + p % 3):
+            rel = f"img/p{p}_{k}.png"
+            write_png(tmp_path / rel, 100 * p + k)
+            rows.append((rel, label, f"P{p:02d}"))
+    csv_path = _manifest(tmp_path / "m.csv", rows, ("path", "label", "patient_id"))
+    b = load_data(_cfg(csv_path, source="csv"), seed=0, run_dir=tmp_path / "run")
+    patient = {os.path.abspath(tmp_path / r[0]): r[2] for r in rows}
+    seen = {s: {patient[i] for i in b.split(s).ids} for s in ("train", "val", "test")}
+    assert not (seen["train"] & seen["val"] or seen["train"] & seen["test"] or seen["val"] & seen["test"])
+    assert sum(len(b.split(s)) for s in ("train", "val", "test")) == len(rows)
+    assert all(len(b.split(s)) for s in ("train", "val", "test"))
+    assert set(_by_class(b.val, b).values()) != {0} and b.info["layout"] == "csv"
+    assert b.class_names == ["sick", "well"]
+    assert (tmp_path / "run" / "splits.csv").is_file()
+    again = load_data(_cfg(csv_path, source="csv"), seed=0)
+    assert again.test.ids == b.test.ids
+
+
+def test_csv_with_split_column_and_absolute_dicoms(tmp_path, shared_data):
+    d = shared_data / "dicom"
+    rows = [(d / "693_UNCR.dcm", "CT", "train"), (d / "MR_small.dcm", "MR", "train"),
+            (d / "CT_small.dcm", "CT", "val"), (d / "emri_small.dcm", "MR", "test")]
+    csv_path = _manifest(tmp_path / "m.csv", rows, ("path", "label", "split"))
+    b = load_data(_cfg(csv_path, source="csv", image_size=16), seed=0)
+    assert b.train.ids == [str(rows[0][0]), str(rows[1][0])] and b.test.ids == [str(rows[3][0])]
+    assert b.train.labels.tolist() == [0, 1] and b.train.images.shape == (2, 1, 16, 16)
+    assert torch.isfinite(b.train.images).all() and b.train.images.abs().max() <= 1
+
+
+def test_csv_unknown_label(tmp_path, write_png):
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", i)
+    rows = [("0.png", "a", "train"), ("1.png", "b", "train"), ("2.png", "a", "val"),
+            ("3.png", "c", "test")]
+    csv_path = _manifest(tmp_path / "m.csv", rows, ("path", "label", "split"))
+    with pytest.raises(DataError, match=r"unknown label 'c'.*m\.csv:5"):
+        load_data(_cfg(csv_path, source="csv"), seed=0)
+
+
+def test_csv_patient_in_two_given_splits(tmp_path, write_png):
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", i)
+    rows = [("0.png", "a", "train", "p1"), ("1.png", "b", "train", "p2"),
+            ("2.png", "a", "val", "p3"), ("3.png", "b", "test", "p1")]
+    with pytest.raises(DataError, match="patient 'p1'"):
+        load_data(_cfg(_manifest(tmp_path / "m.csv", rows), source="csv"), seed=0)
+
+
+def test_csv_missing_file_and_column(tmp_path, write_png):
+    write_png(tmp_path / "0.png", 0)
+    rows = [("0.png", "a"), ("missing.png", "b")]
+    csv_path = _manifest(tmp_path / "m.csv", rows, ("path", "label"))
+    with pytest.raises(DataError, match=r"missing\.png.*m\.csv:3"):
+        load_data(_cfg(csv_path, source="csv"), seed=0)
+    bad = _manifest(tmp_path / "n.csv", [("0.png",)], ("file",))
+    with pytest.raises(DataError, match=r"n\.csv: missing column"):
+        load_data(_cfg(bad, source="csv"), seed=0)
+
+
+def test_corrupt_image_in_folder(tmp_path, make_folder):
+    root = make_folder(tmp_path / "imgs", {"A": 5, "B": 5})
+    (root / "B" / "B_002.png").write_bytes(b"this is not a png at all")
+    with pytest.raises(DataError, match="B_002.png"):
+        load_data(_cfg(root), seed=0)
+
+
+def test_empty_class_folder(tmp_path, make_folder):
+    root = make_folder(tmp_path / "imgs", {"A": 5, "B": 5})
+    (root / "C").mkdir()
+    (root / "C" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="class folder .*C holds no image"):
+        load_data(_cfg(root), seed=0)
+
+
+def test_too_few_classes_empty_split_missing_path(tmp_path, make_folder):
+    root = make_folder(tmp_path / "one", {"A": 10})
+    with pytest.raises(DataError, match="at least 2"):
+        load_data(_cfg(root), seed=0)
+    root = make_folder(tmp_path / "tiny", {"A": 2, "B": 2})
+    with pytest.raises(DataError, match="val split would be empty.*val_fraction"):
+        load_data(_cfg(root), seed=0)
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(_cfg(tmp_path / "nowhere"), seed=0)
+
+
+def test_covid_folder_with_caps(shared_data):
+    root = shared_data / "covid_radiography_128"
+    b = load_data(_cfg(root, image_size=32, max_train=24, max_val=8, max_test=8), seed=0)
+    assert b.class_names == ["COVID", "Normal"]
+    assert b.info["split_sizes_before_caps"] == {"train": 2660, "val": 380, "test": 760}
+    assert b.train.images.shape == (24, 1, 32, 32) and set(b.train.labels.tolist()) == {0, 1}
+    assert b.train.images.min() >= -1 and b.train.images.max() <= 1
+
+
+def test_covid_copy_full_size(tmp_path, shared_data):
+    src = shared_data / "covid_radiography_128"
+    for cls in ("COVID", "Normal"):
+        (tmp_path / cls).mkdir()
+        for f in sorted((src / cls).iterdir())[:10]:
+            shutil.copy(f, tmp_path / cls / f.name)
+    b = load_data(_cfg(tmp_path, image_size=128, val_fraction=0.2), seed=0)
+    assert b.train.images.shape == (12, 1, 128, 128)
+    assert (len(b.val), len(b.test)) == (4, 4)
+
+
+def test_csv_without_val_rows_carves_val_by_patient(tmp_path, write_png):
+    rows = []
+    for p in range(30):
+        for k in range(2):
+            write_png(tmp_path / f"p{p}_{k}.png", 10 * p + k)
+            rows.append((f"p{p}_{k}.png", "ab"[p % 2], "test" if p < 6 else "train", f"P{p}"))
+    b = load_data(_cfg(_manifest(tmp_path / "m.csv", rows), source="csv", val_fraction=0.25), seed=0)
+    assert len(b.test) == 12 and len(b.val) > 0
+    pid = {os.path.abspath(tmp_path / r[0]): r[3] for r in rows}
+    val_p, train_p = {pid[i] for i in b.val.ids}, {pid[i] for i in b.train.ids}
+    assert not val_p & train_p
