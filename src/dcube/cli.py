@@ -25,7 +25,7 @@ def _config(args) -> RunConfig:
 
 def demo_config(quick: bool = False) -> RunConfig:
     """The demo: the defaults (PneumoniaMNIST, 28 px, tiny UNet), sized to ~10 min on 2 CPU cores."""
-    values = {"run_dir": "runs/demo"}
+    values = {"run_dir": "runs/demo", "diffusion": {"epochs": 4}, "classifier": {"epochs": 4}}
     if quick:  # a smoke-sized demo (about a minute)
         values = {"run_dir": "runs/demo-quick",
                   "data": {"max_train": 600, "max_val": 200, "max_test": 300},

@@ -85,6 +85,7 @@ class ClassifierConfig:
     cycle_weight: float = 0.1  # 0 switches the cycle loss off
     cycle_batch: int = 16  # images per step that go through the frozen denoiser for it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
+    consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
 
@@ -183,6 +184,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
         "classifier.batch_size": cfg.classifier.batch_size,
         "classifier.fuse_size": cfg.classifier.fuse_size,
+        "classifier.cycle_batch": cfg.classifier.cycle_batch,
+        "classifier.consistency_batch": cfg.classifier.consistency_batch,
         "features.batch_size": cfg.features.batch_size,
         "features.ks_images": cfg.features.ks_images,
         "features.ks_values": cfg.features.ks_values,

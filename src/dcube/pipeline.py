@@ -8,6 +8,7 @@ run_dir/
   features/              selection.json, ks_pvalues.png, cached feature maps per split
   classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
   metrics.json           test metrics (+ validation metrics of the chosen epoch); confusion.png, roc.png
+  classifier/curves.png  training curves
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class Run:
     def evaluate(self) -> dict:
         from dcube.classify.trainer import BEST, build_head, predict
         from dcube.evaluate import compute_metrics, format_table
-        from dcube.evaluate.report import write_report
+        from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
         from dcube.utils.io import load_checkpoint
 
         names = self.select_layers()
@@ -205,7 +206,10 @@ class Run:
         val_metrics = compute_metrics(val.labels.numpy(), predict(head, val, device=self.device).numpy(),
                                       d.class_names)
         metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
-        write_report(self.dir, metrics, test.labels.numpy(), probs.numpy(), d.class_names, split="test")
+        plot_confusion(metrics, self.dir / "confusion.png")
+        plot_roc(test.labels.numpy(), probs.numpy(), d.class_names, self.dir / "roc.png")
+        history = read_json(self.dir / "classifier" / "history.json")["history"]
+        plot_curves(history, self.dir / "classifier" / "curves.png")
         full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names,
                 "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
                 "timings_s": self.info["timings_s"]}

@@ -105,8 +105,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 loss = loss + cfg.cycle_weight * cyc
                 sums["cycle"] += cyc.item()
             if use_cons:
-                logits_f = head([f[idx].to(device) for f in train.feats_flipped], x.flip(-1))
-                con = consistency_loss(logits, logits_f)
+                k = min(cfg.consistency_batch, len(idx))
+                logits_f = head([f[idx[:k]].to(device) for f in train.feats_flipped], x[:k].flip(-1))
+                con = consistency_loss(logits[:k], logits_f)
                 loss = loss + cfg.consistency_weight * con
                 sums["consistency"] += con.item()
             if not torch.isfinite(loss):

@@ -90,26 +90,29 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         x, y = images[idx], labels[idx]
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        if mid is not None and len(idx) >= 2:
-            # pairs of noised images sharing t and noise: anchors x[:h] and partners x[p[:h]]
-            half = len(idx) // 2
-            p = pair_indices(y, g)[:half]
-            x = torch.cat([x[:half], x[p]])
-            y = torch.cat([y[:half], y[p]])
-            t = torch.randint(0, cfg.num_train_timesteps, (half,), generator=g).repeat(2)
-            noise = torch.randn((half, *x.shape[1:]), generator=g).repeat(2, 1, 1, 1)
-        else:
-            half = 0
-            t = torch.randint(0, cfg.num_train_timesteps, (len(x),), generator=g)
-            noise = torch.randn(x.shape, generator=g)
-        x, y, t, noise = x.to(device), y.to(device), t.to(device), noise.to(device)
+        t = torch.randint(0, cfg.num_train_timesteps, (len(x),), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        cond = F.one_hot(y, num_classes).float()
+        q = len(idx) // 4 if mid is not None else 0
+        if q:
+            # the first 2q slots: pairs (anchor x[:q], partner x[p]) sharing t and noise, denoised
+            # under the uniform class condition the features are later extracted with (with the
+            # true label the class embedding alone would satisfy the loss: it fell to 0 in 30 steps)
+            p = pair_indices(y, g)[:q]
+            x = torch.cat([x[:q], x[p], x[2 * q:]])
+            y = torch.cat([y[:q], y[p], y[2 * q:]])
+            uniform = torch.full((2 * q, num_classes), 1.0 / num_classes)
+            cond = torch.cat([uniform, F.one_hot(y[2 * q:], num_classes).float()])
+            t = torch.cat([t[:q], t[:q], t[2 * q:]])
+            noise = torch.cat([noise[:q], noise[:q], noise[2 * q:]])
+        x, y, t, noise, cond = x.to(device), y.to(device), t.to(device), noise.to(device), cond.to(device)
         model.train()
-        eps = model(sched.add_noise(x, noise, t), t, y)
+        eps = model(sched.add_noise(x, noise, t), t, cond)
         mse = F.mse_loss(eps, noise)
         loss, con = mse, torch.zeros(())
-        if half:
+        if q:
             f = mid.out.flatten(1)
-            con = contrastive_loss(f[:half], f[half:], y[:half] == y[half:], cfg.contrastive_margin)
+            con = contrastive_loss(f[:q], f[q:2 * q], y[:q] == y[q:2 * q], cfg.contrastive_margin)
             loss = mse + cfg.contrastive_weight * con
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
