@@ -180,13 +180,19 @@ class Run:
             model, dcfg = self.denoiser()
             train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0)
             val = self.feature_split("val", names, model, dcfg)
-            return train_classifier(cc, train, val, self.data.class_names, cdir, denoiser=model,
+            return train_classifier(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
                                     scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device)
 
         if (cdir / "history.json").exists() and (cdir / BEST).exists():
             print(f"[step 2] done already: {cdir / BEST}")
             return None
         return self.timed("classifier", work)
+
+    def _val_score(self, y_true, probs):
+        from dcube.evaluate import compute_metrics, select_score
+
+        m = compute_metrics(y_true, probs, self.data.class_names)
+        return select_score(m, self.cfg.classifier.select_metric), m["accuracy"]
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self) -> dict:

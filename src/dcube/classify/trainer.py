@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from dcube.classify.head import DCubeHead
 from dcube.classify.losses import consistency_loss, cycle_loss
 from dcube.config import ClassifierConfig
-from dcube.evaluate import compute_metrics, select_score
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
 from dcube.utils.runtime import EMA
 
@@ -61,9 +60,14 @@ def _param_groups(head, cfg: ClassifierConfig):
 
 
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
-                     out_dir: str | Path, denoiser=None, scheduler=None, seed: int = 0,
+                     out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
                      device="cpu", on_epoch=None) -> tuple[DCubeHead, dict]:
-    """Train (or resume); returns the best-on-validation EMA head and its summary."""
+    """Train (or resume); returns the best-on-validation EMA head and its summary.
+
+    `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
+    (higher is better); the pipeline passes dcube.evaluate's metric named by
+    `cfg.select_metric`, so this stage does not depend on the evaluation stage.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nc = len(class_names)
@@ -121,10 +125,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             sums["ce"] += ce.item()
         nb = max(1, len(batches))
         probs = predict(ema.module, val, device=device)
-        m = compute_metrics(val.labels.numpy(), probs.numpy(), class_names)
-        score = select_score(m, cfg.select_metric)
+        score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
-               "val_" + cfg.select_metric: score, "val_acc": m["accuracy"]}
+               "val_" + cfg.select_metric: score, "val_acc": acc}
         history.append(row)
         tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
                                                                 if isinstance(v, float)))

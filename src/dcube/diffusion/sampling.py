@@ -35,7 +35,7 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dcube.utils.io import _atomic
+    from dcube.utils.io import atomic_write
 
     rows = len(class_names)
     per = max(int((labels == c).sum()) for c in range(rows))
@@ -50,6 +50,6 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str]
                 ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
         axes[c][0].set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
-    out = _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out

@@ -86,7 +86,7 @@ def plot_pvalues(sel: Selection, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dcube.utils.io import _atomic
+    from dcube.utils.io import atomic_write
 
     names = sel.order
     y = [-np.log10(max(sel.pvalues[n], 1e-300)) for n in names]
@@ -96,9 +96,9 @@ def plot_pvalues(sel: Selection, path: str | Path) -> Path:
     ax.axhline(-np.log10(sel.alpha), color="tab:red", ls="--", label=f"p = {sel.alpha}")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("-log10 KS p-value")
-    ax.set_title("KS test per layer (blue = selected: not Gaussian)")
+    ax.set_title("KS test per layer\n(blue = selected: not Gaussian)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out

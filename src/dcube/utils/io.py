@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,7 +39,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -47,7 +47,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -78,7 +78,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict 
     """Save tensors as safetensors, atomically; `meta` (JSON-able) goes into the header."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {"dcube": json.dumps(meta or {}, default=_jsonable)}
-    return _atomic(path, lambda tmp: save_file(flat, tmp, metadata=header))
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): one entry point per study, `python -m bench.<study>`."""

@@ -1,0 +1,89 @@
+"""Accuracy study: D-Cube on the official MedMNIST splits, several seeds, next to the MedMNIST v2
+published rows.  python -m bench.accuracy [--datasets breastmnist pneumoniamnist] [--seeds 0 1 2]
+
+Schedules are shortened to fit a 2-core CPU machine (see SCHEDULES); they are printed in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, write_section
+
+STUDY = "accuracy"
+SCHEDULES = {  # per dataset: overrides of the dcube defaults
+    "pneumoniamnist": {"diffusion": {"epochs": 4}, "classifier": {"epochs": 4}},
+    "breastmnist": {"diffusion": {"epochs": 30}, "classifier": {"epochs": 15}},
+}
+PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
+    "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (28)": (0.948, 0.854),
+                       "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855),
+                       "AutoKeras": (0.947, 0.878), "Google AutoML Vision": (0.991, 0.946)},
+    "breastmnist": {"ResNet-18 (28)": (0.901, 0.863), "ResNet-50 (28)": (0.857, 0.812),
+                    "ResNet-50 (224)": (0.866, 0.842), "auto-sklearn": (0.836, 0.803),
+                    "AutoKeras": (0.871, 0.831), "Google AutoML Vision": (0.919, 0.861)},
+}
+
+
+def data_path(name: str) -> str:
+    root = Path(os.environ.get("DCUBE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return str(root / "medmnist" / f"{name}.npz")
+
+
+def dcube_run(dataset: str, seed: int) -> dict:
+    from dcube.config import from_dict
+    from dcube.pipeline import run
+    from dcube.utils.io import read_json
+
+    sched = SCHEDULES[dataset]
+    cfg = from_dict({
+        "run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-dcube-s{seed}"), "seed": seed,
+        "data": {"name": dataset, "path": data_path(dataset), "download": False},
+        **sched,
+    })
+    out = run(cfg)
+    return {"study": STUDY, "dataset": dataset, "method": "D-Cube", "seed": seed, "schedule": sched,
+            "config": cfg.to_dict(), "data": read_json(Path(cfg.run_dir) / "run.json")["data"],
+            "test": out["test"], "val": out["val"], "best_epoch": out["best_epoch"], "layers": out["layers"],
+            "stage_seconds": out["timings_s"]}
+
+
+def table() -> str:
+    rows = load_results(STUDY)
+    lines = [f"## Accuracy on MedMNIST (28 px, official splits)\n",
+             "Command: `python -m bench.accuracy` (resumable; add `--datasets`/`--seeds`). "
+             f"Machine: {machine()}.\n"]
+    for ds in PUBLISHED:
+        runs = [r for r in rows if r["dataset"] == ds]
+        lines += [f"\n### {ds}\n", "| model | seeds | test ACC | test AUC | macro-F1 | schedule | date |",
+                  "|---|---|---|---|---|---|---|"]
+        for method in sorted({r["method"] for r in runs}):
+            rs = [r for r in runs if r["method"] == method]
+            sched = "; ".join(f"{k}.epochs={v.get('epochs')}" for k, v in rs[0]["schedule"].items())
+            lines.append(f"| **{method}** (dcube) | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+                         f"{mean_std([r['test']['accuracy'] for r in rs])} | {mean_std([r['test']['auc'] for r in rs])} | "
+                         f"{mean_std([r['test']['f1_macro'] for r in rs])} | {sched} (shortened) | {rs[-1]['date']} |")
+        for name, (auc, acc) in PUBLISHED[ds].items():
+            lines.append(f"| {name} (published, MedMNIST v2) | - | {acc:.3f} | {auc:.3f} | - | paper | - |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    if not a.table_only:
+        for ds in a.datasets:
+            for seed in a.seeds:
+                run_once(STUDY, f"{ds}-dcube-s{seed}", lambda: dcube_run(ds, seed))
+                write_section(STUDY, table())
+    write_section(STUDY, table())
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

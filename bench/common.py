@@ -1,0 +1,69 @@
+"""Shared benchmark plumbing: one JSON per run (skip finished runs), tables regenerated
+from those JSON files into BENCHMARKS.md between `<!-- study:begin -->` markers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from dcube.utils.io import atomic_write_text, write_json
+from dcube.utils.runtime import package_versions
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (no GPU)"
+
+
+def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
+    """Run `fn` unless `results/<study>/<key>.json` exists; store its result with metadata."""
+    path = RESULTS / study / f"{key}.json"
+    if path.exists():
+        print(f"[bench] {study}/{key}: done already")
+        return json.loads(path.read_text())
+    t0 = time.time()
+    out = fn()
+    out.update(key=key, wall_s=round(time.time() - t0, 1), versions=package_versions(),
+               machine=machine(), date=dt.date.today().isoformat(),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    write_json(path, out)
+    return out
+
+
+def load_results(study: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / study).glob("*.json"))]
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_section(study: str, markdown: str) -> None:
+    """Replace this study's section of BENCHMARKS.md (created if absent)."""
+    begin, end = f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
+        "# Benchmarks\n\nEvery table below is regenerated from the JSON files in `bench/results/` by the "
+        "command shown with it; nothing is typed by hand. Model selection uses the validation split "
+        "only; results are mean ± std over seeds.\n")
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(BENCHMARKS, text)
