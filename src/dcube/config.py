@@ -54,6 +54,7 @@ class DiffusionConfig:
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
+    class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
 
 
 @dataclass
@@ -208,6 +209,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
             f"got {cfg.features.timestep}"
         )
+    if not 0 <= cfg.diffusion.class_dropout < 1:
+        raise ConfigError(f"diffusion.class_dropout: must lie in [0, 1), got {cfg.diffusion.class_dropout}")
     if not 0 < cfg.features.ks_alpha < 1:
         raise ConfigError(f"features.ks_alpha: must lie in (0, 1), got {cfg.features.ks_alpha}")
     for key in ("val_fraction", "test_fraction"):

