@@ -21,7 +21,7 @@ import yaml
 
 from dcube.config import RunConfig, dump_config
 from dcube.utils.io import read_json, sha256_file, write_json
-from dcube.utils.runtime import package_versions, pick_device, seed_everything
+from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
 
@@ -34,8 +34,7 @@ class Run:
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        configure_torch(cfg.threads)
         self._data = None
         self._check_config()
         self.info = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}

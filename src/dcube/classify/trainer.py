@@ -91,6 +91,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     n = len(train.labels)
     for epoch in range(epoch, cfg.epochs):
         head.train()
+        torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
         batches = range(0, n, cfg.batch_size)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from dcube.classify.trainer import BEST, LAST, FeatureSplit, predict, train_classifier
+from dcube.config import ClassifierConfig
+from dcube.utils.io import load_tensors
+
+
+def _split(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    feats = [torch.randn(n, 4, 4, 4, generator=g) + y[:, None, None, None] * 1.5]
+    images = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return FeatureSplit(feats, images, y, [f.flip(-1) for f in feats])
+
+
+def _score(y, p):
+    acc = float(((p[:, 1] > 0.5) == (y == 1)).mean())
+    return acc, acc
+
+
+CFG = ClassifierConfig(subfeature="none", fuse_size=4, epochs=3, batch_size=16, cycle_weight=0)
+
+
+def test_learns_and_selects_on_validation(tmp_path):
+    torch.manual_seed(0)
+    head, best = train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path, _score)
+    assert best["epoch"] >= 1 and best["score"] >= 0.9
+    assert (tmp_path / BEST).exists()
+    probs = predict(head, _split(32, 2))
+    assert torch.allclose(probs.sum(1), torch.ones(32))
+    assert torch.equal(probs, predict(head, _split(32, 2)))  # deterministic prediction
+
+
+def test_interrupted_classifier_resumes_to_identical_result(tmp_path):
+    torch.manual_seed(0)
+    straight, _ = train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path / "a", _score)
+
+    def stop(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path / "b", _score, on_epoch=stop)
+    assert load_tensors(tmp_path / "b" / LAST)[1]["epoch"] == 1
+    torch.manual_seed(99)
+    resumed, _ = train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path / "b", _score)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
