@@ -49,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set classifier.epochs=5")
         sp.add_argument("--run-dir", help="override run_dir")
+    from dcube import cli_generate, cli_latent  # synthesis (issue 3) and latent diffusion (issue 5)
+
+    cli_generate.register(sub)
+    cli_latent.register(sub)
     dp = sub.add_parser("demo", help=DEMO_HELP)
     dp.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     dp.add_argument("--run-dir")
     dp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is not None:  # subcommands registered by cli_generate / cli_latent
+        return handler(args)
 
     from dcube.pipeline import run
 

@@ -92,6 +92,49 @@ class ClassifierConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (ISBI 2025 method): autoencoder, zero-shot classifier, analysis, head."""
+
+    autoencoder: Optional[str] = None  # safetensors AutoencoderKL weights to use; None = train one
+    ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
+    ae_latent_channels: int = 4
+    ae_num_res_blocks: int = 1
+    ae_norm_groups: int = 8  # GroupNorm groups; must divide every ae_channels entry
+    ae_epochs: int = 5
+    ae_max_steps: Optional[int] = None
+    ae_batch_size: int = 16
+    ae_lr: float = 5e-4
+    ae_kl_weight: float = 1e-6
+    ae_crop: Optional[int] = 64  # train on random square crops (fully convolutional); None = whole images
+    ae_checkpoint_every: int = 100
+    zs_trials: int = 16  # K (t, noise) pairs per image, shared by all classes
+    zs_timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
+    zs_t_min: int = 50
+    zs_t_max: int = 950
+    zs_weighting: str = "uniform"  # uniform | min_snr
+    zs_temperature: float = 1.0  # scores = softmax(-mean error / temperature)
+    zs_adaptive: bool = False  # drop clearly worse classes after a first round
+    zs_first_round: int = 4  # trials of the first round (adaptive)
+    zs_drop_z: float = 2.0  # drop a class when its paired error excess exceeds z standard errors
+    zs_batch_size: int = 256  # denoiser inputs per forward pass (images x classes x trials)
+    analysis_timesteps: list = field(default_factory=lambda: [10, 50, 100, 200, 400, 600, 800])
+    analysis_images: int = 512  # training images for the probes (stratified)
+    analysis_zs_images: int = 128  # training images for the per-t zero-shot accuracy
+    analysis_zs_trials: int = 4  # noise draws per t for it
+    analysis_folds: int = 5
+    analysis_top_layers: int = 2  # layers in the recommended set
+    head_hidden: int = 128
+    head_epochs: int = 60
+    head_lr: float = 1e-3
+    head_weight_decay: float = 1e-4
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-5  # denoiser LR when fine-tuning end to end (the head keeps head_lr)
+    finetune_batch_size: int = 32
+    errormap_timesteps: list = field(default_factory=lambda: [100, 250, 400])
+    errormap_noises: int = 2
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -101,6 +144,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,247 @@
+"""Latent diffusion on the COVID-19 Radiography subset (128 px): zero-shot classifier (plain vs
+adaptive), timestep x layer analysis, linear probe / MLP head at the recommended (layers, t),
+end-to-end fine-tuning, error-map overlays.
+
+    python -m bench.latent_covid              # resumable: every finished part is a JSON, skipped
+    python -m bench.latent_covid --table-only # regenerate the BENCHMARKS.md section from the JSON
+
+Sized for ~50 min on 2 shared CPU cores (see SETUP): a small AutoencoderKL (8x downsampling,
+trained on 64 px crops), a tiny latent UNet trained a few epochs, zero-shot on a stratified
+subset of the test split. One JSON per part under bench/results/latent_covid/; the run directory
+(checkpoints, error maps) under bench/results/latent_covid/runs/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS, load_results, machine, run_once, write_section
+
+STUDY = "latent_covid"
+COMMAND = "python -m bench.latent_covid"
+ZS_IMAGES = 400  # stratified subset of the test split for the zero-shot classifier
+ERROR_MAPS = 2  # overlays per class
+
+
+def data_path() -> str:
+    root = Path(os.environ.get("DCUBE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return str(root / "covid_radiography_128")
+
+
+def setup() -> dict:
+    return {
+        "run_dir": str(RESULTS / STUDY / "runs" / "covid128-s0"), "seed": 0, "threads": 1,
+        "data": {"source": "folder", "path": data_path(), "image_size": 128, "val_fraction": 0.1,
+                 "test_fraction": 0.2},
+        "diffusion": {"backbone": "unet", "preset": "tiny", "epochs": 25, "batch_size": 64, "lr": 5e-4,
+                      "checkpoint_every": 25, "sample_steps": 25},
+        "latent": {"ae_channels": [16, 32, 32, 32], "ae_latent_channels": 8, "ae_norm_groups": 8,
+                   "ae_epochs": 100, "ae_max_steps": 150, "ae_batch_size": 16, "ae_lr": 1e-3, "ae_crop": 64,
+                   "ae_checkpoint_every": 25, "zs_trials": 16, "zs_first_round": 4,
+                   "analysis_timesteps": [10, 50, 100, 200, 400, 700], "analysis_images": 400,
+                   "analysis_zs_images": 100, "analysis_zs_trials": 4, "finetune_epochs": 2},
+    }
+
+
+VARIANTS = {  # extra parts: latent-section overrides of the setup
+    # the t range where the single-t zero-shot accuracy of the training-split analysis is high
+    "8_zeroshot_t100-600": {"zs_t_min": 100, "zs_t_max": 600},
+    # 7_finetune overfitted (validation fell): a 10x lower head LR, a 10x higher denoiser LR
+    "9_finetune_head_lr1e-4": {"head_lr": 1e-4, "finetune_lr": 1e-4, "finetune_epochs": 4},
+}
+
+
+def _run(latent: dict | None = None):
+    from dcube.config import from_dict
+    from dcube.latent.run import LatentRun
+
+    cfg = setup()
+    cfg["latent"].update(latent or {})
+    return LatentRun(from_dict(cfg))
+
+
+def _summary(m: dict) -> dict:
+    return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "auc", "f1_macro", "positive_class")}
+
+
+def part_autoencoder() -> dict:
+    r = _run()
+    recon = r.train_autoencoder()
+    from dcube.utils.io import load_tensors, read_json
+
+    meta = load_tensors(r.ae_path)[1]
+    d = r.data
+    hist = read_json(r.ae_path.parent / "history.json")
+    return {"recon_val": recon, "scale": meta["scale"], "spec": meta["spec"], "steps": meta.get("steps"),
+            "train_seconds": hist["seconds_this_session"], "split_sizes": {s: len(getattr(d, s).labels)
+                                                                           for s in ("train", "val", "test")},
+            "class_names": d.class_names, "data": {k: v for k, v in d.info.items() if k != "files"}}
+
+
+def part_diffusion() -> dict:
+    from dcube.utils.io import read_json
+
+    r = _run()
+    path = r.train_diffusion()
+    info = read_json(path.parent / "latent.json")
+    hist = read_json(path.parent / "history.json")
+    return {"latent": info, "steps": hist["steps"], "train_seconds": hist["seconds_this_session"],
+            "final_mse": sum(h["mse"] for h in hist["history"][-20:]) / 20}
+
+
+def part_zeroshot(adaptive: bool, variant: str | None = None) -> dict:
+    r = _run(VARIANTS.get(variant))
+    maps = 0 if adaptive or variant else ERROR_MAPS
+    out = r.zero_shot("test", adaptive=adaptive, max_images=ZS_IMAGES, error_maps=maps,
+                      tag=f"_{variant}" if variant else "")
+    keep = ("n_images", "trials", "first_round", "weighting", "seconds", "images_per_s", "evaluations_per_image",
+            "error_maps")
+    return {"adaptive": adaptive, "metrics": _summary(out["metrics"]), "overrides": VARIANTS.get(variant, {}),
+            **{k: out.get(k) for k in keep}}
+
+
+def part_analysis() -> dict:
+    r = _run()
+    res = r.analyze()
+    shutil.copyfile(r.dir / "analysis" / "analysis.png", RESULTS / STUDY / "analysis.png")
+    return {k: res[k] for k in ("timesteps", "layers", "probe_balanced_accuracy", "zero_shot_accuracy", "best",
+                                "recommended", "feature_overrides", "n_probe_images", "n_zero_shot_images",
+                                "seconds")}
+
+
+def part_heads() -> dict:
+    out = _run().head()
+    return {"recommended": out["recommended"], "feature_dim": out["feature_dim"],
+            "linear_probe": _summary(out["linear_probe"]["test"]), "mlp_head": _summary(out["mlp_head"]["test"]),
+            "mlp_best_epoch": out["mlp_head"]["best_epoch"]}
+
+
+def part_finetune(variant: str | None = None) -> dict:
+    out = _run(VARIANTS.get(variant)).finetune(tag=f"_{variant}" if variant else "")
+    return {"test": _summary(out["test"]), "overrides": VARIANTS.get(variant, {}), **{k: out[k] for k in ("layers", "timestep", "seconds", "finetune_lr",
+                                                                  "head_lr", "epochs", "best_epoch", "history")}}
+
+
+PARTS = {
+    "1_autoencoder": part_autoencoder,
+    "2_diffusion": part_diffusion,
+    "3_zeroshot_plain": lambda: part_zeroshot(False),
+    "4_zeroshot_adaptive": lambda: part_zeroshot(True),
+    "5_analysis": part_analysis,
+    "6_heads": part_heads,
+    "7_finetune": part_finetune,
+    "8_zeroshot_t100-600": lambda: part_zeroshot(False, "8_zeroshot_t100-600"),
+    "9_finetune_head_lr1e-4": lambda: part_finetune("9_finetune_head_lr1e-4"),
+}
+
+
+def _f(x, nd=3):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table() -> str:
+    res = {r["key"]: r for r in load_results(STUDY)}
+    cfg = setup()
+    lines = ["## Latent diffusion on COVID-19 Radiography (128 px): zero-shot classifier, probes, fine-tuning\n",
+             f"Command: `{COMMAND}` (resumable; `--table-only` rewrites this section from "
+             f"`bench/results/{STUDY}/*.json`). Machine: {machine()}, shared with other jobs: wall-clock "
+             "times are indicative. Later parts ran with 1 torch thread (`threads: 1`); the autoencoder part "
+             "ran with 2 threads on the oversubscribed CPU, which was much slower per step.\n"]
+    if not res:
+        return "\n".join(lines + ["No part has finished yet."])
+    ae, di = res.get("1_autoencoder"), res.get("2_diffusion")
+    lc, dc = cfg["latent"], cfg["diffusion"]
+    if ae:
+        sizes = ae["split_sizes"]
+        lines.append(f"Data: `covid_radiography_128` ({' / '.join(ae['class_names'])}), seeded stratified split "
+                     f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} (8:2 train+val : test; "
+                     f"val chooses the head's epoch). Date: {ae['date']}.\n")
+        lines.append(f"Autoencoder: MONAI AutoencoderKL, channels {lc['ae_channels']} (8x downsampling), "
+                     f"{lc['ae_latent_channels']} latent channels -> 16x16x{lc['ae_latent_channels']} latents "
+                     f"(scale {ae['scale']:.3f}), L1 + {lc.get('ae_kl_weight', 1e-6):g} KL, lr {lc.get('ae_lr', 5e-4):g}, {ae['steps']} steps of {lc['ae_batch_size']} random "
+                     f"{lc['ae_crop']} px crops ({ae['train_seconds'] / 60:.1f} min). Validation reconstruction: "
+                     f"**PSNR {ae['recon_val']['psnr']:.2f} dB, SSIM {ae['recon_val']['ssim']:.3f}** "
+                     f"({ae['recon_val']['n']} images).\n")
+    if di:
+        lines.append(f"Latent diffusion: {dc['backbone']} `{dc['preset']}`, {di['steps']} steps of batch "
+                     f"{dc['batch_size']} (lr {dc['lr']}, {dc['epochs']} epochs; {di['train_seconds'] / 60:.1f} min), "
+                     f"final noise MSE {di['final_mse']:.3f}. Shortened for the CPU budget.\n")
+    lines += ["| method | features / cost | test images | ACC | balanced ACC | AUC | macro-F1 | images/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, name in (("3_zeroshot_plain", "zero-shot (plain)"), ("4_zeroshot_adaptive", "zero-shot (adaptive)"),
+                      ("8_zeroshot_t100-600", "zero-shot (plain), t range from the analysis")):
+        r = res.get(key)
+        if r:
+            m, o = r["metrics"], {**lc, **r.get("overrides", {})}
+            how = (f"K={r['trials']} (t, noise) pairs, t evenly spaced in [{o.get('zs_t_min', 50)}, "
+                   f"{o.get('zs_t_max', 950)}], {r['weighting']} weights; "
+                   + (f"first round {r['first_round']}; " if r["adaptive"] else "")
+                   + f"{r['evaluations_per_image']:.1f} denoiser inputs/image")
+            lines.append(f"| {name} | {how} | {r['n_images']} (stratified subset) | {_f(m['accuracy'])} | "
+                         f"{_f(m['balanced_accuracy'])} | {_f(m['auc'])} | {_f(m['f1_macro'])} | "
+                         f"{r['images_per_s']:.2f} |")
+    h = res.get("6_heads")
+    if any(k in res for k in ("3_zeroshot_plain", "4_zeroshot_adaptive")):
+        lines.append("| *(images/s: the classifier on precomputed latents, one torch thread, on a CPU shared with "
+                     "other jobs; plain and adaptive ran back to back)* | | | | | | | |")
+    if h:
+        rec = h["recommended"]
+        where = f"{'+'.join(rec['layers'])} @ t={rec['timestep']} (pooled, {h['feature_dim']} dims)"
+        for key, name in (("linear_probe", "linear probe (logistic regression)"), ("mlp_head", "MLP head")):
+            m = h[key]
+            lines.append(f"| {name} | {where} | {m['n']} (all) | {_f(m['accuracy'])} | {_f(m['balanced_accuracy'])} "
+                         f"| {_f(m['auc'])} | {_f(m['f1_macro'])} | - |")
+    for key in ("7_finetune", "9_finetune_head_lr1e-4"):
+        f = res.get(key)
+        if not f:
+            continue
+        m = f["test"]
+        lines.append(f"| fine-tuned end to end | denoiser lr {f['finetune_lr']:g}, head lr {f['head_lr']:g}, "
+                     f"{f['epochs']} epoch(s), best epoch {f['best_epoch']} on val"
+                     + (" (no epoch beat the MLP head it starts from: these are its weights)" if f["best_epoch"] == 0
+                        else "") + f" | {m['n']} (all) | "
+                     f"{_f(m['accuracy'])} | {_f(m['balanced_accuracy'])} | {_f(m['auc'])} | {_f(m['f1_macro'])} | - |")
+    a = res.get("5_analysis")
+    if a:
+        ts = a["timesteps"]
+        lines += ["", f"Timestep x layer analysis (`dcube analyze`): linear probe, {a['n_probe_images']} training images, "
+                  f"{lc['analysis_folds'] if 'analysis_folds' in lc else 5}-fold CV balanced accuracy; zero-shot "
+                  f"accuracy with a single t ({lc['analysis_zs_trials']} noises, {a['n_zero_shot_images']} training "
+                  f"images). Recommended: **t = {a['recommended']['timestep']}, layers "
+                  f"{a['recommended']['layers']}** (`{' '.join('--set ' + o for o in a['feature_overrides'])}`). "
+                  f"Heat map: `bench/results/{STUDY}/analysis.png`.\n",
+                  "| layer | " + " | ".join(f"t={t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
+        for n in a["layers"]:
+            lines.append(f"| {n} | " + " | ".join(_f(a["probe_balanced_accuracy"][n][str(t)]) for t in ts) + " |")
+        lines.append("| *zero-shot acc* | " + " | ".join(_f(a["zero_shot_accuracy"][str(t)]) for t in ts) + " |")
+    z = res.get("3_zeroshot_plain")
+    if z and z.get("error_maps"):
+        lines += ["", "Error-map overlays (how to read them: `docs/latent.md`), in the run directory: "
+                  + ", ".join(f"`{Path(e['path']).relative_to(RESULTS.parent.parent)}` (true {e['true']}, "
+                              f"predicted {e['pred']})" for e in z["error_maps"]) + "."]
+    missing = [k for k in PARTS if k not in res]
+    if missing:
+        lines += ["", f"Not finished yet: {', '.join(missing)}."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    a = p.parse_args(argv)
+    if not a.table_only:
+        for key in a.parts:
+            run_once(STUDY, key, PARTS[key])
+            write_section(STUDY, table())
+    write_section(STUDY, table())
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

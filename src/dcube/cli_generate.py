@@ -1,0 +1,165 @@
+"""Subcommands for synthetic images: `synthesize`, `fidelity`, `train-baseline`.
+
+Wiring: ``register(subparsers)`` adds the three parsers; each sets ``handler`` (one of
+:func:`cmd_synthesize`, :func:`cmd_fidelity`, :func:`cmd_train_baseline`), which takes the
+parsed args and returns the exit code. ``main(argv)`` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dcube.config import ConfigError, apply_overrides, from_dict, load_config
+
+GRID = "real_vs_generated.png"
+
+
+def _common(sp):
+    sp.add_argument("config", help="YAML configuration of the run whose step-1 model is used")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sp.add_argument("--run-dir", help="override run_dir")
+
+
+def register(subparsers) -> None:
+    sp = subparsers.add_parser("synthesize", help="generate class-conditional images from the step-1 model")
+    _common(sp)
+    how = sp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--per-class", type=int, metavar="N", help="N images of every class")
+    how.add_argument("--balance", nargs="?", type=float, const=1.0, metavar="RATIO",
+                     help="top every class up to RATIO x the largest training class (default 1: equal counts)")
+    sp.add_argument("--out", help="output folder (default RUN_DIR/synthetic)")
+    sp.add_argument("--checkpoint", help="step-1 weights (default RUN_DIR/diffusion/ema.safetensors)")
+    sp.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sp.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always runs all timesteps")
+    sp.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    sp.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
+    sp.set_defaults(handler=cmd_synthesize)
+
+    fp = subparsers.add_parser("fidelity", help="per-class FID/KID of a synthetic set vs the training images")
+    _common(fp)
+    fp.add_argument("--synthetic", help="synthetic set folder (default RUN_DIR/synthetic)")
+    fp.add_argument("--extractor", choices=("efficientnet-lite0", "inception"), default="efficientnet-lite0")
+    fp.add_argument("--weights", help="Inception-v3 .safetensors weights (extractor inception)")
+    fp.add_argument("--size", type=int, default=224, help="input size of the EfficientNet extractor")
+    fp.set_defaults(handler=cmd_fidelity)
+
+    bp = subparsers.add_parser("train-baseline", help="a plain CNN on real (+ synthetic) training images")
+    _common(bp)
+    bp.add_argument("--model", choices=("resnet18", "resnet50", "efficientnet-lite0"), default="resnet18")
+    bp.add_argument("--epochs", type=int, default=20)
+    bp.add_argument("--batch-size", type=int, default=64)
+    bp.add_argument("--lr", type=float, default=1e-3)
+    bp.add_argument("--ema-decay", type=float, default=0.0)
+    bp.add_argument("--synthetic", help="a synthetic set folder added to the TRAINING split only")
+    bp.add_argument("--synthetic-ratio", type=float, help="at most RATIO x (real training images) synthetic ones")
+    bp.add_argument("--out", help="output folder (default RUN_DIR/baseline-<model>[-synthetic])")
+    bp.set_defaults(handler=cmd_train_baseline)
+
+
+def _load(args):
+    cfg = load_config(args.config, args.set) if args.config else from_dict(apply_overrides({}, args.set))
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    from dcube.data import load_data
+    from dcube.utils.runtime import pick_device
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, run_dir, load_data(cfg.data, cfg.seed, run_dir), pick_device(cfg.device)
+
+
+def _guard(fn):
+    def wrapped(args) -> int:
+        from dcube.data import DataError
+
+        try:
+            return fn(args)
+        except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+            print(f"dcube: error: {exc}", file=sys.stderr)
+            return 2
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@_guard
+def cmd_synthesize(args) -> int:
+    """Write RUN_DIR/synthetic/<class>/*.png + manifest.csv and RUN_DIR/real_vs_generated.png."""
+    from dcube.generate import balance_counts, per_class_counts, synthesize
+    from dcube.generate.grid import save_real_vs_generated
+    from dcube.generate.synthetic import train_fingerprint
+
+    cfg, run_dir, data, device = _load(args)
+    counts = (per_class_counts(data.num_classes, args.per_class) if args.per_class is not None
+              else balance_counts(data.train.labels.bincount(minlength=data.num_classes).tolist(), args.balance))
+    ckpt = Path(args.checkpoint) if args.checkpoint else run_dir / "diffusion" / "ema.safetensors"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no step-1 model at {ckpt}: run 'dcube train-diffusion' first")
+    out = Path(args.out) if args.out else run_dir / "synthetic"
+    print(f"[synthesize] {dict(zip(data.class_names, counts))} images -> {out}")
+    synth = synthesize(ckpt, counts, out, data.class_names, train_fingerprint(data.train), sampler=args.sampler,
+                       steps=args.steps, guidance=args.guidance, seed=cfg.seed if args.seed is None else args.seed,
+                       batch_size=args.batch_size, device=device, overwrite=args.overwrite)
+    if len(synth):
+        save_real_vs_generated(data.train.images, data.train.labels, synth.images, synth.labels, data.class_names,
+                               run_dir / GRID)
+    print(f"[synthesize] {len(synth)} images in {synth.info['sampling_seconds']:.1f} s; manifest {out / 'manifest.csv'}")
+    return 0
+
+
+@_guard
+def cmd_fidelity(args) -> int:
+    """Write RUN_DIR/fidelity.json: per-class FID/KID, train images vs the synthetic set."""
+    from dcube.evaluate.fidelity import build_extractor, format_fidelity, per_class_fidelity
+    from dcube.generate import load_synthetic
+    from dcube.utils.io import write_json
+
+    cfg, run_dir, data, device = _load(args)
+    synth = load_synthetic(args.synthetic or run_dir / "synthetic")
+    ext = build_extractor(args.extractor, args.weights, args.size)
+    rep = per_class_fidelity(data.train.images, data.train.labels, synth.images, synth.labels, data.class_names,
+                             ext, device=device, seed=cfg.seed)
+    rep["synthetic"] = synth.info
+    write_json(run_dir / "fidelity.json", rep)
+    print(format_fidelity(rep))
+    return 0
+
+
+@_guard
+def cmd_train_baseline(args) -> int:
+    """Write OUT/best.safetensors, history.json and metrics.json (test + val)."""
+    from dcube.classify.baseline import BaselineConfig, train_baseline
+    from dcube.evaluate import compute_metrics, format_table, select_score
+    from dcube.generate import load_synthetic
+    from dcube.utils.io import write_json
+
+    cfg, run_dir, data, device = _load(args)
+    bcfg = BaselineConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          ema_decay=args.ema_decay, synthetic_ratio=args.synthetic_ratio)
+    synth = load_synthetic(args.synthetic) if args.synthetic else None
+    out = Path(args.out) if args.out else run_dir / f"baseline-{args.model}{'-synthetic' if synth else ''}"
+    score = lambda y, p: select_score(compute_metrics(y, p, data.class_names), cfg.classifier.select_metric)  # noqa: E731
+    res = train_baseline(bcfg, data, out, score, seed=cfg.seed, synthetic=synth, device=device)
+    test = compute_metrics(data.test.labels, res["test_probs"], data.class_names)
+    val = compute_metrics(data.val.labels, res["val_probs"], data.class_names)
+    write_json(out / "metrics.json", {"test": test, "val": val, "best_epoch": res["best_epoch"],
+                                      "n_train_real": res["n_train_real"],
+                                      "n_train_synthetic": res["n_train_synthetic"], "seed": cfg.seed,
+                                      "synthetic": synth.info if synth else None})
+    print(format_table(test, title=f"test metrics ({out})"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dcube")
+    register(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""CLI of the latent-diffusion method: ``register(subparsers)`` adds its subcommands.
+
+    dcube train-autoencoder CONFIG            AutoencoderKL (or import latent.autoencoder); PSNR/SSIM
+    dcube train-latent-diffusion CONFIG       step 1 on the scaled latents (trains the autoencoder first)
+    dcube classify-zero-shot CONFIG           zero-shot diffusion classifier (+ error-map overlays)
+    dcube analyze CONFIG                      timestep x layer probes, zero-shot per t, recommended set
+    dcube train-latent-head CONFIG            linear probe + MLP head (--finetune: end to end)
+
+Every handler returns an exit code; a config/file problem is one line on stderr and code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dcube.config import ConfigError, apply_overrides, from_dict, load_config
+
+
+def _config(args):
+    cfg = load_config(args.config, args.set) if args.config else from_dict(apply_overrides({}, args.set))
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    return cfg
+
+
+def _guard(fn):
+    def handler(args) -> int:
+        from dcube.data import DataError
+
+        try:
+            return fn(args) or 0
+        except (ConfigError, FileNotFoundError, DataError, ValueError) as exc:
+            print(f"dcube: error: {exc}", file=sys.stderr)
+            return 2
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def _run(args):
+    from dcube.latent.run import LatentRun
+
+    return LatentRun(_config(args), getattr(args, "model", None))
+
+
+@_guard
+def cmd_train_autoencoder(args) -> int:
+    recon = _run(args).train_autoencoder()
+    print(f"autoencoder reconstruction (held-out): PSNR {recon.get('psnr', float('nan')):.2f} dB, "
+          f"SSIM {recon.get('ssim', float('nan')):.3f}")
+
+
+@_guard
+def cmd_train_latent_diffusion(args) -> int:
+    r = _run(args)
+    r.train_autoencoder()
+    print(f"latent step-1 model: {r.train_diffusion()}")
+
+
+@_guard
+def cmd_classify_zero_shot(args) -> int:
+    from dcube.evaluate import format_table
+
+    out = _run(args).zero_shot(args.split, True if args.adaptive else None, args.max_images, args.error_maps)
+    print(format_table(out["metrics"], title=f"zero-shot, {args.split} ({out['n_images']} images)"))
+    print(f"{out['images_per_s']:.2f} images/s, {out['evaluations_per_image']:.1f} denoiser inputs per image")
+
+
+@_guard
+def cmd_analyze(args) -> int:
+    r = _run(args)
+    res = r.analyze()
+    rec = res["recommended"]
+    print(f"recommended: t={rec['timestep']}, layers={rec['layers']} "
+          f"(best cell {res['best']['layer']}@{res['best']['timestep']}: balanced acc "
+          f"{res['best']['balanced_accuracy']:.3f}); {r.dir / 'analysis' / 'analysis.png'}")
+    print("use with the D-Cube feature pipeline: " + " ".join(f"--set {o}" for o in res["feature_overrides"]))
+
+
+@_guard
+def cmd_train_latent_head(args) -> int:
+    r = _run(args)
+    out = r.head()
+    for k in ("linear_probe", "mlp_head"):
+        t = out[k]["test"]
+        print(f"{k}: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
+    if args.finetune:
+        t = r.finetune()["test"]
+        print(f"fine-tuned: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
+
+
+def _common(sp, model: bool = False):
+    sp.add_argument("config", nargs="?", help="YAML configuration (the 'latent' section: docs/latent.md)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set latent.zs_trials=32")
+    sp.add_argument("--run-dir", help="override run_dir")
+    if model:
+        sp.add_argument("--model", help="step-1 ema.safetensors (default run_dir/latent/diffusion/ema.safetensors; "
+                                        "a pixel-space model works too)")
+
+
+def register(subparsers) -> dict:
+    """Add the latent subcommands to an argparse subparsers object; each sets ``func``."""
+    handlers = {}
+
+    def add(name, help_, fn, model=False):
+        sp = subparsers.add_parser(name, help=help_)
+        _common(sp, model)
+        sp.set_defaults(func=fn)
+        handlers[name] = (sp, fn)
+        return sp
+
+    add("train-autoencoder", "latent diffusion: train (or import) the AutoencoderKL", cmd_train_autoencoder)
+    add("train-latent-diffusion", "latent diffusion: step 1 on the autoencoder's latents", cmd_train_latent_diffusion)
+    sp = add("classify-zero-shot", "zero-shot diffusion classifier (lowest class-conditional denoising error)",
+             cmd_classify_zero_shot, model=True)
+    sp.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sp.add_argument("--adaptive", action="store_true", help="drop clearly worse classes after a first round")
+    sp.add_argument("--max-images", type=int, help="a stratified subset of the split")
+    sp.add_argument("--error-maps", type=int, default=0, metavar="N",
+                    help="write error-map overlays for N images of each class")
+    add("analyze", "timestep x layer linear probes + zero-shot accuracy per t -> recommended (layers, t)",
+        cmd_analyze, model=True)
+    sp = add("train-latent-head", "linear probe and MLP head on the recommended features", cmd_train_latent_head,
+             model=True)
+    sp.add_argument("--finetune", action="store_true", help="also fine-tune denoiser + head end to end")
+    return handlers
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m dcube.cli_latent ...``) until cli.py wires ``register``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dcube-latent")
+    register(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The image autoencoder of latent diffusion: MONAI ``AutoencoderKL`` and the scaled-latent codec.
+
+Trained here on the training images (L1 reconstruction + KL, no perceptual or adversarial loss:
+nothing is downloaded), or loaded from a user-given safetensors file. Latents are the encoder
+means multiplied by ``scale = 1 / std`` (computed on the training images), so the diffusion
+model sees unit-variance inputs. :class:`LatentCodec` wraps encode/decode; with no autoencoder
+it is the identity (a pixel-space step-1 model).
+
+Files (``out_dir``): ``last.safetensors`` (resume), ``autoencoder.safetensors`` (weights + JSON
+metadata: spec, scale, reconstruction metrics), ``history.json``, ``recon.json``, ``recon.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from monai.networks.nets import AutoencoderKL
+from torch import nn
+from tqdm.auto import tqdm
+
+from dcube.config import LatentConfig
+from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, save_tensors, sha256_file, write_json
+
+LAST = "last.safetensors"
+FINAL = "autoencoder.safetensors"
+KIND = "dcube-autoencoderkl"
+
+
+def ae_spec(cfg: LatentConfig, channels: int) -> dict:
+    """AutoencoderKL keyword arguments from the config (attention off: cheap on a CPU)."""
+    chans = [int(c) for c in cfg.ae_channels]
+    if not chans:
+        raise ValueError("latent.ae_channels: must list at least one channel count")
+    bad = [c for c in chans if c % cfg.ae_norm_groups]
+    if bad:
+        raise ValueError(f"latent.ae_norm_groups={cfg.ae_norm_groups} must divide every latent.ae_channels "
+                         f"entry; {bad} do not")
+    return dict(spatial_dims=2, in_channels=channels, out_channels=channels, channels=chans,
+                latent_channels=cfg.ae_latent_channels, num_res_blocks=cfg.ae_num_res_blocks,
+                attention_levels=[False] * len(chans), norm_num_groups=cfg.ae_norm_groups,
+                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+
+
+def build_autoencoder(spec: dict) -> AutoencoderKL:
+    return AutoencoderKL(**spec)
+
+
+def downsampling(spec: dict) -> int:
+    return 2 ** (len(spec["channels"]) - 1)
+
+
+class LatentCodec(nn.Module):
+    """Images in [-1, 1] <-> scaled latents. ``autoencoder=None``: the identity (pixel space)."""
+
+    def __init__(self, autoencoder: Optional[AutoencoderKL] = None, scale: float = 1.0, info: dict | None = None):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.scale = float(scale)
+        self.info = info or {}
+        if autoencoder is not None:
+            autoencoder.eval()
+            for p in autoencoder.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.autoencoder is None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic: the encoder mean, times `scale`."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.encode(x)[0] * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images clipped to [-1, 1]."""
+        if self.autoencoder is None:
+            return z.clamp(-1, 1)
+        return self.autoencoder.decode(z / self.scale).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_all(self, images: torch.Tensor, batch_size: int = 64, device="cpu", desc: str = "encoding",
+                   progress: bool = True) -> torch.Tensor:
+        self.to(device)
+        out = [self.encode(images[s:s + batch_size].to(device)).cpu()
+               for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_all(self, z: torch.Tensor, batch_size: int = 64, device="cpu") -> torch.Tensor:
+        self.to(device)
+        return torch.cat([self.decode(z[s:s + batch_size].to(device)).cpu() for s in range(0, len(z), batch_size)])
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)), summed over latent elements, averaged over the batch."""
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def _crop(x: torch.Tensor, size: Optional[int], g: torch.Generator) -> torch.Tensor:
+    if size is None or size >= x.shape[-1]:
+        return x
+    h, w = x.shape[-2:]
+    i = torch.randint(0, h - size + 1, (len(x),), generator=g)
+    j = torch.randint(0, w - size + 1, (len(x),), generator=g)
+    return torch.stack([im[:, a:a + size, b:b + size] for im, a, b in zip(x, i.tolist(), j.tolist())])
+
+
+@torch.no_grad()
+def latent_scale(ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64, device="cpu") -> float:
+    """1 / std of the encoder means over `images` (the latents' unit-variance scale)."""
+    codec = LatentCodec(ae, 1.0)
+    z = codec.encode_all(images, batch_size, device, desc="latent scale")
+    return float(1.0 / z.float().std().clamp_min(1e-8))
+
+
+@torch.no_grad()
+def reconstruction_metrics(codec: LatentCodec, images: torch.Tensor, batch_size: int = 64, device="cpu") -> dict:
+    """PSNR and SSIM (MONAI metrics, images mapped to [0, 1]) of encode -> decode."""
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0)
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size].to(device)
+        r = codec.decode(codec.encode(x))
+        a, b = (r + 1) / 2, (x + 1) / 2
+        psnr(a, b)
+        ssim(a, b)
+    return {"psnr": float(psnr.aggregate().item()), "ssim": float(ssim.aggregate().item()), "n": len(images)}
+
+
+def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Path, seed: int = 0,
+                      device="cpu", heldout: Optional[torch.Tensor] = None, on_step=None) -> Path:
+    """Train (or resume) the AutoencoderKL on `images` in [-1, 1]; returns the final weights' path.
+
+    Deterministic and resumable like step 1: epoch order from (seed, epoch), crops and the
+    reparameterisation noise from (seed, step). `heldout` images give the PSNR/SSIM report.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n, c, h, _ = images.shape
+    spec = ae_spec(cfg, c)
+    if h % downsampling(spec):
+        raise ValueError(f"data.image_size={h} is not divisible by the autoencoder's downsampling "
+                         f"{downsampling(spec)} (latent.ae_channels has {len(spec['channels'])} levels)")
+    if cfg.ae_crop is not None and cfg.ae_crop % downsampling(spec):
+        raise ValueError(f"latent.ae_crop={cfg.ae_crop} must be divisible by {downsampling(spec)}")
+    ae = build_autoencoder(spec).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
+    per_epoch = math.ceil(n / cfg.ae_batch_size)
+    total = cfg.ae_epochs * per_epoch if cfg.ae_max_steps is None else min(cfg.ae_epochs * per_epoch, cfg.ae_max_steps)
+    step, history = 0, []
+    if (out_dir / LAST).exists():
+        state = load_checkpoint(out_dir / LAST, {"model": ae, "opt": opt})
+        step, history = state["step"], state["history"]
+        print(f"[autoencoder] resuming from step {step}/{total} ({out_dir / LAST})")
+    bar = tqdm(total=total, initial=step, desc="autoencoder", unit="step")
+    t0 = time.time()
+    while step < total:
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = _crop(images[order[k * cfg.ae_batch_size:(k + 1) * cfg.ae_batch_size]], cfg.ae_crop, g).to(device)
+        ae.train()
+        mu, sigma = ae.encode(x)
+        z = mu + sigma * torch.randn(mu.shape, generator=g).to(device)
+        rec = (ae.decode(z) - x).abs().mean()
+        kl = kl_loss(mu, sigma)
+        loss = rec + cfg.ae_kl_weight * kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"autoencoder: loss became {loss.item()} at step {step}; lower latent.ae_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        history.append({"step": step, "l1": rec.item(), "kl": kl.item()})
+        bar.update(1)
+        bar.set_postfix(l1=f"{rec.item():.4f}")
+        if step % cfg.ae_checkpoint_every == 0 or step == total:
+            save_checkpoint(out_dir / LAST, {"model": ae, "opt": opt}, {"spec": spec, "step": step, "history": history})
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    ae.eval()
+    scale = latent_scale(ae, images, device=device)
+    recon = {}
+    if heldout is not None and len(heldout):
+        recon = reconstruction_metrics(LatentCodec(ae, scale), heldout, device=device)
+        save_recon_grid(LatentCodec(ae, scale), heldout[:8], out_dir / "recon.png", device)
+    meta = {"kind": KIND, "spec": spec, "scale": scale, "image_size": h, "steps": step, "recon": recon}
+    write_json(out_dir / "recon.json", recon)
+    write_json(out_dir / "history.json", {"steps": step, "seconds_this_session": time.time() - t0, "history": history})
+    return save_tensors(out_dir / FINAL, ae.state_dict(), meta)
+
+
+def import_autoencoder(cfg: LatentConfig, path: str | Path, images: torch.Tensor, out_dir: str | Path,
+                       device="cpu", heldout: Optional[torch.Tensor] = None) -> Path:
+    """Use a user-given safetensors AutoencoderKL: written into `out_dir` with its scale and metrics.
+
+    A file written by dcube carries its spec; any other is built from the ``latent.ae_*`` fields.
+    """
+    path = Path(path)
+    tensors, meta = load_tensors(path)
+    spec = meta.get("spec") or ae_spec(cfg, images.shape[1])
+    ae = build_autoencoder(spec)
+    missing, unexpected = ae.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"latent.autoencoder: {path} does not match the AutoencoderKL built from "
+                         f"latent.ae_* (missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
+    ae.to(device).eval()
+    scale = float(meta.get("scale") or latent_scale(ae, images, device=device))
+    recon = reconstruction_metrics(LatentCodec(ae, scale), heldout, device=device) if heldout is not None else {}
+    out = {"kind": KIND, "spec": spec, "scale": scale, "image_size": images.shape[-1], "recon": recon,
+           "source": str(path), "source_sha256": sha256_file(path)}
+    write_json(Path(out_dir) / "recon.json", recon)
+    return save_tensors(Path(out_dir) / FINAL, ae.state_dict(), out)
+
+
+def load_codec(path: str | Path, device="cpu") -> LatentCodec:
+    """The frozen codec from an ``autoencoder.safetensors`` written by dcube."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{path}: not a dcube autoencoder file (no spec/scale metadata); "
+                         "import it with 'dcube train-autoencoder' and latent.autoencoder=PATH")
+    ae = build_autoencoder(meta["spec"])
+    ae.load_state_dict(tensors)
+    codec = LatentCodec(ae.to(device), meta["scale"], {**meta, "path": str(path)})
+    return codec
+
+
+def save_recon_grid(codec: LatentCodec, images: torch.Tensor, path: str | Path, device="cpu") -> Path:
+    """Two rows: originals and their reconstructions."""
+    from dcube.diffusion.sampling import save_grid
+
+    with torch.no_grad():
+        rec = codec.decode_all(codec.encode_all(images, device=device, progress=False), device=device)
+    labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
+    return save_grid(torch.cat([images.cpu(), rec]), labels, ["original", "reconstruction"], path)

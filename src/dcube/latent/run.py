@@ -1,0 +1,247 @@
+"""The latent-diffusion method's steps on one run directory (each skipped when its output exists).
+
+run_dir/latent/
+  config.yaml                      the resolved configuration
+  autoencoder/                     last.safetensors (resume), autoencoder.safetensors, recon.json, recon.png
+  latents/<split>.safetensors      cached scaled latents (keyed by the autoencoder's sha256)
+  diffusion/                       step 1 in latent space: ema.safetensors, latent.json, samples.png
+  zeroshot/<split>[_adaptive].json metrics, images/s, per-image scores; error_maps/*.png
+  analysis/                        analysis.json (grid, zero-shot per t, recommended set), analysis.png
+  head/                            head.json (linear probe + MLP head), mlp.safetensors
+  finetune/                        finetune.json, model.safetensors
+The split (``splits.csv``) is the one of ``run_dir`` (shared with the D-Cube pipeline).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dcube.config import RunConfig, dump_config
+from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from dcube.utils.runtime import pick_device, seed_everything
+
+
+_POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
+             "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "analysis_images", "analysis_zs_images",
+             "analysis_zs_trials", "analysis_folds", "analysis_top_layers", "head_hidden", "head_lr",
+             "finetune_lr", "finetune_batch_size", "errormap_noises")
+_NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay", "finetune_epochs")
+
+
+def check_latent_config(lc) -> None:
+    """Raise ConfigError naming the ``latent.*`` field that is out of range."""
+    from dcube.config import ConfigError
+
+    for name in _POSITIVE:
+        if getattr(lc, name) <= 0:
+            raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(lc, name) < 0:
+            raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
+    for name in ("ae_crop", "ae_max_steps"):
+        v = getattr(lc, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"latent.{name}: must be > 0 or null, got {v}")
+
+
+class LatentRun:
+    def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
+        check_latent_config(cfg.latent)
+        self.cfg, self.lc = cfg, cfg.latent
+        self.root = Path(cfg.run_dir)
+        self.dir = self.root / "latent"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_path = Path(model_path) if model_path else self.dir / "diffusion" / "ema.safetensors"
+        self._data = self._codec = self._model = None
+        dump_config(cfg, self.dir / "config.yaml")
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def data(self):
+        if self._data is None:
+            from dcube.data import load_data
+
+            self._data = load_data(self.cfg.data, self.cfg.seed, self.root)
+        return self._data
+
+    @property
+    def ae_path(self) -> Path:
+        return self.dir / "autoencoder" / "autoencoder.safetensors"
+
+    def train_autoencoder(self) -> dict:
+        """Train (or import ``latent.autoencoder``) once; returns the reconstruction metrics."""
+        from dcube.latent.autoencoder import import_autoencoder, train_autoencoder
+
+        if not self.ae_path.exists():
+            seed_everything(self.cfg.seed)
+            d = self.data
+            heldout = d.val.images if len(d.val.images) else d.test.images
+            if self.lc.autoencoder:
+                import_autoencoder(self.lc, self.lc.autoencoder, d.train.images, self.ae_path.parent, self.device, heldout)
+            else:
+                train_autoencoder(self.lc, d.train.images, self.ae_path.parent, self.cfg.seed, self.device, heldout)
+        return load_tensors(self.ae_path)[1].get("recon", {})
+
+    def codec(self):
+        from dcube.latent.autoencoder import load_codec
+
+        if self._codec is None:
+            if not self.ae_path.exists():
+                raise FileNotFoundError(f"no autoencoder at {self.ae_path}: run 'dcube train-autoencoder' first")
+            self._codec = load_codec(self.ae_path, self.device)
+        return self._codec
+
+    def latents(self, split: str) -> torch.Tensor:
+        """Scaled latents of a split, cached on disk (recomputed when the autoencoder changes)."""
+        path = self.dir / "latents" / f"{split}.safetensors"
+        key = sha256_file(self.ae_path)
+        images = getattr(self.data, split).images
+        if path.exists():
+            tensors, meta = load_tensors(path)
+            if meta.get("autoencoder") == key and meta.get("n") == len(images):
+                return tensors["z"]
+        z = self.codec().encode_all(images, device=self.device, desc=f"encoding {split}")
+        save_tensors(path, {"z": z}, {"autoencoder": key, "n": len(images)})
+        return z
+
+    # ------------------------------------------------------------------ step 1 in latent space
+    def train_diffusion(self) -> Path:
+        from dcube.latent.diffusion import train_latent_diffusion
+
+        if self.model_path.exists():
+            print(f"[latent diffusion] done already: {self.model_path}")
+            return self.model_path
+        seed_everything(self.cfg.seed)
+        d = self.data
+        return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
+                                      len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
+                                      d.class_names)
+
+    def model(self):
+        """(denoiser, diffusion config, codec, scheduler) of the step-1 model (latent or pixel)."""
+        from dcube.diffusion.schedule import ddpm_scheduler
+        from dcube.latent.diffusion import load_model
+
+        if self._model is None:
+            if not self.model_path.exists():
+                raise FileNotFoundError(f"no step-1 model at {self.model_path}: run 'dcube train-latent-diffusion' "
+                                        "first (or pass --model)")
+            model, dcfg, codec = load_model(self.model_path, self.device)
+            self._model = (model, dcfg, codec, ddpm_scheduler(dcfg))
+        return self._model
+
+    def inputs(self, split: str) -> torch.Tensor:
+        """What the denoiser sees: latents (latent model) or the images (pixel-space model)."""
+        codec = self.model()[2]
+        return getattr(self.data, split).images if codec.is_identity else self.latents(split)
+
+    # ------------------------------------------------------------------ zero-shot
+    def zero_shot(self, split: str = "test", adaptive: bool | None = None, max_images: int | None = None,
+                  error_maps: int = 0, tag: str = "") -> dict:
+        """Zero-shot metrics of a split (or a stratified subset); `tag` suffixes the output file."""
+        from dcube.data.splits import stratified_subsample
+        from dcube.evaluate import compute_metrics
+        from dcube.latent.zeroshot import classify_zero_shot
+
+        model, dcfg, codec, sched = self.model()
+        adaptive = self.lc.zs_adaptive if adaptive is None else adaptive
+        s, names = getattr(self.data, split), self.data.class_names
+        idx = torch.arange(len(s.labels))
+        if max_images is not None:
+            idx = torch.as_tensor(stratified_subsample(s.labels.numpy(), max_images, [self.cfg.seed, 13]))
+        x, y = self.inputs(split)[idx], s.labels[idx]
+        res = classify_zero_shot(model, sched, x, self.lc, self.cfg.seed, self.device, adaptive)
+        metrics = compute_metrics(y.numpy(), res.probs.numpy(), names)
+        out_dir = self.dir / "zeroshot"
+        out = {"split": split, "adaptive": adaptive, "n_images": len(idx), "trials": self.lc.zs_trials,
+               "first_round": self.lc.zs_first_round if adaptive else None, "weighting": self.lc.zs_weighting,
+               "seconds": res.seconds, "images_per_s": res.images_per_s, "evaluations": res.evaluations,
+               "evaluations_per_image": res.evaluations / max(len(idx), 1), "metrics": metrics,
+               "model": str(self.model_path), "latent": not codec.is_identity,
+               "ids": [s.ids[i] for i in idx.tolist()], "probs": res.probs.tolist(), "labels": y.tolist()}
+        if error_maps:
+            from dcube.latent.errormaps import write_error_maps
+
+            imgs = s.images[idx]
+            out["error_maps"] = write_error_maps(
+                model, sched, codec, imgs, y, res.probs, names, out_dir / "error_maps", error_maps,
+                self.lc.errormap_timesteps, self.lc.errormap_noises, self.cfg.seed, self.device,
+                [s.ids[i] for i in idx.tolist()])
+        write_json(out_dir / f"{split}{'_adaptive' if adaptive else ''}{tag}.json", out)
+        return out
+
+    # ------------------------------------------------------------------ analysis, heads
+    def analyze(self) -> dict:
+        from dcube.latent.analysis import analyze, plot_analysis
+
+        path = self.dir / "analysis" / "analysis.json"
+        if path.exists():
+            return read_json(path)
+        model, _, _, sched = self.model()
+        t0 = time.time()
+        res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, self.cfg.seed, self.device)
+        res["seconds"] = time.time() - t0
+        plot_analysis(res, path.parent / "analysis.png")
+        write_json(path, res)
+        return res
+
+    def head(self) -> dict:
+        """Linear probe and MLP head on the recommended (layers, t); test + validation metrics."""
+        from dcube.evaluate import compute_metrics
+        from dcube.latent.head import features, linear_probe, train_mlp_head
+
+        path = self.dir / "head" / "head.json"
+        if path.exists():
+            return read_json(path)
+        rec = self.analyze()["recommended"]
+        model, _, _, sched = self.model()
+        d, names = self.data, self.data.class_names
+        f = {s: features(model, self.inputs(s), rec["layers"], rec["timestep"], sched, self.cfg.seed, self.device)
+             for s in ("train", "val", "test")}
+        lin = linear_probe(f["train"].numpy(), d.train.labels.numpy(), f["test"].numpy(), self.cfg.seed)
+        mlp, info = train_mlp_head(f["train"], d.train.labels, f["val"], d.val.labels, len(names), self.lc,
+                                   self.cfg.seed)
+        with torch.no_grad():
+            probs = mlp(f["test"]).softmax(1)
+        save_tensors(path.parent / "mlp.safetensors", mlp.state_dict(),
+                     {"layers": rec["layers"], "timestep": rec["timestep"], "dim": f["train"].shape[1]})
+        out = {"recommended": rec, "feature_dim": f["train"].shape[1],
+               "linear_probe": {"test": compute_metrics(d.test.labels.numpy(), lin, names)},
+               "mlp_head": {"test": compute_metrics(d.test.labels.numpy(), probs.numpy(), names), **info}}
+        write_json(path, out)
+        return out
+
+    def finetune(self, tag: str = "") -> dict:
+        """End-to-end fine-tuning from the MLP head; `tag` suffixes the output directory."""
+        from dcube.diffusion.schedule import ddpm_scheduler
+        from dcube.evaluate import compute_metrics
+        from dcube.latent.diffusion import load_model
+        from dcube.latent.head import FineTuneModel, MLPHead, finetune
+
+        path = self.dir / f"finetune{tag}" / "finetune.json"
+        if path.exists():
+            return read_json(path)
+        self.head()
+        tensors, meta = load_tensors(self.dir / "head" / "mlp.safetensors")
+        model, dcfg, _ = load_model(self.model_path, self.device)  # a fresh copy: this one is trained
+        mlp = MLPHead(meta["dim"], model.num_classes, self.lc.head_hidden)
+        mlp.load_state_dict(tensors)
+        ft = FineTuneModel(model, mlp, meta["layers"], meta["timestep"], ddpm_scheduler(dcfg))
+        d = self.data
+        seed_everything(self.cfg.seed)
+        t0 = time.time()
+        info = finetune(ft, self.inputs("train"), d.train.labels, self.inputs("val"), d.val.labels, self.lc,
+                        self.cfg.seed, self.device)
+        probs = ft.predict(self.inputs("test"), self.cfg.seed, device=self.device)
+        save_tensors(path.parent / "model.safetensors", ft.state_dict(), meta)
+        out = {"layers": meta["layers"], "timestep": meta["timestep"], "seconds": time.time() - t0,
+               "finetune_lr": self.lc.finetune_lr, "head_lr": self.lc.head_lr, "epochs": self.lc.finetune_epochs,
+               "test": compute_metrics(d.test.labels.numpy(), probs.numpy(), d.class_names), **info}
+        write_json(path, out)
+        return out
