@@ -131,6 +131,9 @@ def table() -> str:
                   f"Per-class fidelity, real = TRAIN images of the class. Feature extractor: **{fid['extractor']}** "
                   f"({fid['extractor_description']}). These are NOT Inception FIDs and must not be compared with "
                   "published FIDs; fewer images than feature dimensions bias FID upwards.\n",
+                  f"Pictures: `bench/results/rebalance/runs/real_vs_generated.png` (real next to generated, per class). "
+                  f"With this short step-1 schedule ({sd['epochs']} epochs) the samples are still visibly noisy, so the "
+                  "table below measures the effect of such samples, not of a converged generator.\n",
                   "| class | real | generated | FID | KID (mean ± std) |", "|---|---|---|---|---|"]
         for name, r in fid["per_class"].items():
             if "fid" in r:

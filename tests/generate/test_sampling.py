@@ -104,7 +104,7 @@ def _null_row(model):
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_training_learns_the_null_class_only_with_class_dropout(tmp_path, p):
     images, labels = toy_images([8, 8])
-    cfg = DiffusionConfig(**{**MICRO, "max_steps": 3, "ema_decay": 0.0}, class_dropout=p, contrastive_weight=0.0)
+    cfg = DiffusionConfig(**{**MICRO, "epochs": 3, "max_steps": 5, "ema_decay": 0.0}, class_dropout=p, contrastive_weight=0.0)
     torch.manual_seed(0)
     init = _null_row(build_denoiser(cfg, 1, 8, 2))
     torch.manual_seed(0)

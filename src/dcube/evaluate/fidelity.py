@@ -133,7 +133,9 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100, seed
     fid.update(fake, real=False)
     subset = min(len(real), len(fake), 1000)
     torch.manual_seed(seed)  # KID draws its subsets from the global generator
-    kid = KernelInceptionDistance(feature=FeatureTable(d), subsets=kid_subsets, subset_size=subset)
+    with warnings.catch_warnings():  # "will save all extracted features": they are small tables here
+        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        kid = KernelInceptionDistance(feature=FeatureTable(d), subsets=kid_subsets, subset_size=subset)
     kid.update(real, real=True)
     kid.update(fake, real=False)
     kid_mean, kid_std = kid.compute()

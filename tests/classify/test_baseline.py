@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from dcube.classify.baseline import BEST, BaselineConfig, train_baseline
+from dcube.data import DataBundle, Split
+from dcube.generate import SyntheticSet
+from dcube.generate.synthetic import train_fingerprint
+from dcube.utils.io import load_tensors
+
+
+def _bundle(n=16, size=8):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    x = torch.rand(n, 1, size, size, generator=g) * 0.5 - 0.25 + (y.float()[:, None, None, None] - 0.5)
+    s = Split(x, y, [f"i{i}" for i in range(n)])
+    return DataBundle(s, Split(x[:6], y[:6], list("abcdef")), Split(x[6:], y[6:], [f"t{i}" for i in range(10)]),
+                      ["neg", "pos"])
+
+
+def test_best_epoch_is_chosen_on_validation_and_synthetic_images_are_counted(tmp_path):
+    data = _bundle()
+    scores = iter([0.2, 0.9, 0.5])
+    calls = []
+
+    def score(y, p):
+        calls.append(len(y))
+        return next(scores)
+
+    synth = SyntheticSet(data.train.images[:4] * 0.9, data.train.labels[:4], [f"synthetic:{i}" for i in range(4)],
+                         data.class_names, {"train_sha256": train_fingerprint(data.train)})
+    out = train_baseline(BaselineConfig(epochs=3, batch_size=8, ema_decay=0.9, synthetic_ratio=0.125), data,
+                         tmp_path, score, seed=0, synthetic=synth)
+    assert calls == [6, 6, 6]  # the validation split, once per epoch
+    assert out["best_epoch"] == 2 and out["n_train_real"] == 16 and out["n_train_synthetic"] == 2
+    assert out["test_probs"].shape == (10, 2) and torch.allclose(out["test_probs"].sum(1), torch.ones(10))
+    assert load_tensors(tmp_path / BEST)[1]["best_epoch"] == 2
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="baseline.model"):
+        BaselineConfig(model="vgg")
+    with pytest.raises(ValueError, match="baseline.epochs"):
+        BaselineConfig(epochs=0)
