@@ -2,12 +2,11 @@
 
 Wiring: ``register(subparsers)`` adds the three parsers; each sets ``handler`` (one of
 :func:`cmd_synthesize`, :func:`cmd_fidelity`, :func:`cmd_train_baseline`), which takes the
-parsed args and returns the exit code. ``main(argv)`` runs them on their own.
+parsed args and returns the exit code.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -152,14 +151,3 @@ def cmd_train_baseline(args) -> int:
                                       "synthetic": synth.info if synth else None})
     print(format_table(test, title=f"test metrics ({out})"))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dcube")
-    register(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -124,17 +124,3 @@ def register(subparsers) -> dict:
              model=True)
     sp.add_argument("--finetune", action="store_true", help="also fine-tune denoiser + head end to end")
     return handlers
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m dcube.cli_latent ...``) until cli.py wires ``register``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="dcube-latent")
-    register(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 
-from dcube import cli_generate
+from dcube.cli import main as dcube_main
 from dcube.data import DataBundle, Split
 from dcube.generate import (SYNTHETIC_PREFIX, SyntheticSet, assert_real, augment_train, balance_counts,
                             load_synthetic, per_class_counts, synthesize)
@@ -86,7 +86,7 @@ def test_cli_balance_tops_every_class_up_to_the_largest(checkpoint, tmp_path):
                    f"data: {{source: folder, path: {root}, image_size: 8, val_fraction: 0.2, test_fraction: 0.2}}\n")
     (tmp_path / "run" / "diffusion").mkdir(parents=True)
     (tmp_path / "run" / "diffusion" / "ema.safetensors").write_bytes(checkpoint.read_bytes())
-    assert cli_generate.main(["synthesize", str(cfg), "--balance", "--steps", "2"]) == 0
+    assert dcube_main(["synthesize", str(cfg), "--balance", "--steps", "2"]) == 0
     from dcube.config import load_config
     from dcube.data import load_data
 
@@ -97,5 +97,5 @@ def test_cli_balance_tops_every_class_up_to_the_largest(checkpoint, tmp_path):
     assert (tmp_path / "run" / "real_vs_generated.png").stat().st_size > 0
     # the set is accepted for this run's training split
     assert len(augment_train(load_data(load_config(cfg).data, 0, tmp_path / "run"), s)) == 2 * max(counts)
-    assert cli_generate.main(["synthesize", str(cfg), "--balance", "--steps", "2"]) == 2  # exists already
-    assert cli_generate.main(["synthesize", str(cfg), "--per-class", "1", "--guidance", "-1", "--overwrite"]) == 2
+    assert dcube_main(["synthesize", str(cfg), "--balance", "--steps", "2"]) == 2  # exists already
+    assert dcube_main(["synthesize", str(cfg), "--per-class", "1", "--guidance", "-1", "--overwrite"]) == 2
