@@ -12,23 +12,6 @@ from dcube.diffusion.guidance import guided_eps
 from dcube.diffusion.schedule import ddim_scheduler, ddpm_scheduler
 
 
-@torch.no_grad()
-def sample(model, cfg: DiffusionConfig, labels: torch.Tensor, shape: tuple[int, int, int],
-           steps: int = 50, seed: int = 0, device: torch.device | str = "cpu",
-           progress: bool = True) -> torch.Tensor:
-    """Draw one image per entry of `labels` (int64); returns (N, C, H, W) clipped to [-1, 1]."""
-    model.eval()
-    sched = ddim_scheduler(cfg, steps)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(labels), *shape), generator=gen).to(device)
-    y = labels.to(device)
-    for t in tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False):
-        tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
-        eps = model(x, tt, y)
-        x, _ = sched.step(eps, int(t), x)
-    return x.clamp(-1, 1).cpu()
-
-
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: str | Path) -> Path:
     """One row per class of generated images, saved as PNG."""
     import matplotlib

@@ -139,10 +139,10 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     save_checkpoint(out_dir / FINAL, {"model": ema.module}, {**meta, "step": step})
     write_json(out_dir / "history.json", {"steps": step, "seconds_this_session": elapsed, "history": history})
     if cfg.sample_grid and class_names:
-        from dcube.diffusion.sampling import sample, save_grid
+        from dcube.diffusion.sampling import sample_images, save_grid
 
         per = 8
         lab = torch.arange(num_classes).repeat_interleave(per)
-        imgs = sample(ema.module, cfg, lab, (c, h, h), steps=cfg.sample_steps, seed=seed, device=device)
+        imgs = sample_images(ema.module, cfg, lab, steps=cfg.sample_steps, seed=seed, device=device)
         save_grid(imgs, lab, class_names, out_dir / "samples.png")
     return out_dir / FINAL
