@@ -89,6 +89,8 @@ class ClassifierConfig:
     consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
+    synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
+    synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
 
 @dataclass

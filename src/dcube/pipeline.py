@@ -36,6 +36,7 @@ class Run:
         self.device = pick_device(cfg.device)
         configure_torch(cfg.threads)
         self._data = None
+        self._train = None  # training split with synthetic images, when configured
         self._check_config()
         self.info = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
         self.info.setdefault("timings_s", {})
@@ -45,8 +46,10 @@ class Run:
         new = self.cfg.to_dict()
         if path.exists():
             old = yaml.safe_load(path.read_text()) or {}
-            for section in ("data", "diffusion"):
-                if old.get(section) != new[section] and (self.dir / "diffusion" / "ema.safetensors").exists():
+            made = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
+                    "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
+            for section, output in made.items():
+                if old.get(section) != new[section] and (self.dir / output).exists():
                     raise RuntimeError(
                         f"{self.dir}: the {section!r} section differs from the one this run directory was "
                         f"made with ({path}); its outputs would be stale. Use a new run_dir.")
@@ -147,11 +150,12 @@ class Run:
         from dcube.features.cache import load_features, save_features
 
         d = self.data
-        images = getattr(d, split).images
+        images = self.split(split).images
         if flipped:
             images = images.flip(-1)
         key = {"model": sha256_file(self.denoiser_path), "features": vars(self.cfg.features),
-               "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images)}
+               "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images),
+               "synthetic": self.synthetic_key() if split == "train" else None}
         path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}.safetensors"
         maps = load_features(path, names, key)
         if maps is None:
@@ -161,11 +165,42 @@ class Run:
             maps = {n: m.half().float() for n, m in maps.items()}  # as stored: same numbers on resume
         return [maps[n] for n in names]
 
+    # -- synthetic training images (issue 3) ---------------------------------------------------
+    def split(self, name: str):
+        """A data split; "train" includes the synthetic set of ``classifier.synthetic_dir`` if set.
+
+        Synthetic images enter only through :func:`dcube.generate.augment_train`, which returns a
+        training split and refuses a set generated from another training split; val and test are
+        always the real images."""
+        if name != "train" or not self.cfg.classifier.synthetic_dir:
+            return getattr(self.data, name)
+        if self._train is None:
+            from dcube.generate import augment_train, load_synthetic
+
+            cc = self.cfg.classifier
+            synth = load_synthetic(cc.synthetic_dir)
+            self._train = augment_train(self.data, synth, cc.synthetic_ratio, self.cfg.seed)
+            n_syn = len(self._train) - len(self.data.train)
+            self.info["synthetic"] = {**self.synthetic_key(), "n_added": n_syn}
+            self.save_info()
+            print(f"[step 2] training on {len(self.data.train)} real + {n_syn} synthetic images ({cc.synthetic_dir})")
+        return self._train
+
+    def synthetic_key(self) -> dict | None:
+        """What the synthetic part of the training split was made from (for caches and run.json)."""
+        from dcube.generate import MANIFEST
+
+        cc = self.cfg.classifier
+        if not cc.synthetic_dir:
+            return None
+        return {"dir": str(cc.synthetic_dir), "manifest_sha256": sha256_file(Path(cc.synthetic_dir) / MANIFEST),
+                "ratio": cc.synthetic_ratio}
+
     # -- step 2b ----------------------------------------------------------------------------
     def feature_split(self, split, names, model, dcfg, with_flip=False):
         from dcube.classify.trainer import FeatureSplit
 
-        s = getattr(self.data, split)
+        s = self.split(split)
         flip = self.features(split, names, model, dcfg, flipped=True) if with_flip else None
         return FeatureSplit(self.features(split, names, model, dcfg), s.images, s.labels, flip)
 

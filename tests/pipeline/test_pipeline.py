@@ -78,3 +78,43 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     path.write_text("classifier: {epochz: 3}\n")
     assert main(["run", str(path)]) == 2
     assert "classifier.epochz" in capsys.readouterr().err
+
+
+def test_dcube_head_trains_on_real_plus_synthetic(shared_data, tmp_path):
+    """classifier.synthetic_dir adds a `dcube synthesize` set to the training split only; the
+    training-feature cache is keyed by it; a set from another training split is refused."""
+    from dcube.generate import synthesize
+    from dcube.generate.synthetic import train_fingerprint
+    from dcube.pipeline import Run
+
+    cfg = _cfg(shared_data, tmp_path / "run")
+    r = Run(cfg)
+    r.train_diffusion()
+    synthesize(r.denoiser_path, [5, 3], tmp_path / "syn", r.data.class_names, train_fingerprint(r.data.train),
+               steps=2, seed=0, progress=False)
+    real = run(cfg)
+    cfg2 = _cfg(shared_data, tmp_path / "run2", classifier={"synthetic_dir": str(tmp_path / "syn")})
+    (tmp_path / "run2").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "run" / "diffusion", tmp_path / "run2" / "diffusion")
+    out = run(cfg2)
+    info = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert info["synthetic"]["n_added"] == 8 and info["synthetic"]["manifest_sha256"]
+    from dcube.utils.io import load_tensors
+    tensors, meta = load_tensors(tmp_path / "run2" / "features" / "train.safetensors")
+    assert next(iter(tensors.values())).shape[0] == 160 + 8 and meta["key"]["synthetic"]["ratio"] is None
+    _, meta_test = load_tensors(tmp_path / "run2" / "features" / "test.safetensors")
+    assert meta_test["key"]["n"] == 64  # val/test stay real
+    assert out["test"] != real["test"]  # the extra images changed the classifier
+    # half the ratio: 0.025 * 160 = 4 synthetic images, stratified
+    with pytest.raises(RuntimeError, match="'classifier' section differs"):
+        Run(_cfg(shared_data, tmp_path / "run2", classifier={"synthetic_dir": str(tmp_path / "syn"),
+                                                              "synthetic_ratio": 0.025}))
+    r3 = Run(_cfg(shared_data, tmp_path / "run4", classifier={"synthetic_dir": str(tmp_path / "syn"),
+                                                               "synthetic_ratio": 0.025}))
+    assert len(r3.split("train")) == 164 and len(r3.split("val")) == 64
+    # a set made from a different training split is refused
+    other = _cfg(shared_data, tmp_path / "run3", data={"max_train": 120},
+                 classifier={"synthetic_dir": str(tmp_path / "syn")})
+    with pytest.raises(ValueError, match="different training split"):
+        Run(other).split("train")
