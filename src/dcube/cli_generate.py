@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     bp.add_argument("--epochs", type=int, default=20)
     bp.add_argument("--batch-size", type=int, default=64)
     bp.add_argument("--lr", type=float, default=1e-3)
+    bp.add_argument("--lr-milestones", type=float, nargs="*", default=[],
+                    help="fractions of the epochs where the LR drops x0.1 (MedMNIST v2: 0.5 0.75)")
     bp.add_argument("--ema-decay", type=float, default=0.0)
     bp.add_argument("--synthetic", help="a synthetic set folder added to the TRAINING split only")
     bp.add_argument("--synthetic-ratio", type=float, help="at most RATIO x (real training images) synthetic ones")
@@ -138,7 +140,7 @@ def cmd_train_baseline(args) -> int:
 
     cfg, run_dir, data, device = _load(args)
     bcfg = BaselineConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          ema_decay=args.ema_decay, synthetic_ratio=args.synthetic_ratio)
+                          lr_milestones=tuple(args.lr_milestones), ema_decay=args.ema_decay, synthetic_ratio=args.synthetic_ratio)
     synth = load_synthetic(args.synthetic) if args.synthetic else None
     out = Path(args.out) if args.out else run_dir / f"baseline-{args.model}{'-synthetic' if synth else ''}"
     score = lambda y, p: select_score(compute_metrics(y, p, data.class_names), cfg.classifier.select_metric)  # noqa: E731

@@ -30,6 +30,7 @@ class DataConfig:
     channels: int = 1  # 1 = grayscale, 3 = RGB
     val_fraction: float = 0.1  # used when the source has no predefined split
     test_fraction: float = 0.2
+    split_seed: Optional[int] = None  # seed of the split and the caps; None = the run's seed
     max_train: Optional[int] = None  # stratified subsample caps (quick runs, tests)
     max_val: Optional[int] = None
     max_test: Optional[int] = None

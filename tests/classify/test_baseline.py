@@ -41,3 +41,33 @@ def test_bad_config_is_named():
         BaselineConfig(model="vgg")
     with pytest.raises(ValueError, match="baseline.epochs"):
         BaselineConfig(epochs=0)
+
+
+def test_lr_drops_at_the_milestones_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    data = _bundle()
+    score = lambda y, p: float(p[:, 1][y == 1].mean() - p[:, 1][y == 0].mean())  # noqa: E731
+    cfg = BaselineConfig(epochs=4, batch_size=8, lr_milestones=(0.5, 0.75), ema_decay=0.5)
+    assert cfg.milestone_epochs() == [2, 3]
+    full = train_baseline(cfg, data, tmp_path / "full", score, seed=1, progress=False)
+    assert [h["lr"] for h in full["history"]] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-5])
+
+    import dcube.classify.baseline as mod
+    real_save, calls = mod.save_checkpoint, []
+
+    def crash_after_two_epochs(path, *a, **k):
+        real_save(path, *a, **k)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "save_checkpoint", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train_baseline(cfg, data, tmp_path / "cut", score, seed=1, progress=False)
+    monkeypatch.setattr(mod, "save_checkpoint", real_save)
+    resumed = train_baseline(cfg, data, tmp_path / "cut", score, seed=1, progress=False)
+    assert torch.equal(resumed["test_probs"], full["test_probs"])
+    assert [h["val_score"] for h in resumed["history"]] == [h["val_score"] for h in full["history"]]
+    with pytest.raises(RuntimeError, match="another configuration"):
+        train_baseline(BaselineConfig(epochs=5, batch_size=8), data, tmp_path / "cut", score, seed=1, progress=False)
+    with pytest.raises(ValueError, match="lr_milestones"):
+        BaselineConfig(lr_milestones=(1.5,))

@@ -37,6 +37,9 @@ def test_folder_split_is_stratified_and_seeded(tmp_path, make_folder):
     again = load_data(_cfg(root), seed=0)
     assert again.test.ids == b.test.ids and again.info["sha256"] == b.info["sha256"]
     assert load_data(_cfg(root), seed=1).test.ids != b.test.ids
+    # data.split_seed pins the split (and caps) while the run's seed changes
+    pinned = load_data(_cfg(root, split_seed=0, max_train=20), seed=5)
+    assert pinned.test.ids == b.test.ids and pinned.train.ids == load_data(_cfg(root, max_train=20), seed=0).train.ids
     assert b.info["layout"] == "classes" and b.info["split_file"] is None
 
 

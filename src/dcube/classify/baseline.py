@@ -11,6 +11,7 @@ val and test are checked to hold real images only. Metrics are computed by the c
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from tqdm.auto import tqdm
 from dcube.classify.subfeatures import PLAIN_NAMES, build_plain_classifier
 from dcube.data import DataBundle
 from dcube.generate import SyntheticSet, assert_real, augment_train
-from dcube.utils.io import save_checkpoint, write_json
+from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, write_json
 from dcube.utils.runtime import EMA
 
-BEST = "best.safetensors"
+LAST, BEST = "last.safetensors", "best.safetensors"
 
 
 @dataclass
@@ -36,6 +37,8 @@ class BaselineConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_milestones: tuple = ()  # fractions of `epochs` where the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1
     ema_decay: float = 0.0  # 0 = no EMA; else the EMA weights are validated and saved
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
@@ -47,6 +50,17 @@ class BaselineConfig:
                 raise ValueError(f"baseline.{k}: must be >= 1, got {getattr(self, k)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"baseline.ema_decay: must lie in [0, 1), got {self.ema_decay}")
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(f"baseline.lr_milestones: fractions in (0, 1), got {self.lr_milestones}")
+
+    def milestone_epochs(self) -> list[int]:
+        """Epochs (0-based) after which the LR drops: MedMNIST's 50%/75% of 100 -> [50, 75]."""
+        return sorted({int(round(m * self.epochs)) for m in self.lr_milestones})
+
+
+# The MedMNIST v2 training protocol (Adam 1e-3, batch 128, 100 epochs, LR x0.1 at 50% and 75%).
+MEDMNIST_PROTOCOL = dict(epochs=100, batch_size=128, lr=1e-3, lr_milestones=(0.5, 0.75), lr_gamma=0.1)
 
 
 @torch.no_grad()
@@ -58,12 +72,14 @@ def predict_probs(model, images: torch.Tensor, batch_size: int = 256, device="cp
 
 def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                    score_fn: Callable[[torch.Tensor, torch.Tensor], float], seed: int = 0,
-                   synthetic: SyntheticSet | None = None, device="cpu") -> dict:
+                   synthetic: SyntheticSet | None = None, device="cpu", progress: bool = True) -> dict:
     """Train on ``bundle.train`` (+ `synthetic`), select on ``bundle.val``, predict ``bundle.test``.
 
     `score_fn(y_true, probs)` -> validation score, higher is better. Returns a dict with the
     best model (``model``), ``best_epoch``, ``history``, ``val_probs``, ``test_probs`` and
     the number of real / synthetic training images; writes best.safetensors and history.json.
+    Every epoch ends with an atomic ``last.safetensors`` (model, optimiser, EMA, best weights,
+    history); calling again with the same arguments resumes from it and gives the same result.
     """
     out_dir = Path(out_dir)
     assert_real(bundle.val, "val"), assert_real(bundle.test, "test")
@@ -73,13 +89,29 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
     torch.manual_seed(seed)
     model = build_plain_classifier(cfg.model, c, bundle.num_classes, h).to(device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    judged = ema.module if ema is not None else model
+    best_model = copy.deepcopy(judged)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(), cfg.lr_gamma)
     n = len(train)
-    best, best_state, history, step = -float("inf"), None, [], 0
-    bar = tqdm(total=cfg.epochs * -(-n // cfg.batch_size), desc=f"baseline {cfg.model}", unit="step")
-    t0 = time.time()
-    for epoch in range(cfg.epochs):
+    steps_per_epoch = -(-n // cfg.batch_size)
+    modules = {"model": model, "opt": opt, "best": best_model, **({"ema": ema.module} if ema else {})}
+    state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": [], "seconds": 0.0}
+    if (out_dir / LAST).exists():
+        meta = load_tensors(out_dir / LAST)[1]
+        if meta.get("config") != json.loads(json.dumps(asdict(cfg))) or meta.get("seed") != seed \
+                or meta.get("n_train") != n:
+            raise RuntimeError(f"{out_dir / LAST} was written by another configuration/seed/training set; "
+                               f"use a new output directory")
+        state = load_checkpoint(out_dir / LAST, modules)["state"]
+        sched.last_epoch = state["epoch"]  # the optimiser state restored the current LR already
+        print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{cfg.epochs} ({out_dir})")
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
+               desc=f"baseline {cfg.model}", unit="step", disable=not progress)
+    for epoch in range(state["epoch"], cfg.epochs):
+        t0 = time.time()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not
         model.train()
         losses = []
         for s in range(0, n, cfg.batch_size):
@@ -88,25 +120,29 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
             if ema is not None:
-                ema.update(model, step)
+                ema.update(model, epoch * steps_per_epoch + s // cfg.batch_size + 1)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        judged = ema.module if ema is not None else model
+        sched.step()
         score = float(score_fn(bundle.val.labels, predict_probs(judged, bundle.val.images, device=device)))
-        history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_score": score})
-        if score > best:
-            best, best_epoch, best_state = score, epoch + 1, copy.deepcopy(judged.state_dict())
+        state["history"].append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_score": score,
+                                 "lr": opt.param_groups[0]["lr"]})
+        if score > state["best"]:
+            state.update(best=score, best_epoch=epoch + 1)
+            best_model.load_state_dict(judged.state_dict())
+        state["epoch"] = epoch + 1
+        state["seconds"] += time.time() - t0
+        save_checkpoint(out_dir / LAST, modules, {"config": asdict(cfg), "seed": seed, "n_train": n, "state": state})
     bar.close()
-    judged = ema.module if ema is not None else model
-    judged.load_state_dict(best_state)
-    save_checkpoint(out_dir / BEST, {"model": judged}, {"config": asdict(cfg), "best_epoch": best_epoch,
-                                                        "val_score": best, "seed": seed})
-    write_json(out_dir / "history.json", {"history": history, "best_epoch": best_epoch, "seconds": time.time() - t0})
-    return {"model": judged, "best_epoch": best_epoch, "val_score": best, "history": history,
-            "val_probs": predict_probs(judged, bundle.val.images, device=device),
-            "test_probs": predict_probs(judged, bundle.test.images, device=device),
+    save_checkpoint(out_dir / BEST, {"model": best_model}, {"config": asdict(cfg), "best_epoch": state["best_epoch"],
+                                                             "val_score": state["best"], "seed": seed})
+    write_json(out_dir / "history.json", {"history": state["history"], "best_epoch": state["best_epoch"],
+                                          "seconds": state["seconds"]})
+    return {"model": best_model, "best_epoch": state["best_epoch"], "val_score": state["best"],
+            "history": state["history"],
+            "val_probs": predict_probs(best_model, bundle.val.images, device=device),
+            "test_probs": predict_probs(best_model, bundle.test.images, device=device),
             "n_train_real": n_real, "n_train_synthetic": len(train) - n_real,
-            "train_seconds": round(time.time() - t0, 1)}
+            "train_seconds": round(state["seconds"], 1)}

@@ -53,9 +53,11 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
 
     MedMNIST keeps its official split; folders/CSVs are split here (seeded, stratified,
     grouped by patient_id when given) and the split is saved to / reused from
-    ``run_dir/splits.csv``. Every check runs before a tensor is returned.
+    ``run_dir/splits.csv``. `seed` draws the split and the caps unless ``cfg.split_seed`` is set. Every check runs before a tensor is returned.
     """
     _check_cfg(cfg)
+    if cfg.split_seed is not None:  # one split (and caps) shared by runs with different seeds
+        seed = cfg.split_seed
     if cfg.source == "medmnist":
         return _load_medmnist(cfg, seed)
     path = Path(cfg.path).expanduser()
