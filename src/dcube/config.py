@@ -32,6 +32,7 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: Optional[int] = None  # seed of the split and the caps; None = the run's seed
     max_train: Optional[int] = None  # stratified subsample caps (quick runs, tests)
+    minority_ratio: Optional[float] = None  # cut the smallest training class to ratio x the largest
     max_val: Optional[int] = None
     max_test: Optional[int] = None
     download: bool = True  # MedMNIST: download when absent from the cache
@@ -69,6 +70,7 @@ class FeatureConfig:
     ks_values: int = 1000  # standardised values drawn per layer for the test
     ks_fallback_k: int = 2  # when no layer has p < alpha, keep the k least Gaussian
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
+    ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
     batch_size: int = 128
 
 
@@ -159,6 +161,7 @@ _CHOICES = {
     "diffusion.backbone": ("unet", "uvit"),
     "features.input_mode": ("x0", "xt"),
     "features.condition": ("uniform",),
+    "features.ks_keep": ("least_gaussian", "most_gaussian"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none"),
     "classifier.select_metric": ("auc", "acc", "f1"),
     "device": ("auto", "cpu", "cuda"),

@@ -128,7 +128,8 @@ class Run:
             idx = torch.randperm(len(d.train.labels), generator=g)[:k]
             maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
                            self._scheduler(dcfg), self.device, desc="KS sample")
-            sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed)
+            sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed,
+                                fc.ks_keep)
             if sel.note:
                 print(f"[KS] {sel.note}")
             write_json(fdir / "selection.json", sel.to_dict())

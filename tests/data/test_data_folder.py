@@ -230,3 +230,14 @@ def test_csv_without_val_rows_carves_val_by_patient(tmp_path, write_png):
     pid = {os.path.abspath(tmp_path / r[0]): r[3] for r in rows}
     val_p, train_p = {pid[i] for i in b.val.ids}, {pid[i] for i in b.train.ids}
     assert not val_p & train_p
+
+
+def test_minority_ratio_cuts_only_the_smallest_training_class(tmp_path, make_folder):
+    root = make_folder(tmp_path / "imgs", {"big": 70, "small": 30})
+    full = load_data(_cfg(root), seed=0)
+    cut = load_data(_cfg(root, minority_ratio=0.1), seed=0)
+    assert _by_class(cut.train, cut) == {"big": 49, "small": 5}  # round(0.1 * 49)
+    assert set(cut.train.ids) < set(full.train.ids) and cut.test.ids == full.test.ids
+    assert cut.val.ids == full.val.ids
+    with pytest.raises(DataError, match="data.minority_ratio"):
+        load_data(_cfg(root, minority_ratio=1.5), seed=0)

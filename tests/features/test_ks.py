@@ -24,6 +24,17 @@ def test_gaussian_layer_rejected_structured_kept():
     assert not sel.fallback
 
 
+def test_most_gaussian_ablation_takes_the_other_end():
+    maps = _maps()
+    maps["noise2"] = torch.randn(256, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    best = select_layers(maps, alpha=0.05, n_values=1000)
+    worst = select_layers(maps, alpha=0.05, n_values=1000, keep="most_gaussian")
+    assert len(worst.names) == len(best.names) == 2
+    assert set(worst.names) == {"noise", "noise2"} and "MOST Gaussian" in worst.note
+    with pytest.raises(ValueError, match="ks_keep"):
+        select_layers(maps, keep="random")
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_fallback_keeps_k_least_gaussian(k):
     g = torch.Generator().manual_seed(1)

@@ -31,6 +31,8 @@ def _check_cfg(cfg: DataConfig) -> None:
         cap = getattr(cfg, f"max_{s}")
         if cap is not None and cap <= 0:
             raise DataError(f"data.max_{s}: must be > 0 or null, got {cap}")
+    if cfg.minority_ratio is not None and not 0 < cfg.minority_ratio <= 1:
+        raise DataError(f"data.minority_ratio: must lie in (0, 1], got {cfg.minority_ratio}")
     if cfg.source != "medmnist" and not cfg.path:
         raise DataError(f"data.path: required when data.source is {cfg.source!r}")
 
@@ -38,9 +40,23 @@ def _check_cfg(cfg: DataConfig) -> None:
 def _cap(labels: np.ndarray, cfg: DataConfig, split: str, seed: int) -> np.ndarray:
     """Indices kept under data.max_<split> (seeded, stratified; all when no cap)."""
     cap = getattr(cfg, f"max_{split}")
-    if cap is None:
+    keep = np.arange(len(labels)) if cap is None else stratified_subsample(labels, cap, [seed, SPLITS.index(split)])
+    if split == "train" and cfg.minority_ratio is not None:
+        keep = keep[_cut_minority(labels[keep], cfg.minority_ratio, seed)]
+    return keep
+
+
+def _cut_minority(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Indices kept when the smallest class is cut to ``ratio`` x the largest (seeded)."""
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts)
+    small = present[np.argmin(counts[present])]
+    target = max(1, int(round(ratio * counts.max())))
+    members = np.flatnonzero(labels == small)
+    if target >= len(members):
         return np.arange(len(labels))
-    return stratified_subsample(labels, cap, [seed, SPLITS.index(split)])
+    dropped = np.random.default_rng([seed, 99]).permutation(members)[target:]
+    return np.setdiff1d(np.arange(len(labels)), dropped)
 
 
 def _class_counts(split: Split, classes: list[str]) -> dict:

@@ -59,11 +59,21 @@ def ks_pvalues(maps: dict[str, torch.Tensor], n_values: int, seed: int = 0) -> t
 
 
 def select_layers(maps: dict[str, torch.Tensor], alpha: float = 0.05, n_values: int = 1000,
-                  fallback_k: int = 2, max_layers: int | None = None, seed: int = 0) -> Selection:
-    """Select the non-Gaussian layers; see the module docstring."""
+                  fallback_k: int = 2, max_layers: int | None = None, seed: int = 0,
+                  keep: str = "least_gaussian") -> Selection:
+    """Select the non-Gaussian layers; see the module docstring. ``keep="most_gaussian"`` is the
+    ablation: as many layers as the rule would keep, taken from the most Gaussian end."""
+    if keep not in ("least_gaussian", "most_gaussian"):
+        raise ValueError(f"features.ks_keep: {keep!r} is not 'least_gaussian' or 'most_gaussian'")
     order = list(maps)
     pvals, statistics = ks_pvalues(maps, n_values, seed)
     ranked = sorted(order, key=lambda n: (pvals[n], -statistics[n]))  # least Gaussian first
+    if keep == "most_gaussian":
+        n_keep = sum(pvals[n] < alpha for n in ranked) or fallback_k
+        n_keep = min(n_keep, max_layers) if max_layers is not None else n_keep
+        names = [n for n in order if n in ranked[::-1][:n_keep]]
+        return Selection(names, pvals, statistics, alpha, False,
+                         f"ablation: kept the {len(names)} MOST Gaussian layers", order)
     chosen = [n for n in ranked if pvals[n] < alpha]
     fallback, note = False, ""
     if not chosen:
