@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -45,11 +45,11 @@ def dcube_run(dataset: str, seed: int) -> dict:
     from dcube.utils.io import read_json
 
     sched = SCHEDULES[dataset]
-    cfg = from_dict({
+    cfg = from_dict(shrink({
         "run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-dcube-s{seed}"), "seed": seed, "threads": THREADS,
         "data": {"name": dataset, "path": data_path(dataset), "download": False},
         **sched,
-    })
+    }))
     out = run(cfg)
     return {"study": STUDY, "dataset": dataset, "method": "D-Cube", "seed": seed, "schedule": sched,
             "config": cfg.to_dict(), "data": read_json(Path(cfg.run_dir) / "run.json")["data"],
@@ -61,9 +61,10 @@ def baseline_run(dataset: str, method: str, seed: int) -> dict:
     from dcube.config import DataConfig
     from dcube.data import load_data
 
-    data = load_data(DataConfig(name=dataset, path=data_path(dataset), download=False), seed)
+    dc = shrink({"data": {"name": dataset, "path": data_path(dataset), "download": False}})["data"]
+    data = load_data(DataConfig(**dc), seed)
     out = run_baseline(method, data, RESULTS / STUDY / "runs" / f"{dataset}-{method}-s{seed}", seed,
-                       BASELINE_EPOCHS[dataset].get(method), THREADS)
+                       smoke_epochs(BASELINE_EPOCHS[dataset].get(method)), THREADS)
     return {"study": STUDY, "dataset": dataset, "data": data.info, **out}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -16,13 +17,39 @@ from dcube.utils.io import atomic_write_text, write_json
 from dcube.utils.runtime import package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
+# DCUBE_BENCH_OUT redirects results and the tables (smoke tests); DCUBE_BENCH_SMOKE=1 shrinks every run
+_OUT = os.environ.get("DCUBE_BENCH_OUT")
+RESULTS = Path(_OUT) / "results" if _OUT else ROOT / "bench" / "results"
+BENCHMARKS = Path(_OUT) / "BENCHMARKS.md" if _OUT else ROOT / "BENCHMARKS.md"
+SMOKE = os.environ.get("DCUBE_BENCH_SMOKE") == "1"
+_TINY = {
+    "data": {"max_train": 48, "max_val": 24, "max_test": 24},
+    "diffusion": {"preset": "micro", "epochs": 1, "max_steps": 2, "batch_size": 16, "sample_grid": False,
+                  "checkpoint_every": 100},
+    "features": {"ks_images": 24, "batch_size": 32},
+    "classifier": {"epochs": 1, "batch_size": 16},
+    "latent": {"ae_channels": [8, 8], "ae_norm_groups": 4, "ae_max_steps": 2, "ae_epochs": 1, "ae_crop": 32,
+               "zs_trials": 3, "zs_first_round": 2, "analysis_timesteps": [50, 400], "analysis_images": 24,
+               "analysis_zs_images": 8, "analysis_zs_trials": 1, "analysis_folds": 2, "head_epochs": 2,
+               "finetune_epochs": 1},
+}
+
+
+def shrink(cfg: dict) -> dict:
+    """`cfg` (a RunConfig dict) with tiny data caps and schedules when SMOKE, else unchanged."""
+    if not SMOKE:
+        return cfg
+    out = dict(cfg)
+    for section, tiny in _TINY.items():
+        out[section] = {**out.get(section, {}), **tiny}
+    return out
+
+
+def smoke_epochs(epochs: int | None) -> int | None:
+    return 1 if SMOKE and epochs else epochs
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (no GPU)"
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
 
 STUDY = "covid"
 THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))
@@ -48,8 +48,8 @@ def dcube_run(seed: int) -> dict:
     from dcube.config import from_dict
     from dcube.pipeline import Run, run
 
-    cfg = from_dict({"run_dir": str(RESULTS / STUDY / "runs" / f"dcube{DCUBE_SIZE}-s{seed}"), "seed": seed,
-                     "threads": THREADS, "data": data_dict(DCUBE_SIZE), **DCUBE})
+    cfg = from_dict(shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"dcube{DCUBE_SIZE}-s{seed}"), "seed": seed,
+                            "threads": THREADS, "data": data_dict(DCUBE_SIZE), **DCUBE}))
     out = run(cfg)
     data = Run(cfg).data
     return {"study": STUDY, "method": "D-Cube", "method_id": "dcube", "seed": seed, "image_size": DCUBE_SIZE,
@@ -63,8 +63,8 @@ def baseline_run(method: str, seed: int) -> dict:
     from dcube.data import load_data
 
     run_dir = RESULTS / STUDY / "runs" / f"{method}-s{seed}"
-    data = load_data(DataConfig(**data_dict(128)), seed, run_dir)
-    out = run_baseline(method, data, run_dir, seed, BASELINE_EPOCHS.get(method), THREADS)
+    data = load_data(DataConfig(**shrink({"data": data_dict(128)})["data"]), seed, run_dir)
+    out = run_baseline(method, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS.get(method)), THREADS)
     return {"study": STUDY, "image_size": 128, "data": data.info, "split_sha": split_hash(data), **out}
 
 

@@ -19,12 +19,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import RESULTS, load_results, machine, run_once, write_section
+from bench.common import RESULTS, SMOKE, load_results, machine, run_once, shrink, write_section
 
 STUDY = "latent_covid"
 COMMAND = "python -m bench.latent_covid"
-ZS_IMAGES = 400  # stratified subset of the test split for the zero-shot classifier
-ERROR_MAPS = 2  # overlays per class
+ZS_IMAGES = 8 if SMOKE else 400  # stratified subset of the test split for the zero-shot classifier
+ERROR_MAPS = 1 if SMOKE else 2  # overlays per class
 
 
 def data_path() -> str:
@@ -33,6 +33,14 @@ def data_path() -> str:
 
 
 def setup() -> dict:
+    cfg = _setup()
+    if SMOKE:  # a tiny slice at 32 px: the smoke test of this study
+        cfg = shrink(cfg)
+        cfg["data"]["image_size"] = 32
+    return cfg
+
+
+def _setup() -> dict:
     return {
         "run_dir": str(RESULTS / STUDY / "runs" / "covid128-s0"), "seed": 0, "threads": 1,
         "data": {"source": "folder", "path": data_path(), "image_size": 128, "val_fraction": 0.1,

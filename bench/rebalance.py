@@ -22,7 +22,7 @@ import time
 import torch
 
 from bench.accuracy import data_path
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, write_section
+from bench.common import RESULTS, SMOKE, load_results, machine, mean_std, run_once, shrink, write_section
 
 STUDY = "rebalance"
 RUNS = RESULTS / STUDY / "runs"
@@ -33,6 +33,10 @@ SCHEDULE = {
                  "images": 1000, "minority_share": 0.6},
     "baseline": {"model": "resnet18", "epochs": 8, "batch_size": 64, "lr": 1e-3},
 }
+if SMOKE:  # a tiny slice, seconds: the smoke test of this study
+    SCHEDULE = {"diffusion": {**SCHEDULE["diffusion"], "preset": "micro", "epochs": 1, "max_steps": 2},
+                "sampling": {**SCHEDULE["sampling"], "steps": 2, "images": 24, "batch_size": 24},
+                "baseline": {**SCHEDULE["baseline"], "epochs": 1}}
 COMMAND = "nohup .venv/bin/python -m bench.rebalance > bench/results/rebalance/log.txt 2>&1 &"
 
 
@@ -40,7 +44,8 @@ def bundle():
     from dcube.config import DataConfig
     from dcube.data import load_data
 
-    return load_data(DataConfig(name="breastmnist", path=data_path("breastmnist"), download=False), seed=0)
+    dc = shrink({"data": {"name": "breastmnist", "path": data_path("breastmnist"), "download": False}})["data"]
+    return load_data(DataConfig(**dc), seed=0)
 
 
 def step1(data):

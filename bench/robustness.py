@@ -1,0 +1,112 @@
+"""Robustness (the paper's claim): few labels and a rarer minority class.
+
+    python -m bench.robustness [--datasets breastmnist] [--settings ...] [--methods ...] [--seeds 0 1 2]
+    python -m bench.robustness --table-only
+
+Settings: 10% and 25% of the training labels (a stratified subsample drawn by the run's seed, so
+every method sees the same images for the same seed), and the minority class cut to 1:10 of the
+majority (`data.minority_ratio`). Validation and test splits are untouched. D-Cube (step 1 and
+step 2 both see only the reduced training split) vs ResNet-18 vs EfficientNet-Lite0; macro-F1
+and minority recall (the smaller training class), mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, THREADS, data_path
+from bench.baselines import NAMES, run_baseline
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
+
+STUDY = "robustness"
+TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
+SETTINGS = {"labels10": "10% of the training labels", "labels25": "25% of the training labels",
+            "minority1to10": "minority class cut to 1:10"}
+METHODS = ("dcube", "resnet18", "efficientnet-lite0")
+
+
+def data_overrides(dataset: str, setting: str) -> dict:
+    if setting.startswith("labels"):
+        return {"max_train": round(TRAIN_SIZES[dataset] * int(setting[len("labels"):]) / 100)}
+    return {"minority_ratio": 0.1}
+
+
+def _data_dict(dataset: str, setting: str) -> dict:
+    d = shrink({"data": {"name": dataset, "path": data_path(dataset), "download": False}})["data"]
+    over = data_overrides(dataset, setting)
+    if "max_train" in over and d.get("max_train"):  # smoke: keep the tiny cap
+        over["max_train"] = min(over["max_train"], d["max_train"])
+    return {**d, **over}
+
+
+def one_run(dataset: str, setting: str, method: str, seed: int) -> dict:
+    from dcube.config import DataConfig, from_dict
+    from dcube.data import load_data
+
+    run_dir = RESULTS / STUDY / "runs" / f"{dataset}-{setting}-{method}-s{seed}"
+    dd = _data_dict(dataset, setting)
+    if method == "dcube":
+        from dcube.pipeline import Run, run
+
+        cfg = from_dict(shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, "data": dd,
+                                **SCHEDULES[dataset]}) | {"data": dd})
+        out = run(cfg)
+        data = Run(cfg).data
+        res = {"method": "D-Cube", "method_id": "dcube", "test": out["test"], "val": out["val"],
+               "layers": out["layers"]}
+    else:
+        data = load_data(DataConfig(**dd), seed)
+        res = run_baseline(method, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[dataset][method]), THREADS)
+    counts = data.info["class_counts"]["train"]
+    return {"study": STUDY, "dataset": dataset, "setting": setting, "seed": seed, "train_counts": counts,
+            "minority": min(counts, key=counts.get), **res}
+
+
+def table() -> str:
+    rows = load_results(STUDY)
+    lines = ["## Robustness: few labels, rare minority class\n",
+             f"Command: `python -m bench.robustness` (resumable). Machine: {machine()}. Schedules as in the accuracy "
+             "study (shortened); best epoch on validation AUC; validation and test splits untouched. Minority recall: "
+             "test recall of the smallest training class.\n"]
+    for ds in TRAIN_SIZES:
+        runs = [r for r in rows if r["dataset"] == ds]
+        if not runs:
+            continue
+        lines += [f"\n### {ds}\n", "| setting | training images | model | seeds | macro-F1 | minority recall | AUC |",
+                  "|---|---|---|---|---|---|---|"]
+        for setting, label in SETTINGS.items():
+            for method in ("D-Cube",) + tuple(NAMES[m] for m in METHODS[1:]):
+                rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
+                if not rs:
+                    continue
+                counts = ", ".join(f"{c}: {n}" for c, n in rs[0]["train_counts"].items())
+                lines.append(f"| {label} | {counts} | {method} | {len(rs)} | "
+                             f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
+                             f"{mean_std([r['test']['per_class'][r['minority']]['recall'] for r in rs])} | "
+                             f"{mean_std([r['test']['auc'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    if not a.table_only:
+        for ds in a.datasets:
+            for setting in a.settings:
+                for seed in a.seeds:
+                    for method in a.methods:
+                        run_once(STUDY, f"{ds}-{setting}-{method}-s{seed}", lambda: one_run(ds, setting, method, seed))
+                        write_section(STUDY, table())
+    write_section(STUDY, table())
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Speed and memory on this machine, measured side by side in one command.
+
+    python -m bench.speed [--parts ...]     # resumable: one JSON per measurement
+    python -m bench.speed --table-only
+
+- step-1 training images/s, U-ViT and UNet (`tiny` presets), 28 and 64 px (the real trainer:
+  contrastive pairs, EMA; random images, the speed does not depend on their content);
+- feature extraction images/s (every block hooked);
+- a step-2 epoch on BreastMNIST with the hyper-features computed once and cached (dcube's
+  default) vs recomputed every epoch as the published code does (= extraction + the same epoch);
+- peak RSS of each measurement: each runs in its own fresh process (spawn), so the numbers do
+  not include each other;
+- wall time of the whole PneumoniaMNIST pipeline: read from the accuracy study's runs.
+Timings are one torch thread unless `--threads`; they move with whatever else shares the CPU, so
+the table records the load average seen at the start of each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+from bench.accuracy import SCHEDULES, data_path
+from bench.common import SMOKE, load_results, machine, run_once, write_section
+
+STUDY = "speed"
+STEPS = 3 if SMOKE else 12  # timed optimiser steps (after one warm-up step)
+BATCH = 32
+
+
+def _child(fn_name: str, args: tuple, threads: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    out = globals()[fn_name](*args)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    queue.put(out)
+
+
+def in_fresh_process(fn_name: str, args: tuple, threads: int) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    load = round(os.getloadavg()[0], 2)
+    p = ctx.Process(target=_child, args=(fn_name, args, threads, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return {**out, "threads": threads, "load_avg_1min": load}
+
+
+def step1(backbone: str, size: int) -> dict:
+    import torch
+
+    from dcube.config import DiffusionConfig
+    from dcube.diffusion.trainer import train_diffusion
+
+    preset = "micro" if SMOKE else "tiny"
+    x = torch.rand((STEPS + 1) * BATCH, 1, size, size) * 2 - 1
+    y = torch.arange(len(x)) % 2
+    with tempfile.TemporaryDirectory() as d:
+        cfg = DiffusionConfig(backbone=backbone, preset=preset, batch_size=BATCH, max_steps=1, sample_grid=False,
+                              checkpoint_every=10 ** 6)
+        train_diffusion(cfg, x, y, 2, d)  # warm-up step (allocations, first checkpoint)
+        cfg.max_steps = STEPS + 1
+        t0 = time.perf_counter()
+        train_diffusion(cfg, x, y, 2, d)
+        dt = time.perf_counter() - t0
+    return {"backbone": backbone, "preset": preset, "size": size, "images": STEPS * BATCH,
+            "images_per_s": STEPS * BATCH / dt}
+
+
+def _breast(n: int | None = None):
+    from dcube.config import DataConfig
+    from dcube.data import load_data
+
+    return load_data(DataConfig(name="breastmnist", path=data_path("breastmnist"), download=False,
+                                max_train=n, max_val=n, max_test=n), 0)
+
+
+def extraction(size: int = 28) -> dict:
+    import torch
+
+    from dcube.config import DiffusionConfig, FeatureConfig
+    from dcube.diffusion import build_denoiser
+    from dcube.features import extract
+
+    model = build_denoiser(DiffusionConfig(preset="micro" if SMOKE else "tiny"), 1, size, 2)
+    x = torch.rand(64 if SMOKE else 512, 1, size, size) * 2 - 1
+    extract(model, x[:32], model.feature_names, FeatureConfig(), progress=False)  # warm-up
+    t0 = time.perf_counter()
+    extract(model, x, model.feature_names, FeatureConfig(), progress=False)
+    return {"size": size, "layers": len(model.feature_names), "images": len(x),
+            "images_per_s": len(x) / (time.perf_counter() - t0)}
+
+
+def step2_epoch() -> dict:
+    """One step-2 epoch with cached features vs the extraction that recomputing adds per epoch."""
+    import torch
+
+    from dcube.classify.trainer import FeatureSplit, train_classifier
+    from dcube.config import ClassifierConfig, DiffusionConfig, FeatureConfig
+    from dcube.diffusion import build_denoiser
+    from dcube.diffusion.schedule import ddpm_scheduler
+    from dcube.features import extract
+
+    data = _breast(48 if SMOKE else None)
+    dcfg = DiffusionConfig(preset="micro" if SMOKE else "tiny")
+    model = build_denoiser(dcfg, 1, 28, 2)
+    names = model.feature_names[-2:]  # two blocks, like a typical KS selection
+    fc = FeatureConfig()
+    t0 = time.perf_counter()
+    feats = extract(model, data.train.images, names, fc, progress=False)
+    flipped = extract(model, data.train.images.flip(-1), names, fc, progress=False)
+    val = extract(model, data.val.images, names, fc, progress=False)
+    t_extract = time.perf_counter() - t0  # train, its flips and val: what recomputing repeats each epoch
+    train = FeatureSplit([feats[n] for n in names], data.train.images, data.train.labels, [flipped[n] for n in names])
+    vsplit = FeatureSplit([val[n] for n in names], data.val.images, data.val.labels)
+    cc = ClassifierConfig(**SCHEDULES["breastmnist"]["classifier"])
+    cc.epochs = 1
+    score = lambda y, p: (0.0, 0.0)  # noqa: E731  (timing only)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        train_classifier(cc, train, vsplit, data.class_names, d, score, denoiser=model,
+                         scheduler=ddpm_scheduler(dcfg), device="cpu")
+        t_epoch = time.perf_counter() - t0
+    return {"train_images": len(data.train), "val_images": len(data.val), "layers": names, "extract_s": t_extract,
+            "epoch_cached_s": t_epoch, "epoch_recomputed_s": t_epoch + t_extract,
+            "speedup": (t_epoch + t_extract) / t_epoch}
+
+
+PARTS = {
+    **{f"step1-{b}-{s}": ("step1", (b, s)) for b in ("unet", "uvit") for s in (28, 64)},
+    "extract-28": ("extraction", (28,)),
+    "step2-epoch": ("step2_epoch", ()),
+}
+
+
+def table() -> str:
+    res = {r["key"]: r for r in load_results(STUDY)}
+    lines = ["## Speed and memory\n",
+             f"Command: `python -m bench.speed`. Machine: {machine()}. One torch thread per measurement, each in a "
+             "fresh process (peak RSS is that process's); `load` is the 1-minute load average when it started "
+             "(other jobs shared the CPU when it is above ~1).\n",
+             "| measurement | images/s | peak RSS (MB) | load | date |", "|---|---|---|---|---|"]
+    for key in PARTS:
+        r = res.get(key)
+        if not r or "images_per_s" not in r:
+            continue
+        what = (f"step-1 training, {r['backbone']} `{r['preset']}`, {r['size']} px, batch {BATCH}" if key.startswith("step1")
+                else f"feature extraction, {r['layers']} blocks, {r['size']} px")
+        lines.append(f"| {what} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['load_avg_1min']} | {r['date']} |")
+    s = res.get("step2-epoch")
+    if s:
+        lines += ["", f"Step-2 epoch on BreastMNIST ({s['train_images']} training, {s['val_images']} validation images, D-Cube head with "
+                  f"EfficientNet-Lite0 sub-features, blocks {', '.join(s['layers'])}; peak RSS {s['peak_rss_mb']:.0f} MB):\n",
+                  "| features | seconds per epoch |", "|---|---|",
+                  f"| cached (computed once; dcube's default) | {s['epoch_cached_s']:.1f} |",
+                  f"| recomputed every epoch (published code) | {s['epoch_recomputed_s']:.1f} "
+                  f"(= {s['extract_s']:.1f} s extracting train, flipped train and val + the epoch; {s['speedup']:.2f}x "
+                  "slower) |"]
+    acc = [r for r in load_results("accuracy") if r.get("dataset") == "pneumoniamnist" and r.get("method") == "D-Cube"]
+    if acc:
+        lines += ["", "Whole PneumoniaMNIST pipeline (accuracy study, shortened schedule): "
+                  + "; ".join(f"seed {r['seed']}: {r['wall_s'] / 60:.1f} min (peak RSS {r['peak_rss_mb']:.0f} MB)"
+                              for r in acc) + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    if not a.table_only:
+        for key in a.parts:
+            fn, args = PARTS[key]
+            run_once(STUDY, key, lambda: in_fresh_process(fn, args, a.threads))
+            write_section(STUDY, table())
+    write_section(STUDY, table())
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

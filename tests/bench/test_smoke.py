@@ -1,0 +1,38 @@
+"""Every benchmark study runs end to end on a tiny slice (DCUBE_BENCH_SMOKE=1) and writes its
+JSON results and its BENCHMARKS.md section into a scratch folder (DCUBE_BENCH_OUT)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDIES = {
+    "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "linear-probe", "resnet18"],
+    "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
+    "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
+    "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "--methods", "dcube"],
+    "speed": ["--parts", "step1-unet-28", "step2-epoch"],
+    "rebalance": ["--seeds", "0"],
+    "latent_covid": ["--parts", "1_autoencoder", "2_diffusion", "3_zeroshot_plain", "5_analysis", "6_heads"],
+}
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
+    env = {**os.environ, "DCUBE_BENCH_SMOKE": "1", "DCUBE_BENCH_OUT": str(tmp_path), "DCUBE_SHARED_DATA": str(shared_data),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", f"bench.{study}", *STUDIES[study]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list((tmp_path / "results" / study).glob("*.json"))
+    assert results, f"no result JSON for {study}"
+    for r in results:
+        rec = json.loads(r.read_text())
+        assert rec["wall_s"] >= 0 and rec["versions"]["torch"] and rec["date"]
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert f"<!-- {study}:begin -->" in md and "command" in md.lower()
+    assert not (ROOT / "bench" / "results" / study / "smoke").exists()
