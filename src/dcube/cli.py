@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--run-dir")
     dp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    from dcube.utils import dist
+
+    if not dist.is_main():  # several processes (accelerate launch / torchrun): rank 0 reports
+        sys.stdout = open(os.devnull, "w")
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is not None:  # subcommands registered by cli_generate / cli_latent
         return handler(args)

@@ -64,7 +64,10 @@ class FeatureConfig:
     input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
     timestep: int = 50  # the same timestep at train and test time
     condition: str = "uniform"  # class conditioning while extracting: uniform soft embedding
-    layers: Optional[list] = None  # explicit layer names; None = KS selection
+    layers: Optional[list] = None  # explicit layer names; None = selected by `select`
+    select: str = "ks"  # ks (the paper: non-Gaussian layers) | probe (best CV linear probe, training split)
+    probe_layers: int = 2  # layers kept by select=probe
+    probe_folds: int = 5
     ks_alpha: float = 0.05
     ks_images: int = 256  # training images used for the KS test
     ks_values: int = 1000  # standardised values drawn per layer for the test
@@ -92,6 +95,7 @@ class ClassifierConfig:
     consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
+    bn_recalibration: int = 1024  # training images re-estimating the EMA head's BN statistics before each validation (0 = off)
     synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
@@ -140,6 +144,20 @@ class LatentConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """How the heavy stages run: precision, memory, speed. None of it changes the optimisation
+    (batch order, steps, losses); defaults reproduce a plain float32 run exactly.
+
+    Several processes (``accelerate launch`` / ``torchrun``) need no key: the launcher's
+    environment is enough (see README, multi-process)."""
+
+    mixed_precision: str = "no"  # no | bf16 | fp16: training forward passes under torch.autocast
+    grad_accum: int = 1  # each process runs its share of a batch in this many micro-batches
+    compile: bool = False  # torch.compile the denoiser for step-1 training
+    channels_last: bool = False  # channels-last memory format for training (convolutional models)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -150,6 +168,7 @@ class RunConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,10 +181,14 @@ _CHOICES = {
     "features.input_mode": ("x0", "xt"),
     "features.condition": ("uniform",),
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
+    "features.select": ("ks", "probe"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none"),
     "classifier.select_metric": ("auc", "acc", "f1"),
     "device": ("auto", "cpu", "cuda"),
+    "compute.mixed_precision": ("no", "bf16", "fp16"),
 }
+# YAML 1.1 reads a bare `no` as false: accept it where "no" is a choice
+_FALSE_MEANS = {"compute.mixed_precision": "no"}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -214,6 +237,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     for name, value in values.items():
         tp = hints[name]
         where = prefix + name
+        if value is False and where in _FALSE_MEANS:
+            value = _FALSE_MEANS[where]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value or {}, where + ".")
         else:
@@ -240,6 +265,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "features.batch_size": cfg.features.batch_size,
         "features.ks_images": cfg.features.ks_images,
         "features.ks_values": cfg.features.ks_values,
+        "compute.grad_accum": cfg.compute.grad_accum,
     }
     for key, v in positive.items():
         if v <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dcube.config import RunConfig, dump_config
+from dcube.config import RunConfig, dump_config, from_dict
 from dcube.utils.io import read_json, sha256_file, write_json
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
@@ -46,6 +46,10 @@ class Run:
         new = self.cfg.to_dict()
         if path.exists():
             old = yaml.safe_load(path.read_text()) or {}
+            try:  # keys added to dcube since the run was made count as their defaults
+                old = from_dict(old).to_dict()
+            except (TypeError, ValueError):
+                pass
             made = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
                     "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
             for section, output in made.items():
@@ -94,7 +98,7 @@ class Run:
         d = self.data
         return self.timed("diffusion", lambda: train_diffusion(
             self.cfg.diffusion, d.train.images, d.train.labels, len(d.class_names), self.dir / "diffusion",
-            seed=self.cfg.seed, device=self.device, class_names=d.class_names))
+            seed=self.cfg.seed, device=self.device, class_names=d.class_names, compute=self.cfg.compute))
 
     def denoiser(self):
         from dcube.diffusion.trainer import load_denoiser
@@ -128,8 +132,14 @@ class Run:
             idx = torch.randperm(len(d.train.labels), generator=g)[:k]
             maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
                            self._scheduler(dcfg), self.device, desc="KS sample")
-            sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed,
-                                fc.ks_keep)
+            if fc.select == "probe":
+                from dcube.features.probe import select_by_probe
+
+                sel = select_by_probe(maps, d.train.labels[idx], fc.probe_layers, fc.probe_folds, self.cfg.seed,
+                                      fc.ks_values, fc.ks_alpha)
+            else:
+                sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed,
+                                    fc.ks_keep)
             if sel.note:
                 print(f"[KS] {sel.note}")
             write_json(fdir / "selection.json", sel.to_dict())
@@ -217,7 +227,8 @@ class Run:
             train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0)
             val = self.feature_split("val", names, model, dcfg)
             return train_classifier(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
-                                    scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device)
+                                    scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device,
+                                    compute=self.cfg.compute)
 
         if (cdir / "history.json").exists() and (cdir / BEST).exists():
             print(f"[step 2] done already: {cdir / BEST}")

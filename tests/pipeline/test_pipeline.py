@@ -118,3 +118,23 @@ def test_dcube_head_trains_on_real_plus_synthetic(shared_data, tmp_path):
                  classifier={"synthetic_dir": str(tmp_path / "syn")})
     with pytest.raises(ValueError, match="different training split"):
         Run(other).split("train")
+
+
+def test_probe_layer_selection_and_old_configs_resume(shared_data, tmp_path):
+    """features.select=probe keeps the probe's best layers (training split); a run directory whose
+    config.yaml predates a new config key still resumes (the key counts as its default)."""
+    import yaml
+
+    cfg = _cfg(shared_data, tmp_path / "run", features={"select": "probe", "probe_layers": 2, "probe_folds": 2})
+    out = run(cfg)
+    sel = json.loads((tmp_path / "run" / "features" / "selection.json").read_text())
+    assert sel["method"] == "probe" and len(sel["names"]) == 2 == len(out["layers"])
+    assert set(sel["probe_scores"]) == set(sel["order"])
+    path = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["features"]["probe_folds"]  # as if written before the key existed
+    path.write_text(yaml.safe_dump(old))
+    cfg_default = _cfg(shared_data, tmp_path / "run", features={"select": "probe", "probe_layers": 2})
+    with pytest.raises(RuntimeError, match="'features' section differs"):
+        run(cfg)  # probe_folds=2 is not the default 5 the old file now implies
+    assert run(cfg_default)["test"]  # ... while the defaults match and it resumes

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dcube.classify.bn import recalibrate_bn
 from dcube.classify.subfeatures import PLAIN_NAMES, build_plain_classifier
 from dcube.data import DataBundle
 from dcube.generate import SyntheticSet, assert_real, augment_train
@@ -40,6 +41,7 @@ class BaselineConfig:
     lr_milestones: tuple = ()  # fractions of `epochs` where the LR is multiplied by lr_gamma
     lr_gamma: float = 0.1
     ema_decay: float = 0.0  # 0 = no EMA; else the EMA weights are validated and saved
+    bn_recalibration: int = 1024  # training images that re-estimate BN statistics before each validation (0 = off)
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
     def __post_init__(self):
@@ -126,6 +128,10 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         sched.step()
+        if cfg.bn_recalibration > 0:
+            rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cfg.bn_recalibration]
+            recalibrate_bn(judged, [(train.images[rows[s:s + cfg.batch_size]].to(device),)
+                                    for s in range(0, len(rows), cfg.batch_size)])
         score = float(score_fn(bundle.val.labels, predict_probs(judged, bundle.val.images, device=device)))
         state["history"].append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_score": score,
                                  "lr": opt.param_groups[0]["lr"]})

@@ -14,11 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
+def cycle_draws(scheduler, shape: tuple, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps and noise of the cycle loss for a batch of `shape` (on the CPU)."""
+    t = torch.randint(0, scheduler.num_train_timesteps, (shape[0],), generator=generator)
+    return t, torch.randn(shape, generator=generator)
+
+
 def cycle_loss(denoiser, scheduler, x0: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-               generator: torch.Generator) -> torch.Tensor:
-    n = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+               generator: torch.Generator | None = None, draws: tuple | None = None) -> torch.Tensor:
+    """`draws`: (t, noise) from :func:`cycle_draws` (a share of a batch drawn once); else drawn
+    here from `generator`."""
+    t, noise = draws if draws is not None else cycle_draws(scheduler, tuple(x0.shape), generator)
+    t, noise = t.to(x0.device), noise.to(x0.device)
     xt = scheduler.add_noise(x0, noise, t)
     with torch.no_grad():
         target = denoiser(xt, t, y)

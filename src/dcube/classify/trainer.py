@@ -3,6 +3,13 @@
 Loss = ce_weight * CE + cycle_weight * cycle + consistency_weight * flip consistency.
 The EMA of the head's weights is what is evaluated each epoch on the VALIDATION split,
 what selects the best epoch, and what is saved. Resumable from the last epoch.
+
+Several processes (:mod:`dcube.utils.dist`): every rank draws the same batch order and runs its
+rank-strided share of each batch; the losses are weighted so that the ranks' average gradient
+(:func:`dcube.utils.dist.sync_gradients`, which also averages the batch-norm statistics) is the
+whole batch's. Validation predictions are computed batch-sharded and gathered, so every rank
+scores, selects and saves the same epoch (files: rank 0). Batch norm sees each rank's rows (on
+GPUs too: torch's SyncBatchNorm has no CPU implementation, and the same code runs on both).
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dcube.classify.bn import recalibrate_bn
 from dcube.classify.head import DCubeHead
-from dcube.classify.losses import consistency_loss, cycle_loss
-from dcube.config import ClassifierConfig
+from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss
+from dcube.config import ClassifierConfig, ComputeConfig
+from dcube.utils import dist
+from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
 from dcube.utils.runtime import EMA
 
@@ -40,13 +50,39 @@ def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int) -> 
 
 @torch.no_grad()
 def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu") -> torch.Tensor:
-    """Class probabilities (N, C); deterministic (eval mode, fixed features)."""
+    """Class probabilities (N, C); deterministic (eval mode, fixed features). With several
+    processes each rank predicts every world-th batch and all get every row, in order."""
     head.eval()
+    n = len(split.labels)
+    mine = dist.shard_indices(n, block=batch_size)
     out = []
-    for s in range(0, len(split.labels), batch_size):
-        feats = [f[s:s + batch_size].to(device) for f in split.feats]
-        out.append(head(feats, split.images[s:s + batch_size].to(device)).softmax(1).cpu())
-    return torch.cat(out)
+    for s in range(0, len(mine), batch_size):
+        rows = mine[s:s + batch_size] if dist.world_size() > 1 else slice(s, s + batch_size)
+        feats = [f[rows].to(device) for f in split.feats]
+        out.append(head(feats, split.images[rows].to(device)).softmax(1).cpu())
+    probs = torch.cat(out) if out else torch.empty(0, head.num_classes)
+    return dist.gather_ordered(probs, n, block=batch_size)
+
+
+def micro_batches(n: int, accum: int = 1) -> tuple[list, list | None]:
+    """Rows (positions in a batch of `n`) of this rank's micro-batches, and of every rank's
+    (to normalise the losses over the whole batch); micro-batches of fewer than two rows are
+    left out (batch norm). One process without accumulation: ``([None], None)``."""
+    world = dist.world_size()
+    if world == 1 and accum == 1:
+        return [None], None
+    shares = [[c for c in dist.shard_indices(n, rank_=r, world=world).tensor_split(accum) if len(c) >= 2]
+              for r in range(world)]
+    return shares[dist.rank()], [c for share in shares for c in share]
+
+
+def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="cpu"):
+    """(feature maps, images) batches of a fixed seeded sample of k training rows."""
+    rows = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:k]
+    for s in range(0, len(rows), batch_size):
+        r = rows[s:s + batch_size]
+        if len(r) >= 2:
+            yield [f[r].to(device) for f in split.feats], split.images[r].to(device)
 
 
 def _param_groups(head, cfg: ClassifierConfig):
@@ -61,20 +97,25 @@ def _param_groups(head, cfg: ClassifierConfig):
 
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
                      out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
-                     device="cpu", on_epoch=None) -> tuple[DCubeHead, dict]:
+                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None) -> tuple[DCubeHead, dict]:
     """Train (or resume); returns the best-on-validation EMA head and its summary.
 
     `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
     (higher is better); the pipeline passes dcube.evaluate's metric named by
     `cfg.select_metric`, so this stage does not depend on the evaluation stage.
+    `compute`: mixed precision, gradient accumulation (micro-batches), channels-last; torch.compile
+    is for the step-1 denoiser only (the head runs twice per step on different batch sizes).
     """
+    compute = compute or ComputeConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nc = len(class_names)
     torch.manual_seed(seed)
     head = build_head(cfg, train, nc).to(device)
+    dist.broadcast_module(head)
     ema = EMA(head, cfg.ema_decay)
     opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=cfg.weight_decay)
+    amp = Precision(compute.mixed_precision, device)
     weight = None
     if cfg.class_weighting:
         counts = torch.bincount(train.labels, minlength=nc).float()
@@ -84,59 +125,100 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
     use_cons = cfg.consistency_weight > 0 and train.feats_flipped is not None
     epoch, step, history, best = 0, 0, [], {"score": -float("inf"), "epoch": -1}
+    main = dist.is_main()
     if (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST, {"head": head, "ema": ema.module, "opt": opt})
         epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-        print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
+        amp.load_state(state.get("amp"))
+        if main:
+            print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
+    net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
     n = len(train.labels)
     for epoch in range(epoch, cfg.epochs):
         head.train()
-        torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not
+        # dropout draws: the same whether resumed or not (and different on every rank)
+        torch.manual_seed(seed * 7919 + epoch + 1_000_003 * dist.rank())
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
         batches = range(0, n, cfg.batch_size)
-        for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False):
+        for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not main):
             idx = order[s:s + cfg.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
+            mine, every = micro_batches(len(idx), compute.grad_accum)
+            if every == []:  # every share too small for batch norm
+                continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            x, y = train.images[idx].to(device), train.labels[idx].to(device)
-            logits = head([f[idx].to(device) for f in train.feats], x)
-            ce = F.cross_entropy(logits, y, weight=weight)
-            loss = cfg.ce_weight * ce
-            if use_cycle:
-                k = min(cfg.cycle_batch, len(idx))
-                cyc = cycle_loss(denoiser, scheduler, x[:k], logits[:k], y[:k], g)
-                loss = loss + cfg.cycle_weight * cyc
-                sums["cycle"] += cyc.item()
-            if use_cons:
-                k = min(cfg.consistency_batch, len(idx))
-                logits_f = head([f[idx[:k]].to(device) for f in train.feats_flipped], x[:k].flip(-1))
-                con = consistency_loss(logits[:k], logits_f)
-                loss = loss + cfg.consistency_weight * con
-                sums["consistency"] += con.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
-                                         "lower classifier.lr")
+            kc, kf = min(cfg.cycle_batch, len(idx)), min(cfg.consistency_batch, len(idx))
+            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle else None
+            if every is not None:  # normalisers of the whole batch (the rows every rank uses)
+                used = torch.cat(every)
+                total_ce = float(weight.cpu()[train.labels[idx[used]]].sum()) if weight is not None else len(used)
+                total_c, total_f = int((used < kc).sum()), int((used < kf).sum())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            logged = torch.zeros(3)  # this rank's share of the batch's ce, cycle, consistency
+            for rows in mine:
+                bidx = idx if rows is None else idx[rows]
+                lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
+                lf = kf if rows is None else int((rows < kf).sum())
+                x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
+                with amp.autocast():
+                    logits = net([memory_format(f[bidx].to(device), compute) for f in train.feats],
+                                 memory_format(x, compute))
+                    logits_f = None
+                    if use_cons and lf:
+                        logits_f = net([memory_format(f[bidx[:lf]].to(device), compute) for f in train.feats_flipped],
+                                       memory_format(x[:lf].flip(-1), compute))
+                logits = logits.float()
+                ce = F.cross_entropy(logits, y, weight=weight)
+                loss = cfg.ce_weight * ce
+                cyc = con = torch.zeros(())
+                if use_cycle and lc:
+                    d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
+                    with amp.autocast():
+                        cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
+                    loss = loss + cfg.cycle_weight * cyc
+                if logits_f is not None:
+                    con = consistency_loss(logits[:lf], logits_f.float())
+                    loss = loss + cfg.consistency_weight * con
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
+                                             "lower classifier.lr")
+                if rows is not None:  # weights: the ranks' average gradient is the whole batch's
+                    w_ce = (float(weight[y].sum()) if weight is not None else len(rows)) / total_ce
+                    ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
+                    loss = (cfg.ce_weight * ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
+                        * dist.world_size()
+                amp.backward(loss)
+                logged += torch.stack([ce.detach().float().cpu(), cyc.detach().float().cpu(),
+                                       con.detach().float().cpu()])
+            dist.sync_gradients(head)
+            amp.step(opt)
             step += 1
             ema.update(head, step)
-            sums["ce"] += ce.item()
+            ce_s, cyc_s, con_s = dist.all_sum(logged).tolist()
+            sums["ce"] += ce_s
+            if use_cycle:
+                sums["cycle"] += cyc_s
+            if use_cons:
+                sums["consistency"] += con_s
         nb = max(1, len(batches))
+        if cfg.bn_recalibration > 0:  # statistics of the EMA weights themselves (dcube.classify.bn)
+            recalibrate_bn(ema.module, bn_batches(train, cfg.bn_recalibration, cfg.batch_size, seed, device))
         probs = predict(ema.module, val, device=device)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + cfg.select_metric: score, "val_acc": acc}
         history.append(row)
-        tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
-                                                                if isinstance(v, float)))
+        if main:
+            tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                                                    if isinstance(v, float)))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "metric": cfg.select_metric}
             save_checkpoint(out_dir / BEST, {"head": ema.module}, {"best": best})
+        extra = {"amp": amp.state()} if amp.scaler is not None else {}
         save_checkpoint(out_dir / LAST, {"head": head, "ema": ema.module, "opt": opt},
-                        {"epoch": epoch + 1, "step": step, "history": history, "best": best})
+                        {"epoch": epoch + 1, "step": step, "history": history, "best": best, **extra})
         if on_epoch is not None:
             on_epoch(epoch + 1)
     write_json(out_dir / "history.json", {"history": history, "best": best})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 from dcube.config import DiffusionConfig
 from dcube.diffusion.guidance import guided_eps
 from dcube.diffusion.schedule import ddim_scheduler, ddpm_scheduler
+from dcube.utils import dist
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: str | Path) -> Path:
@@ -88,10 +90,13 @@ def sample_images(model, cfg: DiffusionConfig, labels: torch.Tensor, *, sampler:
     model.eval()
     shape = (model.in_channels, model.image_size, model.image_size)
     noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
-    batches = range(0, len(labels), batch_size)
-    bar = tqdm(total=len(batches) * len(sched.timesteps), desc=desc, unit="step", disable=not progress)
+    # several processes: every world-th batch here, all gathered in order (the same images)
+    batches = range(dist.rank(), math.ceil(len(labels) / batch_size), dist.world_size())
+    bar = tqdm(total=len(batches) * len(sched.timesteps), desc=desc, unit="step",
+               disable=not (progress and dist.is_main()))
     out = []
-    for b, s in enumerate(batches):
+    for b in batches:
+        s = b * batch_size
         x, y = noise[s:s + batch_size].to(device), labels[s:s + batch_size].to(device)
         gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + b)
         for t in sched.timesteps:
@@ -101,5 +106,5 @@ def sample_images(model, cfg: DiffusionConfig, labels: torch.Tensor, *, sampler:
             bar.update(1)
         out.append(x.clamp(-1, 1).cpu())
     bar.close()
-    return torch.cat(out) if out else torch.empty((0, *shape))
+    return dist.gather_ordered(torch.cat(out) if out else torch.empty((0, *shape)), len(labels), block=batch_size)
 

@@ -4,6 +4,10 @@ The denoiser sees either the clean image x0 or x_t noised with a noise draw fixe
 image index and seed, always at the same timestep, and a uniform soft class embedding
 (the label is unknown at test time). Train and test features are therefore computed
 the same deterministic way.
+
+With several processes each rank computes every world-th batch and the maps are gathered in
+the original order (:func:`dcube.utils.dist.gather_ordered`): every rank returns the same maps,
+equal to the single-process ones (the batches are the same).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dcube.config import FeatureConfig
+from dcube.utils import dist
 
 
 class FeatureExtractor:
@@ -66,11 +71,17 @@ def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, s
     model.eval()
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     bs = cfg.batch_size
+    mine = dist.shard_indices(len(images), block=bs)  # every world-th batch; all of them in one process
     with FeatureExtractor(model, names) as fx:
-        for s in tqdm(range(0, len(images), bs), desc=desc, disable=not progress, leave=False):
-            x = images[s:s + bs].to(device)
-            idx = torch.arange(s, s + len(x))
+        for s in tqdm(range(0, len(mine), bs), desc=desc, disable=not (progress and dist.is_main()), leave=False):
+            idx = mine[s:s + bs]
+            x = (images[idx] if dist.world_size() > 1 else images[s:s + bs]).to(device)
             model(*denoiser_inputs(model, x, cfg, idx, seed, scheduler))
             for n in names:
                 out[n].append(fx.maps[n].detach().to("cpu", dtype))
-    return {n: torch.cat(v) for n, v in out.items()}
+    if not mine.numel() and dist.world_size() > 1:  # a rank with no batch still joins the gather
+        with FeatureExtractor(model, names) as fx:
+            model(*denoiser_inputs(model, images[:1].to(device), cfg, torch.zeros(1, dtype=torch.long), seed,
+                                   scheduler))
+            out = {n: [fx.maps[n].detach().to("cpu", dtype)[:0]] for n in names}
+    return {n: dist.gather_ordered(torch.cat(v), len(images), block=bs) for n, v in out.items()}

@@ -26,6 +26,8 @@ class Selection:
     fallback: bool = False  # True when no layer had p < alpha
     note: str = ""
     order: list[str] = field(default_factory=list)  # all layers, forward order
+    method: str = "ks"  # ks | probe (dcube.features.probe)
+    probe_scores: dict = field(default_factory=dict)  # layer -> CV balanced accuracy (method probe)
 
     def to_dict(self) -> dict:
         return asdict(self)

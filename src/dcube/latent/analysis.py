@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dcube.config import FeatureConfig, LatentConfig
 from dcube.features.extract import extract
+from dcube.features.probe import probe_score
 
 
 def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, seed: int = 0, device="cpu",
@@ -27,19 +28,6 @@ def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, se
     fcfg = FeatureConfig(input_mode="xt", timestep=int(t), batch_size=batch_size)
     maps = extract(model, latents, names, fcfg, seed, scheduler, device, desc=f"features t={t}", progress=progress)
     return {n: m.float().mean(dim=(2, 3)) for n, m in maps.items()}
-
-
-def probe_score(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    """Mean cross-validated balanced accuracy of a standardised logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    folds = max(2, min(folds, int(np.bincount(y).min())))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(clf, x, y, cv=cv, scoring="balanced_accuracy").mean())
 
 
 def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: LatentConfig, seed: int = 0,

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcube.config import LatentConfig
+from dcube.utils import dist
 from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, save_tensors, sha256_file, write_json
 
 LAST = "last.safetensors"
@@ -86,9 +87,14 @@ class LatentCodec(nn.Module):
     def encode_all(self, images: torch.Tensor, batch_size: int = 64, device="cpu", desc: str = "encoding",
                    progress: bool = True) -> torch.Tensor:
         self.to(device)
-        out = [self.encode(images[s:s + batch_size].to(device)).cpu()
-               for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False)]
-        return torch.cat(out)
+        mine = dist.shard_indices(len(images), block=batch_size)  # several processes: every world-th batch
+        one = dist.world_size() == 1
+        out = [self.encode((images[s:s + batch_size] if one else images[mine[s:s + batch_size]]).to(device)).cpu()
+               for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not (progress and dist.is_main()),
+                             leave=False)]
+        if not out:  # a process without a batch: an empty block of the latents' shape
+            out = [self.encode(images[:1].to(device)).cpu()[:0]]
+        return dist.gather_ordered(torch.cat(out), len(images), block=batch_size)
 
     @torch.no_grad()
     def decode_all(self, z: torch.Tensor, batch_size: int = 64, device="cpu") -> torch.Tensor:
@@ -151,6 +157,7 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
     if cfg.ae_crop is not None and cfg.ae_crop % downsampling(spec):
         raise ValueError(f"latent.ae_crop={cfg.ae_crop} must be divisible by {downsampling(spec)}")
     ae = build_autoencoder(spec).to(device)
+    dist.broadcast_module(ae)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
     per_epoch = math.ceil(n / cfg.ae_batch_size)
     total = cfg.ae_epochs * per_epoch if cfg.ae_max_steps is None else min(cfg.ae_epochs * per_epoch, cfg.ae_max_steps)
@@ -158,26 +165,35 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
     if (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST, {"model": ae, "opt": opt})
         step, history = state["step"], state["history"]
-        print(f"[autoencoder] resuming from step {step}/{total} ({out_dir / LAST})")
-    bar = tqdm(total=total, initial=step, desc="autoencoder", unit="step")
+        if dist.is_main():
+            print(f"[autoencoder] resuming from step {step}/{total} ({out_dir / LAST})")
+    bar = tqdm(total=total, initial=step, desc="autoencoder", unit="step", disable=not dist.is_main())
     t0 = time.time()
     while step < total:
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x = _crop(images[order[k * cfg.ae_batch_size:(k + 1) * cfg.ae_batch_size]], cfg.ae_crop, g).to(device)
+        x = _crop(images[order[k * cfg.ae_batch_size:(k + 1) * cfg.ae_batch_size]], cfg.ae_crop, g)
+        nb, rows = len(x), (None if dist.world_size() == 1 else dist.shard_indices(len(x)))
+        x = (x if rows is None else x[rows]).to(device)  # several processes: this rank's rows of the batch
         ae.train()
         mu, sigma = ae.encode(x)
-        z = mu + sigma * torch.randn(mu.shape, generator=g).to(device)
+        noise = torch.randn((nb, *mu.shape[1:]), generator=g)  # drawn for the whole batch
+        z = mu + sigma * (noise if rows is None else noise[rows]).to(device)
         rec = (ae.decode(z) - x).abs().mean()
         kl = kl_loss(mu, sigma)
         loss = rec + cfg.ae_kl_weight * kl
         if not torch.isfinite(loss):
             raise FloatingPointError(f"autoencoder: loss became {loss.item()} at step {step}; lower latent.ae_lr")
         opt.zero_grad(set_to_none=True)
+        if rows is not None:  # the ranks' average gradient is the whole batch's
+            rec, kl = rec * (len(rows) / nb), kl * (len(rows) / nb)
+            loss = (rec + cfg.ae_kl_weight * kl) * dist.world_size()
         loss.backward()
+        dist.sync_gradients(ae)
         opt.step()
         step += 1
+        rec, kl = dist.all_sum(torch.stack([rec.detach(), kl.detach()]).cpu()) if rows is not None else (rec, kl)
         history.append({"step": step, "l1": rec.item(), "kl": kl.item()})
         bar.update(1)
         bar.set_postfix(l1=f"{rec.item():.4f}")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dcube.config import LatentConfig
+from dcube.utils import dist
 
 WEIGHTINGS = ("uniform", "min_snr")
 
@@ -87,9 +88,12 @@ def make_trials(cfg: LatentConfig, shape: tuple[int, ...], alphas_cumprod: torch
 
 def class_errors(model, scheduler, z: torch.Tensor, trials: Trials, img: torch.Tensor, cls: torch.Tensor,
                  tri: torch.Tensor, batch_size: int, device="cpu", bar=None) -> torch.Tensor:
-    """Squared-norm denoising error of every (image, class, trial) triple; float32 (len(img),)."""
+    """Squared-norm denoising error of every (image, class, trial) triple; float32 (len(img),).
+
+    Several processes: every world-th batch of triples here, all errors gathered in order."""
     out = []
-    for s in range(0, len(img), batch_size):
+    for b in range(dist.rank(), -(-len(img) // batch_size), dist.world_size()):
+        s = b * batch_size
         i, c, k = img[s:s + batch_size], cls[s:s + batch_size], tri[s:s + batch_size]
         x0 = z[i].to(device)
         noise = trials.noise[k].to(device)
@@ -97,8 +101,8 @@ def class_errors(model, scheduler, z: torch.Tensor, trials: Trials, img: torch.T
         eps = model(scheduler.add_noise(x0, noise, t), t, c.to(device))
         out.append((eps.float() - noise).pow(2).flatten(1).sum(1).cpu())
         if bar is not None:
-            bar.update(len(i))
-    return torch.cat(out) if out else torch.zeros(0)
+            bar.update(len(i) * dist.world_size())
+    return dist.gather_ordered(torch.cat(out) if out else torch.zeros(0), len(img), block=batch_size)
 
 
 def _triples(images: torch.Tensor, classes: torch.Tensor, trials: list[int]):
@@ -166,7 +170,7 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
     first = cfg.zs_first_round if adaptive else k
     t0 = time.time()
     bar = tqdm(total=n * nc * k, desc="zero-shot" + (" (adaptive)" if adaptive else ""), unit="eval",
-               disable=not progress, leave=False)
+               disable=not (progress and dist.is_main()), leave=False)
     evaluations = 0
 
     def run(images, classes, trial_ids):

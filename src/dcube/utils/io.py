@@ -2,6 +2,11 @@
 
 Every file dcube writes goes to a temporary file in the same directory and is then
 renamed into place, so an interrupted run never leaves a half-written file behind.
+
+With several processes (:mod:`dcube.utils.dist`) every rank calls the same writers at the same
+points; process 0 alone writes, between two barriers: after the first, every rank has made its
+decisions from the files as they were (e.g. "is there a checkpoint?"); after the second, every
+rank sees the new file. In one process the barriers do nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +23,21 @@ from safetensors.torch import load_file, save_file
 
 
 def atomic_write(path: str | Path, write) -> Path:
+    from dcube.utils import dist
+
     path = Path(path)
+    if dist.world_size() > 1:
+        dist.barrier()
+        try:
+            if dist.is_main():
+                _atomic_write(path, write)
+        finally:
+            dist.barrier()
+        return path
+    return _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

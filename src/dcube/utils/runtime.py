@@ -29,11 +29,14 @@ def configure_torch(threads: int | None = None) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The run's device; with several processes on GPUs, this process's GPU (``cuda:<local rank>``)."""
+    from dcube.utils.dist import local_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
+    return local_device(torch.device(name))
 
 
 def package_versions() -> dict[str, str]:
