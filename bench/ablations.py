@@ -33,6 +33,8 @@ VARIANTS = {
     "5_subfeatures": ("+ sub-features (EfficientNet-Lite0, ImageNet)", "con", {}, {"consistency_weight": 0.0}),
     "6_full": ("+ flip consistency = full D-Cube", "con", {}, {}),
     "ks_worst": ("full, KS 'worst' (most Gaussian) layers", "con", {"ks_keep": "most_gaussian"}, {}),
+    "select_probe": ("full, layers chosen by a linear probe (training split; dcube's option)", "con",
+                     {"select": "probe"}, {}),
     "xt_50": ("full, input x_t, t = 50", "con", {"input_mode": "xt", "timestep": 50}, {}),
     "xt_200": ("full, input x_t, t = 200", "con", {"input_mode": "xt", "timestep": 200}, {}),
     "xt_500": ("full, input x_t, t = 500", "con", {"input_mode": "xt", "timestep": 500}, {}),
