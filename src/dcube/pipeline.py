@@ -73,7 +73,10 @@ class Run:
         return self._data
 
     def save_info(self):
-        self.info.update(seed=self.cfg.seed, versions=package_versions(), device=str(self.device))
+        from dcube.utils import dist
+
+        self.info.update(seed=self.cfg.seed, versions=package_versions(), device=str(self.device),
+                         processes=dist.world_size())
         write_json(self.dir / "run.json", self.info)
 
     def timed(self, name, fn):

@@ -16,6 +16,7 @@ STUDIES = {
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "--methods", "dcube"],
     "speed": ["--parts", "step1-unet-28", "step2-epoch"],
+    "scaling": ["--procs", "1", "2", "--images", "32"],
     "rebalance": ["--seeds", "0"],
     "latent_covid": ["--parts", "1_autoencoder", "2_diffusion", "3_zeroshot_plain", "5_analysis", "6_heads"],
 }
