@@ -20,8 +20,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dcube demo
 
+# two pytest workers of one torch thread each: the 2-core budget without oversubscription
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
