@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, shared_data, shrink, smoke_epochs, write_section
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -35,7 +35,7 @@ PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
 
 
 def data_path(name: str) -> str:
-    root = Path(os.environ.get("DCUBE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    root = shared_data()
     return str(root / "medmnist" / f"{name}.npz")
 
 

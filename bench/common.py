@@ -49,6 +49,11 @@ def smoke_epochs(epochs: int | None) -> int | None:
     return 1 if SMOKE and epochs else epochs
 
 
+def shared_data() -> Path:
+    """The real data: $DCUBE_SHARED_DATA, else <repo>/../shared/data."""
+    return Path(os.environ.get("DCUBE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (no GPU)"
 

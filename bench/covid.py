@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_once, shared_data, shrink, smoke_epochs, write_section
 
 STUDY = "covid"
 THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))
@@ -33,7 +33,7 @@ DCUBE = {"diffusion": {"backbone": "unet", "preset": "tiny", "epochs": 3, "batch
 
 
 def data_dict(size: int) -> dict:
-    root = Path(os.environ.get("DCUBE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    root = shared_data()
     return {"source": "folder", "path": str(root / "covid_radiography_128"), "image_size": size,
             "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0}
 

@@ -14,12 +14,11 @@ subset of the test split. One JSON per part under bench/results/latent_covid/; t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from bench.common import RESULTS, SMOKE, load_results, machine, run_once, shrink, write_section
+from bench.common import RESULTS, SMOKE, load_results, machine, run_once, shared_data, shrink, write_section
 
 STUDY = "latent_covid"
 COMMAND = "python -m bench.latent_covid"
@@ -28,7 +27,7 @@ ERROR_MAPS = 1 if SMOKE else 2  # overlays per class
 
 
 def data_path() -> str:
-    root = Path(os.environ.get("DCUBE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    root = shared_data()
     return str(root / "covid_radiography_128")
 
 

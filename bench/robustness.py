@@ -49,8 +49,8 @@ def one_run(dataset: str, setting: str, method: str, seed: int) -> dict:
     if method == "dcube":
         from dcube.pipeline import Run, run
 
-        cfg = from_dict(shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, "data": dd,
-                                **SCHEDULES[dataset]}) | {"data": dd})
+        cfg = from_dict({**shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, **SCHEDULES[dataset]}),
+                         "data": dd})  # dd: already shrunk, with this setting's caps
         out = run(cfg)
         data = Run(cfg).data
         res = {"method": "D-Cube", "method_id": "dcube", "test": out["test"], "val": out["val"],
