@@ -58,17 +58,41 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (no GPU)"
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS count (Linux: VmHWM); a no-op where /proc does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process since the last `reset_peak_rss` (else since it started), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # never reset: an upper bound
+
+
 def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
-    """Run `fn` unless `results/<study>/<key>.json` exists; store its result with metadata."""
+    """Run `fn` unless `results/<study>/<key>.json` exists; store its result with metadata.
+
+    `peak_rss_mb` is this run's own peak (the count restarts per run, so a later run in the same
+    process does not inherit an earlier one's), unless `fn` measured it itself (a child process).
+    """
     path = RESULTS / study / f"{key}.json"
     if path.exists():
         print(f"[bench] {study}/{key}: done already")
         return json.loads(path.read_text())
+    reset_peak_rss()
     t0 = time.time()
     out = fn()
+    out.setdefault("peak_rss_mb", peak_rss_mb())
     out.update(key=key, wall_s=round(time.time() - t0, 1), versions=package_versions(),
-               machine=machine(), date=dt.date.today().isoformat(),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+               machine=machine(), date=dt.date.today().isoformat())
     write_json(path, out)
     return out
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
 
 from bench.accuracy import SCHEDULES, data_path
-from bench.common import SMOKE, load_results, machine, run_once, write_section
+from bench.common import SMOKE, load_results, machine, peak_rss_mb, run_once, write_section
 
 STUDY = "speed"
 STEPS = 3 if SMOKE else 12  # timed optimiser steps (after one warm-up step)
@@ -37,7 +36,7 @@ def _child(fn_name: str, args: tuple, threads: int, queue) -> None:
 
     torch.set_num_threads(threads)
     out = globals()[fn_name](*args)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()  # this child's (run_once keeps it)
     queue.put(out)
 
 

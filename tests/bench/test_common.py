@@ -1,0 +1,36 @@
+"""bench.common.run_once: one JSON per run, skipped when present, each run's own peak memory."""
+
+import os
+
+import pytest
+import torch
+
+import bench.common as common
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_run_once_writes_once_and_skips_finished_runs(results):
+    calls = []
+    first = common.run_once("s", "k", lambda: calls.append(1) or {"x": 1})
+    again = common.run_once("s", "k", lambda: calls.append(1) or {"x": 2})
+    assert calls == [1] and first["x"] == again["x"] == 1 and (results / "s" / "k.json").exists()
+
+
+def test_run_once_keeps_a_peak_measured_by_the_run_itself(results):
+    assert common.run_once("s", "child", lambda: {"peak_rss_mb": 1.5})["peak_rss_mb"] == 1.5
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="a per-run peak needs Linux /proc/self/clear_refs")
+def test_a_later_run_does_not_inherit_an_earlier_runs_peak(results):
+    def big():
+        x = torch.ones(64 * 2**20)  # 256 MiB
+        return {"s": float(x[0])}
+
+    heavy = common.run_once("s", "heavy", big)["peak_rss_mb"]
+    light = common.run_once("s", "light", dict)["peak_rss_mb"]
+    assert heavy - light > 200
