@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from functools import partial
 
 from bench.accuracy import SCHEDULES, THREADS, data_path
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_study, shrink
 
 STUDY = "ablations"
 LAST = "<last block>"  # replaced by the step-1 model's last block name
@@ -115,15 +116,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
-        for ds in a.datasets:
-            for seed in a.seeds:
-                for key in a.variants:
-                    run_once(STUDY, f"{ds}-{key}-s{seed}", lambda: variant_run(ds, key, seed))
-                    write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    jobs = ((f"{ds}-{key}-s{seed}", partial(variant_run, ds, key, seed))
+            for ds in a.datasets for seed in a.seeds for key in a.variants)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":

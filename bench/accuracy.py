@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shared_data, shrink, smoke_epochs, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -79,7 +81,7 @@ def _schedule(r: dict) -> str:
 
 def table() -> str:
     rows = load_results(STUDY)
-    lines = [f"## Accuracy on MedMNIST (28 px, official splits)\n",
+    lines = ["## Accuracy on MedMNIST (28 px, official splits)\n",
              "Command: `python -m bench.accuracy` (resumable; `--datasets`, `--methods`, `--seeds`). "
              f"Machine: {machine()}. Every dcube row: best epoch / C chosen on validation AUC, the same "
              "official split, 3 seeds unless fewer are listed; AUC is the MedMNIST convention (positive-class "
@@ -108,16 +110,10 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
-        for ds in a.datasets:
-            for method in a.methods:
-                for seed in a.seeds:
-                    fn = (lambda: dcube_run(ds, seed)) if method == "dcube" else (lambda: baseline_run(ds, method, seed))
-                    run_once(STUDY, f"{ds}-{method}-s{seed}", fn)
-                    write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
+    jobs = ((f"{ds}-{m}-s{seed}", partial(dcube_run, ds, seed) if m == "dcube" else partial(baseline_run, ds, m, seed))
+            for ds in a.datasets for m in a.methods for seed in a.seeds)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from dcube.utils.io import atomic_write_text, write_json
 from dcube.utils.runtime import package_versions
@@ -95,6 +95,20 @@ def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
                machine=machine(), date=dt.date.today().isoformat())
     write_json(path, out)
     return out
+
+
+def run_study(study: str, jobs: Iterable[tuple[str, Callable[[], dict]]], table: Callable[[], str],
+              table_only: bool = False) -> int:
+    """Every study's main loop: run each `(key, fn)` once (`run_once`), refresh the study's section of
+    BENCHMARKS.md after each, then print the table. `jobs` may be a generator: with `table_only` it is
+    never started, so set-up inside it (loading data) is skipped too."""
+    if not table_only:
+        for key, fn in jobs:
+            run_once(study, key, fn)
+            write_section(study, table())
+    write_section(study, table())
+    print(table())
+    return 0
 
 
 def load_results(study: str) -> list[dict]:

@@ -17,10 +17,11 @@ import argparse
 import hashlib
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shared_data, shrink, smoke_epochs, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
 
 STUDY = "covid"
 THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))
@@ -130,15 +131,9 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
-        for seed in a.seeds:
-            for method in a.methods:
-                fn = (lambda: dcube_run(seed)) if method == "dcube" else (lambda: baseline_run(method, seed))
-                run_once(STUDY, f"{method}-s{seed}", fn)
-                write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    jobs = ((f"{m}-s{seed}", partial(dcube_run, seed) if m == "dcube" else partial(baseline_run, m, seed))
+            for seed in a.seeds for m in a.methods)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import RESULTS, SMOKE, load_results, machine, run_once, shared_data, shrink, write_section
+from bench.common import RESULTS, SMOKE, load_results, machine, run_study, shared_data, shrink
 
 STUDY = "latent_covid"
 COMMAND = "python -m bench.latent_covid"
@@ -241,13 +241,7 @@ def main(argv=None):
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     a = p.parse_args(argv)
-    if not a.table_only:
-        for key in a.parts:
-            run_once(STUDY, key, PARTS[key])
-            write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    return run_study(STUDY, ((key, PARTS[key]) for key in a.parts), table, a.table_only)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 import torch
 
 from bench.accuracy import data_path
-from bench.common import RESULTS, SMOKE, load_results, machine, mean_std, run_once, shrink, write_section
+from bench.common import RESULTS, SMOKE, load_results, machine, mean_std, run_study, shrink
 
 STUDY = "rebalance"
 RUNS = RESULTS / STUDY / "runs"
@@ -170,18 +171,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine oversubscribed by 2 threads ran 40x slower)")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
+
+    def jobs():  # a generator: --table-only never loads the data
         torch.set_num_threads(a.threads)
         data = bundle()
-        run_once(STUDY, "synthesis", lambda: synthesis(data))
-        write_section(STUDY, table())
+        yield "synthesis", partial(synthesis, data)
         for seed in a.seeds:
             for arm in ("real", "real+synthetic"):
-                run_once(STUDY, f"{arm.replace('+', '_')}-s{seed}", lambda: train_arm(data, arm, seed))
-                write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+                yield f"{arm.replace('+', '_')}-s{seed}", partial(train_arm, data, arm, seed)
+
+    return run_study(STUDY, jobs(), table, a.table_only)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, THREADS, data_path
 from bench.baselines import NAMES, run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_once, shrink, smoke_epochs, write_section
+from bench.common import RESULTS, load_results, machine, mean_std, run_study, shrink, smoke_epochs
 
 STUDY = "robustness"
 TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
@@ -96,16 +97,9 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
-        for ds in a.datasets:
-            for setting in a.settings:
-                for seed in a.seeds:
-                    for method in a.methods:
-                        run_once(STUDY, f"{ds}-{setting}-{method}-s{seed}", lambda: one_run(ds, setting, method, seed))
-                        write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    jobs = ((f"{ds}-{setting}-{m}-s{seed}", partial(one_run, ds, setting, m, seed))
+            for ds in a.datasets for setting in a.settings for seed in a.seeds for m in a.methods)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":

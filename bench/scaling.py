@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
-from bench.common import SMOKE, load_results, machine, run_once, write_section
+from bench.common import SMOKE, load_results, machine, run_study
 
 STUDY = "scaling"
 
@@ -125,15 +126,9 @@ def main(argv=None):
     if a.child:
         child(a)
         return 0
-    if not a.table_only:
-        for amp in a.amp:
-            for procs in a.procs:
-                key = f"step1-{a.backbone}-{a.preset}-{a.size}px-b{a.batch}-{amp}-p{procs}x{a.threads}"
-                run_once(STUDY, key, lambda: measure(procs, amp, a))
-                write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    jobs = ((f"step1-{a.backbone}-{a.preset}-{a.size}px-b{a.batch}-{amp}-p{procs}x{a.threads}",
+             partial(measure, procs, amp, a)) for amp in a.amp for procs in a.procs)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":

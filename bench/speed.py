@@ -22,9 +22,10 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 
 from bench.accuracy import SCHEDULES, data_path
-from bench.common import SMOKE, load_results, machine, peak_rss_mb, run_once, write_section
+from bench.common import SMOKE, load_results, machine, peak_rss_mb, run_study
 
 STUDY = "speed"
 STEPS = 3 if SMOKE else 12  # timed optimiser steps (after one warm-up step)
@@ -100,8 +101,6 @@ def extraction(size: int = 28) -> dict:
 
 def step2_epoch() -> dict:
     """One step-2 epoch with cached features vs the extraction that recomputing adds per epoch."""
-    import torch
-
     from dcube.classify.trainer import FeatureSplit, train_classifier
     from dcube.config import ClassifierConfig, DiffusionConfig, FeatureConfig
     from dcube.diffusion import build_denoiser
@@ -177,14 +176,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
-        for key in a.parts:
-            fn, args = PARTS[key]
-            run_once(STUDY, key, lambda: in_fresh_process(fn, args, a.threads))
-            write_section(STUDY, table())
-    write_section(STUDY, table())
-    print(table())
-    return 0
+    jobs = ((key, partial(in_fresh_process, *PARTS[key], a.threads)) for key in a.parts)
+    return run_study(STUDY, jobs, table, a.table_only)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from dcube.config import ConfigError, RunConfig, from_dict, load_config, apply_overrides
+from dcube.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
 
 DEMO_HELP = """D-Cube on PneumoniaMNIST (28 px): step-1 diffusion, KS layer selection, step-2
 classifier, test metrics. Looks for pneumoniamnist.npz in $DCUBE_DATA_DIR, then

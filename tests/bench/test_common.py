@@ -34,3 +34,20 @@ def test_a_later_run_does_not_inherit_an_earlier_runs_peak(results):
     heavy = common.run_once("s", "heavy", big)["peak_rss_mb"]
     light = common.run_once("s", "light", dict)["peak_rss_mb"]
     assert heavy - light > 200
+
+
+def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    started = []
+
+    def jobs():
+        started.append(True)  # set-up a --table-only call must not do
+        for key in ("a", "b"):
+            yield key, lambda key=key: {"v": key}
+
+    table = lambda: "| " + " | ".join(r["v"] for r in common.load_results("s")) + " |"  # noqa: E731
+    assert common.run_study("s", jobs(), table, table_only=True) == 0 and not started
+    common.run_study("s", jobs(), table)
+    common.run_study("s", jobs(), table)  # resumed: nothing reruns
+    assert sorted(p.name for p in (results / "s").glob("*.json")) == ["a.json", "b.json"]
+    assert "| a | b |" in (tmp_path / "BENCHMARKS.md").read_text()

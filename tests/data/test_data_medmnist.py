@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from dcube.config import DataConfig
-from dcube.data import MEDMNIST, DataError, load_data
-from dcube.data import fetch
+from dcube.data import MEDMNIST, DataError, fetch, load_data
 
 NAMES = {"pneumoniamnist", "breastmnist", "dermamnist", "bloodmnist", "octmnist", "retinamnist",
          "pathmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist"}

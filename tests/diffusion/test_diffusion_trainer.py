@@ -9,7 +9,7 @@ import torch
 
 from dcube.config import DiffusionConfig
 from dcube.diffusion.trainer import FINAL, LAST, load_denoiser, train_diffusion
-from dcube.utils.io import read_json, load_tensors
+from dcube.utils.io import load_tensors, read_json
 
 
 def _data(n=24, size=8):

