@@ -211,7 +211,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                "val_" + cfg.select_metric: score, "val_acc": acc}
         history.append(row)
         if main:
-            tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+            tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                                     if isinstance(v, float)))
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "metric": cfg.select_metric}
