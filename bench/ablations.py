@@ -19,8 +19,8 @@ import shutil
 import sys
 from functools import partial
 
-from bench.accuracy import SCHEDULES, THREADS, data_path
-from bench.common import RESULTS, load_results, machine, mean_std, run_study, shrink
+from bench.accuracy import SCHEDULES, data_path
+from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shrink
 
 STUDY = "ablations"
 LAST = "<last block>"  # replaced by the step-1 model's last block name

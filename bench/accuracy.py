@@ -7,13 +7,12 @@ Schedules are shortened to fit a 2-core CPU machine (see SCHEDULES); they are pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
+from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -25,7 +24,6 @@ BASELINE_EPOCHS = {  # MedMNIST v2 trains 100 epochs; shortened for the CPU budg
     "breastmnist": {"resnet18": 30, "resnet50": 12, "efficientnet-lite0": 15},
 }
 METHODS = ("dcube", "linear-probe", "efficientnet-lite0", "resnet18", "resnet50")
-THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))  # 1: other jobs share this 2-core machine
 PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
     "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (28)": (0.948, 0.854),
                        "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855),
@@ -37,8 +35,7 @@ PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
 
 
 def data_path(name: str) -> str:
-    root = shared_data()
-    return str(root / "medmnist" / f"{name}.npz")
+    return str(shared_data() / "medmnist" / f"{name}.npz")
 
 
 def dcube_run(dataset: str, seed: int) -> dict:
@@ -109,10 +106,10 @@ def table() -> str:
 def gap_line(dataset: str, dcube_runs: list[dict]) -> str:
     """D-Cube's mean test ACC / AUC minus the best published row's, per metric."""
     parts = []
-    for i, metric in ((1, "accuracy"), (0, "auc")):
+    for i, metric, label in ((1, "accuracy", "ACC"), (0, "auc", "AUC")):
         name, best = max(((n, v[i]) for n, v in PUBLISHED[dataset].items()), key=lambda nv: nv[1])
         mean = sum(r["test"][metric] for r in dcube_runs) / len(dcube_runs)
-        parts.append(f"{'ACC' if metric == 'accuracy' else 'AUC'} {mean - best:+.3f} against {name} ({best:.3f})")
+        parts.append(f"{label} {mean - best:+.3f} against {name} ({best:.3f})")
     n = len(dcube_runs)
     return f"D-Cube (mean of {n} seed{'s' * (n > 1)}) minus the best published row: " + "; ".join(parts) + "."
 

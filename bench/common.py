@@ -22,6 +22,7 @@ _OUT = os.environ.get("DCUBE_BENCH_OUT")
 RESULTS = Path(_OUT) / "results" if _OUT else ROOT / "bench" / "results"
 BENCHMARKS = Path(_OUT) / "BENCHMARKS.md" if _OUT else ROOT / "BENCHMARKS.md"
 SMOKE = os.environ.get("DCUBE_BENCH_SMOKE") == "1"
+THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))  # 1: other jobs share this 2-core machine
 _TINY = {
     "data": {"max_train": 48, "max_val": 24, "max_test": 24},
     "diffusion": {"preset": "micro", "epochs": 1, "max_steps": 2, "batch_size": 16, "sample_grid": False,
@@ -106,8 +107,9 @@ def run_study(study: str, jobs: Iterable[tuple[str, Callable[[], dict]]], table:
         for key, fn in jobs:
             run_once(study, key, fn)
             write_section(study, table())
-    write_section(study, table())
-    print(table())
+    md = table()
+    write_section(study, md)
+    print(md)
     return 0
 
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
+from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
 
 STUDY = "covid"
-THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))
 METHODS = ("resnet18", "dcube", "linear-probe", "efficientnet-lite0")
 BASELINE_EPOCHS = {"resnet18": 8, "efficientnet-lite0": 4}
 DCUBE_SIZE = 64
@@ -34,8 +32,7 @@ DCUBE = {"diffusion": {"backbone": "unet", "preset": "tiny", "epochs": 3, "batch
 
 
 def data_dict(size: int) -> dict:
-    root = shared_data()
-    return {"source": "folder", "path": str(root / "covid_radiography_128"), "image_size": size,
+    return {"source": "folder", "path": str(shared_data() / "covid_radiography_128"), "image_size": size,
             "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0}
 
 

@@ -16,9 +16,9 @@ import argparse
 import sys
 from functools import partial
 
-from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, THREADS, data_path
+from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, data_path
 from bench.baselines import NAMES, run_baseline
-from bench.common import RESULTS, load_results, machine, mean_std, run_study, shrink, smoke_epochs
+from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shrink, smoke_epochs
 
 STUDY = "robustness"
 TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
