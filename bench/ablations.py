@@ -81,7 +81,8 @@ def variant_run(dataset: str, key: str, seed: int) -> dict:
     cfg["classifier"] = {**cfg["classifier"], **clf}
     out = run(from_dict(cfg))
     return {"study": STUDY, "dataset": dataset, "variant": key, "label": label, "seed": seed,
-            "config": cfg, "test": out["test"], "val": out["val"], "layers": out["layers"],
+            "config": cfg, "test": out["test"], "val": out["val"], "test_probs": out["test_probs"],
+            "layers": out["layers"],
             "best_epoch": out["best_epoch"]}
 
 

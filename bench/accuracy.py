@@ -12,7 +12,8 @@ from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
+from bench.common import (RESULTS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
+                          shared_data, shrink, smoke_epochs)
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -52,7 +53,9 @@ def dcube_run(dataset: str, seed: int) -> dict:
     out = run(cfg)
     return {"study": STUDY, "dataset": dataset, "method": "D-Cube", "seed": seed, "schedule": sched,
             "config": cfg.to_dict(), "data": read_json(Path(cfg.run_dir) / "run.json")["data"],
-            "test": out["test"], "val": out["val"], "best_epoch": out["best_epoch"], "layers": out["layers"],
+            "data_config": cfg.to_dict()["data"],
+            "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "best_epoch": out["best_epoch"],
+            "layers": out["layers"],
             "stage_seconds": out["timings_s"]}
 
 
@@ -64,7 +67,7 @@ def baseline_run(dataset: str, method: str, seed: int) -> dict:
     data = load_data(DataConfig(**dc), seed)
     out = run_baseline(method, data, RESULTS / STUDY / "runs" / f"{dataset}-{method}-s{seed}", seed,
                        smoke_epochs(BASELINE_EPOCHS[dataset].get(method)), THREADS)
-    return {"study": STUDY, "dataset": dataset, "data": data.info, **out}
+    return {"study": STUDY, "dataset": dataset, "data": data.info, "data_config": dc, **out}
 
 
 def _schedule(r: dict) -> str:
@@ -85,18 +88,25 @@ def table() -> str:
              "score for binary tasks).\n"]
     for ds in PUBLISHED:
         runs = [r for r in rows if r["dataset"] == ds]
-        lines += [f"\n### {ds}\n", "| model | seeds | test ACC | test AUC | macro-F1 | schedule | date |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"\n### {ds}\n", "| model | seeds | test ACC | test AUC | test AUC 95 % CI | D-Cube minus this row: "
+                  "ΔAUC [95 % CI], p | ΔACC [95 % CI], p | macro-F1 | schedule | date |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         order = ["D-Cube"] + [r["method"] for r in runs if r["method"] != "D-Cube"]
+        dc = [r for r in runs if r["method"] == "D-Cube"]
         for method in dict.fromkeys(order):
             rs = [r for r in runs if r["method"] == method]
             if not rs:
                 continue
+            vs = ["-", "-"] if method == "D-Cube" else [paired_cell(dc, rs, "auc"), paired_cell(dc, rs, "accuracy")]
             lines.append(f"| **{method}** (dcube) | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
                          f"{mean_std([r['test']['accuracy'] for r in rs])} | {mean_std([r['test']['auc'] for r in rs])} | "
+                         f"{ci_cell(rs)} | {vs[0]} | {vs[1]} | "
                          f"{mean_std([r['test']['f1_macro'] for r in rs])} | {_schedule(rs[0])} | {rs[-1]['date']} |")
         for name, (auc, acc) in PUBLISHED[ds].items():
-            lines.append(f"| {name} (published, MedMNIST v2) | - | {acc:.3f} | {auc:.3f} | - | paper | - |")
+            lines.append(f"| {name} (published, MedMNIST v2) | - | {acc:.3f} | {auc:.3f} | - | - | - | - | paper | - |")
+        lines.append("\nCIs and paired tests need the per-image test probabilities, which runs before dcube 0.2 did "
+                     "not store (\"-\"); the paired test is a stratified bootstrap over the same test images of the "
+                     "seed-mean difference, and \"beats\" needs p < 0.05.")
         dc = [r for r in runs if r["method"] == "D-Cube"]
         if dc:
             lines += ["", gap_line(ds, dc)]

@@ -52,5 +52,6 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
         schedule = {"epochs": epochs, "batch_size": 128, "lr": cfg.lr, "lr_milestones": [0.5, 0.75]}
     return {"method": NAMES[method], "method_id": method, "seed": seed, "schedule": schedule,
             "test": compute_metrics(data.test.labels, test_p, data.class_names),
+            "test_probs": [[round(float(v), 6) for v in row] for row in torch.as_tensor(test_p).tolist()],
             "val": compute_metrics(data.val.labels, val_p, data.class_names),
             "train_seconds": round(time.time() - t0, 1), **extra}

@@ -4,6 +4,7 @@ from those JSON files into BENCHMARKS.md between `<!-- study:begin -->` markers.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -139,3 +140,65 @@ def write_section(study: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     atomic_write_text(BENCHMARKS, text)
+
+
+def _data_config(r: dict) -> dict | None:
+    return r.get("data_config") or (r.get("config") or {}).get("data")
+
+
+def has_probs(runs: list[dict]) -> bool:
+    return bool(runs) and all("test_probs" in r and _data_config(r) for r in runs)
+
+
+def _paired_labels(runs: list[dict]):
+    """The common test labels of `runs` (their stored data config and seed), or None when their test
+    splits differ (e.g. seeded caps) or a run lacks its per-image probabilities."""
+    import numpy as np
+
+    if not has_probs(runs):
+        return None
+    ys = [test_labels(_data_config(r), r["seed"]) for r in runs]
+    if any(len(y) != len(ys[0]) or not np.array_equal(y, ys[0]) for y in ys):
+        return None
+    return ys[0]
+
+
+def ci_cell(runs: list[dict], metric: str = "auc") -> str:
+    """'[low, high]': 95 % CI of the seed-mean test metric (stratified bootstrap over test images)."""
+    import numpy as np
+
+    from dcube.evaluate.stats import seed_mean_ci
+
+    y = _paired_labels(runs)
+    if y is None:
+        return "-"
+    lo, hi = seed_mean_ci(y, [np.array(r["test_probs"]) for r in runs], metric)
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def paired_cell(runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
+    """Seed-mean difference runs - ref on the same test images, its 95 % CI, p and the verdict."""
+    import numpy as np
+
+    from dcube.evaluate.stats import paired_bootstrap, verdict
+
+    y = _paired_labels(runs + ref)
+    if y is None:
+        return "-"
+    pb = paired_bootstrap(y, [np.array(r["test_probs"]) for r in runs], [np.array(r["test_probs"]) for r in ref],
+                          metric)
+    return (f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}: "
+            f"{verdict(pb['diff'], pb['p'])}")
+
+
+@functools.lru_cache(maxsize=16)
+def _labels(data_json: str, seed: int):
+    from dcube.config import DataConfig
+    from dcube.data import load_data
+
+    return load_data(DataConfig(**json.loads(data_json)), seed).test.labels.numpy()
+
+
+def test_labels(data_cfg: dict, seed: int):
+    """The test labels in split order of a run made with this data config and seed."""
+    return _labels(json.dumps(data_cfg, sort_keys=True), seed)

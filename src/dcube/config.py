@@ -36,6 +36,8 @@ class DataConfig:
     max_val: Optional[int] = None
     max_test: Optional[int] = None
     download: bool = True  # MedMNIST: download when absent from the cache
+    unlabelled: Optional[str] = None  # folder / CSV (path column) / npz of images WITHOUT labels: step 1 only
+    unlabelled_rest: bool = False  # the training images max_train / minority_ratio leave out join step 1 unlabelled
 
 
 @dataclass
@@ -45,14 +47,21 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    epochs: int = 5
+    epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every)
     max_steps: Optional[int] = None  # stop after this many optimiser steps
+    patience: int = 5  # epochs=auto: probe evaluations without improvement before stopping
+    eval_every: int = 200  # epochs=auto: optimiser steps between probe evaluations of the EMA model
+    auto_max_epochs: int = 1000  # epochs=auto: the cap when max_steps is not set
+    probe_images: int = 512  # epochs=auto: training images the probe is fitted on (stratified, seeded)
     batch_size: int = 64
     lr: float = 2e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.999
-    contrastive_weight: float = 0.1  # 0 switches the contrastive loss off
-    contrastive_margin: float = 1.0
+    contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
+    contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
+    contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
+    loss_weighting: str = "uniform"  # uniform | min_snr (min(SNR, gamma) / SNR per row; Hang et al. 2023)
+    min_snr_gamma: float = 5.0
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
@@ -63,9 +72,12 @@ class DiffusionConfig:
 class FeatureConfig:
     input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
     timestep: int = 50  # the same timestep at train and test time
+    timesteps: Optional[list] = None  # several t: the chosen layers at each, mixed by learned weights (hyperfeatures)
     condition: str = "uniform"  # class conditioning while extracting: uniform soft embedding
     layers: Optional[list] = None  # explicit layer names; None = selected by `select`
-    select: str = "ks"  # ks (the paper: non-Gaussian layers) | probe (best CV linear probe, training split)
+    select: str = "ks"  # ks (pooled values) | ks_map (the paper's Eq. 6, per image) | probe | all
+    ks_min_effect: float = 0.02  # ks_map: least KS distance above Gaussian noise's for a layer to count
+    ks_map_values: int = 4096  # ks_map: values per image's map (a fixed stride through it)
     probe_layers: int = 2  # layers kept by select=probe
     probe_folds: int = 5
     ks_alpha: float = 0.05
@@ -81,7 +93,9 @@ class FeatureConfig:
 class ClassifierConfig:
     subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none
     subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
-    fuse_size: int = 8  # spatial size the features are fused at
+    fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
+    score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
+    flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -90,7 +104,9 @@ class ClassifierConfig:
     ema_decay: float = 0.999
     ce_weight: float = 1.0
     cycle_weight: float = 0.1  # 0 switches the cycle loss off
-    cycle_batch: int = 16  # images per step that go through the frozen denoiser for it
+    cycle_form: str = "posterior"  # posterior (KL to the denoiser's class posterior) | soft (denoiser MSE)
+    cycle_trials: int = 8  # posterior: (t, noise) trials per image and class, computed once
+    cycle_batch: int = 16  # soft: images per step that go through the frozen denoiser for it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
     consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
@@ -116,6 +132,7 @@ class LatentConfig:
     ae_kl_weight: float = 1e-6
     ae_crop: Optional[int] = 64  # train on random square crops (fully convolutional); None = whole images
     ae_checkpoint_every: int = 100
+    contrastive: bool = False  # the latent denoiser with diffusion.contrastive_weight (dcube 0.1); false: pure class-conditional
     zs_trials: int = 16  # K (t, noise) pairs per image, shared by all classes
     zs_timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
     zs_t_min: int = 50
@@ -178,15 +195,30 @@ _CHOICES = {
     "data.source": ("medmnist", "folder", "csv"),
     "data.channels": (1, 3),
     "diffusion.backbone": ("unet", "uvit"),
+    "diffusion.contrastive_form": ("normalized", "paper"),
+    "diffusion.loss_weighting": ("uniform", "min_snr"),
     "features.input_mode": ("x0", "xt"),
     "features.condition": ("uniform",),
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
-    "features.select": ("ks", "probe"),
+    "features.select": ("ks", "ks_map", "probe", "all"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none"),
     "classifier.select_metric": ("auc", "acc", "f1"),
+    "classifier.score_norm": ("none", "softmax"),
+    "classifier.cycle_form": ("posterior", "soft"),
     "device": ("auto", "cpu", "cuda"),
     "compute.mixed_precision": ("no", "bf16", "fp16"),
 }
+# keys added after runs were made, with the behaviour those runs had: an older run directory's
+# config.yaml without them is read with these values (not today's defaults), so a changed
+# behaviour is reported as a changed section instead of silently evaluating old weights differently
+LEGACY_VALUES = {
+    "latent.contrastive": True,
+    "classifier.score_norm": "softmax",
+    "classifier.flip_augment": False,
+    "classifier.cycle_form": "soft",
+}
+# words a numeric key also takes
+_WORDS = {"diffusion.epochs": ("auto",)}
 # YAML 1.1 reads a bare `no` as false: accept it where "no" is a choice
 _FALSE_MEANS = {"compute.mixed_precision": "no"}
 
@@ -239,6 +271,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         where = prefix + name
         if value is False and where in _FALSE_MEANS:
             value = _FALSE_MEANS[where]
+        if where in _WORDS and value in _WORDS[where]:
+            kwargs[name] = value
+            continue
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value or {}, where + ".")
         else:
@@ -261,17 +296,23 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.batch_size": cfg.classifier.batch_size,
         "classifier.fuse_size": cfg.classifier.fuse_size,
         "classifier.cycle_batch": cfg.classifier.cycle_batch,
+        "classifier.cycle_trials": cfg.classifier.cycle_trials,
         "classifier.consistency_batch": cfg.classifier.consistency_batch,
         "features.batch_size": cfg.features.batch_size,
         "features.ks_images": cfg.features.ks_images,
         "features.ks_values": cfg.features.ks_values,
         "compute.grad_accum": cfg.compute.grad_accum,
+        "diffusion.min_snr_gamma": cfg.diffusion.min_snr_gamma,
+        "diffusion.patience": cfg.diffusion.patience,
+        "diffusion.eval_every": cfg.diffusion.eval_every,
+        "diffusion.auto_max_epochs": cfg.diffusion.auto_max_epochs,
+        "diffusion.probe_images": cfg.diffusion.probe_images,
     }
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     for key, v in {
-        "diffusion.epochs": cfg.diffusion.epochs,
+        "diffusion.epochs": 0 if cfg.diffusion.epochs == "auto" else cfg.diffusion.epochs,
         "classifier.epochs": cfg.classifier.epochs,
         "diffusion.contrastive_weight": cfg.diffusion.contrastive_weight,
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
@@ -280,6 +321,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     }.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
+    for t in cfg.features.timesteps or []:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.diffusion.num_train_timesteps:
+            raise ConfigError(f"features.timesteps: every entry must be an integer in "
+                              f"[0, {cfg.diffusion.num_train_timesteps}), got {t!r}")
     if not 0 <= cfg.features.timestep < cfg.diffusion.num_train_timesteps:
         raise ConfigError(
             f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
@@ -339,3 +384,14 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     from dcube.utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def with_legacy_values(values: dict) -> dict:
+    """A saved config dict with every LEGACY_VALUES key it lacks set to the old behaviour."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    for key, old in LEGACY_VALUES.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name not in out[section]:
+            out[section][name] = old
+    return out
+

@@ -7,7 +7,8 @@ run_dir/
   diffusion/             step 1: last.safetensors (resume), ema.safetensors, history.json, samples.png
   features/              selection.json, ks_pvalues.png, cached feature maps per split
   classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
-  metrics.json           test metrics (+ validation metrics of the chosen epoch); confusion.png, roc.png
+  metrics.json           test metrics with 95 % bootstrap CIs (+ validation metrics of the chosen epoch),
+                         per-image test probabilities; confusion.png, roc.png
   classifier/curves.png  training curves
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dcube.config import RunConfig, dump_config, from_dict
+from dcube.config import RunConfig, dump_config, from_dict, with_legacy_values
 from dcube.utils.io import read_json, sha256_file, write_json
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
@@ -46,8 +47,8 @@ class Run:
         new = self.cfg.to_dict()
         if path.exists():
             old = yaml.safe_load(path.read_text()) or {}
-            try:  # keys added to dcube since the run was made count as their defaults
-                old = from_dict(old).to_dict()
+            try:  # keys added to dcube since the run was made: their old behaviour, else their defaults
+                old = from_dict(with_legacy_values(old)).to_dict()
             except (TypeError, ValueError):
                 pass
             made = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
@@ -99,9 +100,43 @@ class Run:
             print(f"[step 1] done already: {self.denoiser_path}")
             return self.denoiser_path
         d = self.data
+        probe = self._step1_probe() if self.cfg.diffusion.epochs == "auto" else None
+        images, labels = d.train.images, d.train.labels
+        if d.unlabelled is not None:  # step 1 only: the null class (label -1), never step 2 / val / test
+            images = torch.cat([images, d.unlabelled])
+            labels = torch.cat([labels, torch.full((len(d.unlabelled),), -1, dtype=labels.dtype)])
+            print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
         return self.timed("diffusion", lambda: train_diffusion(
-            self.cfg.diffusion, d.train.images, d.train.labels, len(d.class_names), self.dir / "diffusion",
-            seed=self.cfg.seed, device=self.device, class_names=d.class_names, compute=self.cfg.compute))
+            self.cfg.diffusion, images, labels, len(d.class_names), self.dir / "diffusion",
+            seed=self.cfg.seed, device=self.device, class_names=d.class_names, compute=self.cfg.compute,
+            eval_fn=probe))
+
+    def _step1_probe(self):
+        """diffusion.epochs=auto: the validation probe of an EMA denoiser (every block's pooled features,
+        logistic regression fitted on a stratified seeded sample of TRAINING images, scored on the
+        VALIDATION split; the test split is never read)."""
+        from sklearn.model_selection import train_test_split
+
+        from dcube.features import extract
+        from dcube.features.probe import validation_probe
+
+        d, dc = self.data, self.cfg.diffusion
+        tr, va = d.train, d.val
+        rows = torch.arange(len(tr.labels))
+        if len(rows) > dc.probe_images:
+            rows, _ = train_test_split(rows.numpy(), train_size=dc.probe_images, stratify=tr.labels.numpy(),
+                                       random_state=self.cfg.seed)
+            rows = torch.as_tensor(rows)
+        sched = self._scheduler(dc)
+
+        def probe(model):
+            names = model.feature_names
+            fc = self.cfg.features
+            a = extract(model, tr.images[rows], names, fc, self.cfg.seed, sched, self.device, desc="probe (train)")
+            b = extract(model, va.images, names, fc, self.cfg.seed, sched, self.device, desc="probe (val)")
+            return validation_probe(a, tr.labels[rows], b, va.labels)
+
+        return probe
 
     def denoiser(self):
         from dcube.diffusion.trainer import load_denoiser
@@ -140,6 +175,13 @@ class Run:
 
                 sel = select_by_probe(maps, d.train.labels[idx], fc.probe_layers, fc.probe_folds, self.cfg.seed,
                                       fc.ks_values, fc.ks_alpha)
+            elif fc.select in ("ks_map", "all"):
+                from dcube.features.ks import select_ks_map
+
+                sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k,
+                                    fc.max_layers)
+                if fc.select == "all":  # every block; the Eq. 6 scores are kept for the report
+                    sel.names, sel.method, sel.fallback, sel.note = list(sel.order), "all", False, "all layers"
             else:
                 sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed,
                                     fc.ks_keep)
@@ -148,6 +190,9 @@ class Run:
             write_json(fdir / "selection.json", sel.to_dict())
             plot_pvalues(sel, fdir / "ks_pvalues.png")
             print("[KS] p-values: " + ", ".join(f"{n}={sel.pvalues[n]:.2g}" for n in sel.order))
+            if fc.select in ("ks_map", "all"):
+                print("[KS] effect (median KS distance above noise): "
+                      + ", ".join(f"{n}={sel.statistics[n]:.3f}" for n in sel.order))
             print(f"[KS] selected layers: {sel.names}")
             return sel.names
 
@@ -159,7 +204,12 @@ class Run:
         return ddpm_scheduler(dcfg)
 
     def features(self, split: str, names: list[str], model, dcfg, flipped: bool = False):
-        """Cached feature maps of one split (computed once, reused every epoch and on resume)."""
+        """Cached feature maps of one split (computed once, reused every epoch and on resume).
+
+        With ``features.timesteps`` every layer comes once per t, layer-major ([l0@t0, l0@t1, ...,
+        l1@t0, ...]): the head mixes the timesteps of each layer (``DCubeHead`` timestep mixing)."""
+        import dataclasses
+
         from dcube.features import extract
         from dcube.features.cache import load_features, save_features
 
@@ -167,17 +217,23 @@ class Run:
         images = self.split(split).images
         if flipped:
             images = images.flip(-1)
-        key = {"model": sha256_file(self.denoiser_path), "features": vars(self.cfg.features),
-               "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images),
-               "synthetic": self.synthetic_key() if split == "train" else None}
-        path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}.safetensors"
-        maps = load_features(path, names, key)
-        if maps is None:
-            maps = extract(model, images, names, self.cfg.features, self.cfg.seed, self._scheduler(dcfg),
-                           self.device, desc=f"features {split}{' (flipped)' if flipped else ''}")
-            save_features(path, maps, key)
-            maps = {n: m.half().float() for n, m in maps.items()}  # as stored: same numbers on resume
-        return [maps[n] for n in names]
+        fc = self.cfg.features
+        out = {}
+        for t in fc.timesteps or [None]:
+            ft = fc if t is None else dataclasses.replace(fc, timestep=t)
+            key = {"model": sha256_file(self.denoiser_path), "features": vars(ft),
+                   "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images),
+                   "synthetic": self.synthetic_key() if split == "train" else None}
+            tag = "" if t is None else f"_t{t}"
+            path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}{tag}.safetensors"
+            maps = load_features(path, names, key)
+            if maps is None:
+                maps = extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
+                               desc=f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}")
+                save_features(path, maps, key)
+                maps = {n: m.half().float() for n, m in maps.items()}  # as stored: same numbers on resume
+            out[t] = maps
+        return [out[t][n] for n in names for t in (fc.timesteps or [None])]
 
     # -- synthetic training images (issue 3) ---------------------------------------------------
     def split(self, name: str):
@@ -218,6 +274,32 @@ class Run:
         flip = self.features(split, names, model, dcfg, flipped=True) if with_flip else None
         return FeatureSplit(self.features(split, names, model, dcfg), s.images, s.labels, flip)
 
+    def posterior(self, model, dcfg) -> torch.Tensor:
+        """The frozen denoiser's class posterior of every training image (cycle_form=posterior):
+        zero-shot denoising errors over ``classifier.cycle_trials`` shared (t, noise) trials, calibrated
+        on the training labels; cached in features/ like the feature maps."""
+        from dcube.classify.losses import calibrate_posterior
+        from dcube.config import LatentConfig
+        from dcube.features.cache import load_features, save_features
+        from dcube.latent.zeroshot import classify_zero_shot
+
+        cc, tr = self.cfg.classifier, self.split("train")
+        key = {"model": sha256_file(self.denoiser_path), "trials": cc.cycle_trials, "data": self.data.info.get("sha256"),
+               "n": len(tr), "synthetic": self.synthetic_key(), "seed": self.cfg.seed}
+        path = self.dir / "features" / "posterior_train.safetensors"
+        cached = load_features(path, ["errors"], key)
+        if cached is None:
+            zs = LatentConfig(zs_trials=cc.cycle_trials, zs_batch_size=256)
+            errors = classify_zero_shot(model, self._scheduler(dcfg), tr.images, zs, self.cfg.seed, self.device).errors
+            save_features(path, {"errors": errors}, key)
+            cached = load_features(path, ["errors"], key)
+        probs, info = calibrate_posterior(cached["errors"], tr.labels)
+        self.info["cycle_posterior"] = info
+        self.save_info()
+        print(f"[step 2] denoiser class posterior: zero-shot training accuracy {info['zero_shot_accuracy']:.3f}, "
+              f"calibrated log-loss {info['log_loss']:.4f} (class prior: {info['prior_log_loss']:.4f})")
+        return probs
+
     def train_classifier(self):
         from dcube.classify.trainer import BEST, train_classifier
 
@@ -227,11 +309,13 @@ class Run:
 
         def work():
             model, dcfg = self.denoiser()
-            train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0)
+            train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0 or cc.flip_augment)
+            if cc.cycle_weight > 0 and cc.cycle_form == "posterior":
+                train.posterior = self.posterior(model, dcfg)
             val = self.feature_split("val", names, model, dcfg)
             return train_classifier(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
                                     scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device,
-                                    compute=self.cfg.compute)
+                                    compute=self.cfg.compute, timesteps=len(self.cfg.features.timesteps or [0]))
 
         if (cdir / "history.json").exists() and (cdir / BEST).exists():
             print(f"[step 2] done already: {cdir / BEST}")
@@ -248,6 +332,7 @@ class Run:
     def evaluate(self) -> dict:
         from dcube.classify.trainer import BEST, build_head, predict
         from dcube.evaluate import compute_metrics, format_table
+        from dcube.evaluate.stats import bootstrap_ci
         from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
         from dcube.utils.io import load_checkpoint
 
@@ -256,19 +341,24 @@ class Run:
         d = self.data
         test = self.feature_split("test", names, model, dcfg)
         val = self.feature_split("val", names, model, dcfg)
-        head = build_head(self.cfg.classifier, test, len(d.class_names)).to(self.device)
+        head = build_head(self.cfg.classifier, test, len(d.class_names),
+                          len(self.cfg.features.timesteps or [0])).to(self.device)
         best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
         probs = predict(head, test, device=self.device)
-        val_metrics = compute_metrics(val.labels.numpy(), predict(head, val, device=self.device).numpy(),
-                                      d.class_names)
+        val_probs = predict(head, val, device=self.device).numpy()
+        val_metrics = compute_metrics(val.labels.numpy(), val_probs, d.class_names)
         metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
+        metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=self.cfg.seed)
+        val_metrics["ci95"] = bootstrap_ci(val.labels.numpy(), val_probs, seed=self.cfg.seed)
         plot_confusion(metrics, self.dir / "confusion.png")
         plot_roc(test.labels.numpy(), probs.numpy(), d.class_names, self.dir / "roc.png")
         history = read_json(self.dir / "classifier" / "history.json")["history"]
         plot_curves(history, self.dir / "classifier" / "curves.png")
         full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names,
                 "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
-                "timings_s": self.info["timings_s"]}
+                "timings_s": self.info["timings_s"],
+                # per-image test probabilities (split order): paired tests against other models
+                "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()]}
         write_json(self.dir / "metrics.json", full)
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
         return full

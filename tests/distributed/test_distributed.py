@@ -121,6 +121,7 @@ def test_autoencoder_on_two_processes_matches_one(two_procs, tmp_path):
 def test_metrics_equal_one_process_on_the_same_predictions(two_procs):
     from dcube.classify.trainer import BEST, build_head, predict
     from dcube.evaluate import compute_metrics
+    from dcube.evaluate.stats import bootstrap_ci
     from dcube.utils.io import load_checkpoint, read_json
 
     work, _ = two_procs
@@ -132,6 +133,7 @@ def test_metrics_equal_one_process_on_the_same_predictions(two_procs):
     load_checkpoint(work / "run" / "classifier" / BEST, {"head": head})
     probs = predict(head, test)
     metrics = compute_metrics(test.labels.numpy(), probs.numpy(), r.data.class_names)
+    metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=r.cfg.seed)
     assert read_json(work / "run" / "metrics.json")["test"] == json.loads(json.dumps(metrics))
 
 

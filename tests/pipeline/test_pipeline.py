@@ -138,3 +138,49 @@ def test_probe_layer_selection_and_old_configs_resume(shared_data, tmp_path):
     with pytest.raises(RuntimeError, match="'features' section differs"):
         run(cfg)  # probe_folds=2 is not the default 5 the old file now implies
     assert run(cfg_default)["test"]  # ... while the defaults match and it resumes
+
+
+@pytest.mark.parametrize("select", ["ks_map", "all"])
+def test_selection_rules_and_multi_timestep_features(shared_data, tmp_path, select):
+    """features.select=ks_map/all, and features.timesteps: each chosen layer at every t, cached per t,
+    mixed by learned weights that training moves; metrics.json carries CIs and the test probabilities."""
+    import torch
+
+    from dcube.classify.trainer import BEST
+    from dcube.utils.io import load_tensors
+
+    out = run(_cfg(shared_data, tmp_path / "run", features={"select": select, "timesteps": [10, 200]},
+                   classifier={"epochs": 2}))
+    d = tmp_path / "run"
+    sel = json.loads((d / "features/selection.json").read_text())
+    assert sel["method"] == select and sel["names"] == out["layers"]
+    if select == "all":
+        assert sel["names"] == sel["order"]
+    for t in (10, 200):
+        assert (d / f"features/train_t{t}.safetensors").exists() and (d / f"features/test_t{t}.safetensors").exists()
+    tensors, _ = load_tensors(d / "classifier" / BEST)
+    mix = tensors["head.mix"]
+    assert mix.shape == (len(out["layers"]), 2) and not torch.allclose(mix, torch.zeros_like(mix))
+    m = json.loads((d / "metrics.json").read_text())
+    lo, hi = m["test"]["ci95"]["auc"]
+    assert lo <= m["test"]["auc"] <= hi and len(m["test_probs"]) == m["test"]["n"]
+
+
+def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_new_behaviour(shared_data, tmp_path):
+    """An old run directory (config.yaml without classifier.score_norm, trained with softmax scores)
+    refuses today's default instead of loading its weights into a head that behaves differently."""
+    import yaml
+
+    from dcube.pipeline import Run
+
+    cfg = _cfg(shared_data, tmp_path / "run")
+    run(cfg)
+    path = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["classifier"]["score_norm"]
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(RuntimeError, match="classifier"):
+        Run(cfg)
+    old["classifier"]["score_norm"] = "none"  # saved with the key: the same run, accepted
+    path.write_text(yaml.safe_dump(old))
+    Run(cfg)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dcube.classify.bn import recalibrate_bn
 from dcube.classify.head import DCubeHead
-from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss
+from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss, posterior_cycle_loss
 from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
@@ -41,11 +41,13 @@ class FeatureSplit:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1] for the sub-feature CNN and the cycle loss
     labels: torch.Tensor  # (N,)
     feats_flipped: list[torch.Tensor] | None = None  # features of the flipped images (train)
+    posterior: torch.Tensor | None = None  # (N, C) the denoiser's class posterior (cycle_form=posterior)
 
 
-def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int) -> DCubeHead:
+def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, timesteps: int = 1) -> DCubeHead:
+    """`timesteps`: each layer's maps come that many times in a row (features.timesteps), mixed by the head."""
     c, h = split.images.shape[1], split.images.shape[2]
-    return DCubeHead([f.shape[1] for f in split.feats], num_classes, c, h, cfg)
+    return DCubeHead([f.shape[1] for f in split.feats[::timesteps]], num_classes, c, h, cfg, timesteps=timesteps)
 
 
 @torch.no_grad()
@@ -85,6 +87,19 @@ def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="
             yield [f[r].to(device) for f in split.feats], split.images[r].to(device)
 
 
+def gradient_ratio(module: torch.nn.Module, ce: torch.Tensor, other: torch.Tensor) -> float:
+    """||grad other|| / ||grad ce|| over the module's trainable parameters (graphs kept for backward)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def norm(loss):
+        if not loss.requires_grad:
+            return 0.0
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in gs if g is not None)))
+
+    return norm(other) / max(norm(ce), 1e-20)
+
+
 def _param_groups(head, cfg: ClassifierConfig):
     cnn = list(head.cnn.parameters()) if head.cnn is not None else []
     ids = {id(p) for p in cnn}
@@ -97,7 +112,8 @@ def _param_groups(head, cfg: ClassifierConfig):
 
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
                      out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
-                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None) -> tuple[DCubeHead, dict]:
+                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None,
+                     timesteps: int = 1) -> tuple[DCubeHead, dict]:
     """Train (or resume); returns the best-on-validation EMA head and its summary.
 
     `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
@@ -111,7 +127,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     out_dir.mkdir(parents=True, exist_ok=True)
     nc = len(class_names)
     torch.manual_seed(seed)
-    head = build_head(cfg, train, nc).to(device)
+    head = build_head(cfg, train, nc, timesteps).to(device)
     dist.broadcast_module(head)
     ema = EMA(head, cfg.ema_decay)
     opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=cfg.weight_decay)
@@ -121,9 +137,17 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         counts = torch.bincount(train.labels, minlength=nc).float()
         weight = (counts.sum() / (nc * counts.clamp(min=1))).to(device)
     use_cycle = cfg.cycle_weight > 0
-    if use_cycle and (denoiser is None or scheduler is None):
+    by_posterior = cfg.cycle_form == "posterior"
+    if use_cycle and by_posterior and train.posterior is None:
+        raise ValueError("classifier.cycle_form='posterior' needs the denoiser's class posterior of the "
+                         "training images (FeatureSplit.posterior)")
+    if use_cycle and not by_posterior and (denoiser is None or scheduler is None):
         raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
     use_cons = cfg.consistency_weight > 0 and train.feats_flipped is not None
+    use_flip = cfg.flip_augment and train.feats_flipped is not None
+    if cfg.flip_augment and train.feats_flipped is None:
+        raise ValueError("classifier.flip_augment needs the features of the flipped training images "
+                         "(FeatureSplit.feats_flipped)")
     epoch, step, history, best = 0, 0, [], {"score": -float("inf"), "epoch": -1}
     main = dist.is_main()
     if (out_dir / LAST).exists():
@@ -141,16 +165,22 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
         batches = range(0, n, cfg.batch_size)
+        grad_ratio = None
         for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not main):
             idx = order[s:s + cfg.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
+            first_batch = s == 0
             mine, every = micro_batches(len(idx), compute.grad_accum)
             if every == []:  # every share too small for batch norm
                 continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            kc, kf = min(cfg.cycle_batch, len(idx)), min(cfg.consistency_batch, len(idx))
-            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle else None
+            kc = len(idx) if by_posterior else min(cfg.cycle_batch, len(idx))
+            kf = min(cfg.consistency_batch, len(idx))
+            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle and not by_posterior else None
+            # random horizontal flips (own generator: the cycle draws stay what they were)
+            flip = (torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 2_000_003 + step)) < 0.5
+                    if use_flip else None)
             if every is not None:  # normalisers of the whole batch (the rows every rank uses)
                 used = torch.cat(every)
                 total_ce = float(weight.cpu()[train.labels[idx[used]]].sum()) if weight is not None else len(used)
@@ -161,23 +191,37 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 bidx = idx if rows is None else idx[rows]
                 lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
                 lf = kf if rows is None else int((rows < kf).sum())
+                fl = None if flip is None else (flip if rows is None else flip[rows])
                 x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
+                feats = [f[bidx].to(device) for f in train.feats]
+                other = [f[bidx[:lf]].to(device) for f in train.feats_flipped] if use_cons and lf else None
+                x_other = x[:lf].flip(-1)
+                if fl is not None:  # flipped rows swap their two views
+                    m = fl.to(device)[:, None, None, None]
+                    fflip = [f[bidx].to(device) for f in train.feats_flipped]
+                    other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if use_cons and lf else None
+                    feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
+                    x_other = torch.where(m[:lf], x[:lf], x_other)
+                    x = torch.where(m, x.flip(-1), x)
                 with amp.autocast():
-                    logits = net([memory_format(f[bidx].to(device), compute) for f in train.feats],
-                                 memory_format(x, compute))
+                    logits = net([memory_format(f, compute) for f in feats], memory_format(x, compute))
                     logits_f = None
-                    if use_cons and lf:
-                        logits_f = net([memory_format(f[bidx[:lf]].to(device), compute) for f in train.feats_flipped],
-                                       memory_format(x[:lf].flip(-1), compute))
+                    if other is not None:
+                        logits_f = net([memory_format(f, compute) for f in other], memory_format(x_other, compute))
                 logits = logits.float()
                 ce = F.cross_entropy(logits, y, weight=weight)
                 loss = cfg.ce_weight * ce
                 cyc = con = torch.zeros(())
-                if use_cycle and lc:
+                if use_cycle and lc and by_posterior:
+                    cyc = posterior_cycle_loss(logits[:lc], train.posterior[bidx[:lc]].to(device))
+                    loss = loss + cfg.cycle_weight * cyc
+                elif use_cycle and lc:
                     d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
                     with amp.autocast():
                         cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
                     loss = loss + cfg.cycle_weight * cyc
+                if use_cycle and lc and first_batch and rows is None:  # the cycle term's share of the gradient
+                    grad_ratio = gradient_ratio(head, cfg.ce_weight * ce, cfg.cycle_weight * cyc)
                 if logits_f is not None:
                     con = consistency_loss(logits[:lf], logits_f.float())
                     loss = loss + cfg.consistency_weight * con
@@ -208,7 +252,11 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         probs = predict(ema.module, val, device=device)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
-               "val_" + cfg.select_metric: score, "val_acc": acc}
+               "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
+        if use_cycle:  # the weighted cycle term against the weighted cross-entropy
+            row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(cfg.ce_weight * row["ce"], 1e-12)
+            if grad_ratio is not None:
+                row["cycle_grad_ratio"] = grad_ratio
         history.append(row)
         if main:
             tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()

@@ -34,6 +34,9 @@ class DataBundle:
     test: Split
     class_names: list[str]
     info: dict = field(default_factory=dict)
+    # images without labels for step 1 only (data.unlabelled / unlabelled_rest); never a split
+    unlabelled: torch.Tensor | None = None
+    unlabelled_ids: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -86,15 +86,18 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
     sha = fingerprint(entries, root, manifest)
     entries, splits, classes, file, reused = plan(entries, cfg, seed, root, str(path), run_dir)
     labels = np.array([classes.index(e.label) for e in entries])
-    out, before = {}, {}
+    out, before, rest = {}, {}, None
     for s in SPLITS:
         members = np.flatnonzero(splits == s)
         before[s] = len(members)
         keep = members[_cap(labels[members], cfg, s, seed)]
         out[s] = read_split([entries[i] for i in keep], classes, cfg, s)
+        if s == "train" and cfg.unlabelled_rest:
+            left = np.setdiff1d(members, keep)
+            rest = read_split([entries[i] for i in left], classes, cfg, "unlabelled") if len(left) else None
     info = {"source": cfg.source, "path": str(absolute(path)), "layout": layout, "sha256": sha,
             "split_file": str(file) if file else None, "split_reused": reused}
-    return _bundle(out, classes, cfg, info, before)
+    return _with_unlabelled(_bundle(out, classes, cfg, info, before), cfg, rest)
 
 
 def _load_medmnist(cfg: DataConfig, seed: int) -> DataBundle:
@@ -106,7 +109,7 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> DataBundle:
     if info.channels > cfg.channels:
         warnings.warn(f"{info.name} is RGB; converting it to grayscale (data.channels=1)",
                       stacklevel=3)
-    out, before = {}, {}
+    out, before, rest = {}, {}, None
     for s in SPLITS:
         images, labels = arrays[s]
         before[s] = len(labels)
@@ -114,9 +117,34 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> DataBundle:
         out[s] = Split(array_to_tensor(images[keep], cfg.image_size, cfg.channels),
                        torch.from_numpy(labels[keep]).to(torch.int64),
                        [f"{path.name}:{s}:{int(i)}" for i in keep])
+        if s == "train" and cfg.unlabelled_rest:
+            left = np.setdiff1d(np.arange(len(labels)), keep)
+            rest = Split(array_to_tensor(images[left], cfg.image_size, cfg.channels),
+                         torch.from_numpy(labels[left]).to(torch.int64),
+                         [f"{path.name}:{s}:{int(i)}" for i in left]) if len(left) else None
     meta = {"source": "medmnist", "name": info.name, "path": str(absolute(path)),
             "file_image_size": int(arrays["train"][0].shape[1]), "sha256": sha256_file(path)}
-    return _bundle(out, list(info.labels), cfg, meta, before)
+    return _with_unlabelled(_bundle(out, list(info.labels), cfg, meta, before), cfg, rest)
+
+
+def _with_unlabelled(bundle: DataBundle, cfg: DataConfig, rest: Split | None) -> DataBundle:
+    """Attach the step-1-only unlabelled images: the training rest (labels dropped) and data.unlabelled."""
+    from dcube.data.unlabelled import load_unlabelled
+
+    parts, ids, info = [], [], {}
+    if rest is not None:
+        parts.append(rest.images)
+        ids += rest.ids
+        info["training_rest"] = len(rest)
+    if cfg.unlabelled:
+        images, more = load_unlabelled(cfg.unlabelled, cfg.image_size, cfg.channels)
+        parts.append(images)
+        ids += more
+        info["source"] = {"path": str(Path(cfg.unlabelled).expanduser().resolve()), "n": len(more)}
+    if parts:
+        bundle.unlabelled, bundle.unlabelled_ids = torch.cat(parts), ids
+        bundle.info["unlabelled"] = {"n": len(ids), **info}
+    return bundle
 
 
 def _bundle(out: dict, classes: list[str], cfg: DataConfig, meta: dict, before: dict) -> DataBundle:

@@ -11,7 +11,19 @@ and the middle-block features ``f1 = mid(x_i)``, ``f2 = mid(x_j)`` enter
 Features are flattened and L2-normalised per image, so ``d`` lies in [0, 2] whatever
 the block width or resolution (``d^2 = 2 - 2 cos``); a margin of 1.0 asks different-class
 pairs to be at least 60 degrees apart. Same-class pairs are pulled together, and
-different-class pairs closer than the margin are pushed apart.
+different-class pairs closer than the margin are pushed apart. (``diffusion.contrastive_form:
+normalized``, pairs from :func:`pair_indices`.)
+
+:func:`contrastive_loss_paper` is the paper's Eq. 4 (``contrastive_form: paper``): on the RAW
+features, ``D = ||f1 - f2||^2`` (squared L2 over the flattened map) and
+
+    loss = mean over pairs of   D                  if same class
+                                max(0, margin - D)  otherwise        (margin 0.1)
+
+with the pairs drawn inside the batch by :func:`pair_within_batch`, so every image of the batch is
+denoised exactly once (no row is replaced by a partner copy).
+
+:func:`min_snr_weight` is min-SNR-gamma loss weighting (Hang et al. 2023) for eps-prediction.
 """
 
 from __future__ import annotations
@@ -95,3 +107,52 @@ def pair_indices(labels: torch.Tensor, generator: Optional[torch.Generator] = No
     mask = mask | (~mask.any(dim=1, keepdim=True) & eye)  # alone -> own partner
     scores = torch.rand(n, n, generator=generator, device=dev).masked_fill(~mask, -1.0)
     return scores.argmax(dim=1).to(labels.device)
+
+
+def contrastive_loss_paper(f1: torch.Tensor, f2: torch.Tensor, same: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Eq. 4 of D-Cube on raw features: same class -> D, different -> max(0, margin - D), D = ||f1 - f2||^2."""
+    if f1.shape != f2.shape:
+        raise ValueError(f"f1 and f2 must have the same shape, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    n = f1.shape[0]
+    same = torch.as_tensor(same, device=f1.device).reshape(-1).bool()
+    if same.shape[0] != n:
+        raise ValueError(f"same must have shape ({n},), got {tuple(same.shape)}")
+    if n == 0:
+        return (f1.sum() + f2.sum()) * 0.0
+    d2 = (f1.reshape(n, -1).float() - f2.reshape(n, -1).float()).pow(2).sum(dim=1)
+    return torch.where(same, d2, F.relu(margin - d2)).mean()
+
+
+def pair_within_batch(labels: torch.Tensor, generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint pairs of a batch's rows: (anchors, partners, rest), together a permutation of the rows.
+
+    Rows are taken in a seeded random order; each anchor gets, by a fair coin, a same-class or a
+    different-class partner among the rows not yet paired (the other kind when that one is gone).
+    An odd row out is `rest` (it is denoised, and not paired)."""
+    labels = torch.as_tensor(labels)
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=generator).tolist()
+    coins = torch.rand(n, generator=generator).tolist()
+    lab = labels.tolist()
+    free = list(order)
+    anchors, partners = [], []
+    while len(free) >= 2:
+        a = free.pop(0)
+        same = [j for j in free if lab[j] == lab[a]]
+        diff = [j for j in free if lab[j] != lab[a]]
+        pool = same if (coins[a] < 0.5 and same) or not diff else diff
+        b = pool[0]
+        free.remove(b)
+        anchors.append(a)
+        partners.append(b)
+    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return as_t(anchors), as_t(partners), as_t(free)
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Per-row loss weight min(SNR_t, gamma) / SNR_t for eps-prediction; SNR_t = abar_t / (1 - abar_t)."""
+    ab = alphas_cumprod.to(t.device)[t].double()
+    snr = ab / (1 - ab)
+    return (torch.clamp(snr, max=gamma) / snr).float()
+

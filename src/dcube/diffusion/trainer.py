@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dcube.config import ComputeConfig, DiffusionConfig
 from dcube.diffusion import build_denoiser, contrastive_loss, pair_indices
+from dcube.diffusion.losses import contrastive_loss_paper, min_snr_weight, pair_within_batch
 from dcube.diffusion.guidance import drop_labels
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.utils import dist
@@ -33,6 +34,7 @@ from dcube.utils.runtime import EMA
 
 LAST = "last.safetensors"
 FINAL = "ema.safetensors"
+BEST_EMA = "best_ema.safetensors"  # epochs=auto: the best EMA weights on the validation probe so far
 
 
 def model_meta(cfg: DiffusionConfig, in_channels: int, image_size: int, num_classes: int) -> dict:
@@ -80,15 +82,117 @@ def micro_batches(n: int, q: int, accum: int = 1) -> list[tuple[torch.Tensor | N
     return out
 
 
+def make_batch(cfg: DiffusionConfig, labels: torch.Tensor, idx: torch.Tensor, g: torch.Generator,
+               num_classes: int, contrastive: bool, sample_shape: tuple = ()):
+    """One step's batch from the dataset rows `idx`: ``(rows, y, t, noise, cond, q)`` where `rows` are
+    the dataset rows in batch order and the first 2q rows are q (anchor, partner) pairs sharing t and
+    noise (anchor i at row i, its partner at q + i). Every draw comes from `g`, in a fixed order
+    (t, noise, pairs, dropped labels). `sample_shape`: one image's shape (for the noise). A label
+    < 0 marks an unlabelled image: it is denoised under the null class and never paired.
+
+    ``contrastive_form: paper``: disjoint pairs inside the batch, so `rows` is a permutation of `idx`
+    (every image denoised exactly once per epoch), each row under its own label.
+    ``normalized`` (dcube 0.1): the first quarter of the batch are anchors, their partners (drawn from
+    the batch) REPLACE the second quarter's rows, and the 2q paired rows are denoised under the
+    uniform class condition (with the true label the class embedding alone satisfied the loss: it
+    fell to 0 in 30 steps); the replaced rows are not seen in that step.
+    """
+    rows, y = idx, labels[idx]
+    t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=g)
+    noise = torch.randn((len(idx), *sample_shape), generator=g)
+    unlabelled = y < 0  # data.unlabelled images: the null class, never paired
+    if unlabelled.any():  # labelled rows first, so the pairs below are drawn among them only
+        perm = torch.cat([torch.nonzero(~unlabelled).flatten(), torch.nonzero(unlabelled).flatten()])
+        rows, y, t, noise = rows[perm], y[perm], t[perm], noise[perm]
+    n_lab = int((y >= 0).sum())
+    cond = F.one_hot(y.clamp(min=0), num_classes).float()
+    paper = contrastive and cfg.contrastive_form == "paper"
+    q = n_lab // 4 if contrastive and not paper else 0
+    if paper:
+        a, b, rest = pair_within_batch(y[:n_lab], g)
+        rest = torch.cat([rest, torch.arange(n_lab, len(y))])
+        q, perm = len(a), torch.cat([a, b, rest])
+        rows, y = rows[perm], y[perm]
+        t, noise = torch.cat([t[a], t[a], t[rest]]), torch.cat([noise[a], noise[a], noise[rest]])
+        cond = F.one_hot(y.clamp(min=0), num_classes).float()
+    elif q:
+        p = pair_indices(y[:n_lab] if n_lab < len(y) else y, g)[:q]
+        keep = torch.arange(2 * q, len(idx))
+        rows = torch.cat([rows[:q], rows[p], rows[keep]])
+        y = torch.cat([y[:q], y[p], y[keep]])
+        uniform = torch.full((2 * q, num_classes), 1.0 / num_classes)
+        cond = torch.cat([uniform, F.one_hot(y[2 * q:].clamp(min=0), num_classes).float()])
+        t = torch.cat([t[:q], t[:q], t[2 * q:]])
+        noise = torch.cat([noise[:q], noise[:q], noise[2 * q:]])
+    if getattr(cfg, "class_dropout", 0.0) > 0:  # classifier-free guidance: learn the null class
+        cond = drop_labels(cond, cfg.class_dropout, g, start=0 if paper else 2 * q)
+    if (y < 0).any():
+        if cond.shape[1] == num_classes:
+            cond = torch.cat([cond, torch.zeros(len(cond), 1)], dim=1)
+        cond[y < 0] = 0.0
+        cond[y < 0, num_classes] = 1.0
+    return rows, y, t, noise, cond, q
+
+
+def _evaluate_probe(probe: dict, eval_fn, ema_model, step: int, patience: int, out_dir: Path, meta: dict) -> None:
+    """One auto-stop evaluation: score the EMA model, keep it when best, count the patience."""
+    was_training = ema_model.training
+    score, info = eval_fn(ema_model)
+    ema_model.train(was_training)
+    probe["curve"].append({"step": step, "score": float(score), "train_seconds": round(probe["train_seconds"], 2),
+                           **(info or {})})
+    if probe["best"] is None or score > probe["best"]["score"]:
+        probe["best"], probe["since_best"] = {"step": step, "score": float(score)}, 0
+        save_checkpoint(out_dir / BEST_EMA, {"model": ema_model}, {**meta, "step": step, "score": float(score)})
+    else:
+        probe["since_best"] += 1
+    probe["stopped"] = probe["since_best"] >= patience
+
+
+def plot_probe_curve(probe: dict, path: Path) -> Path:
+    """Validation probe score against step and training CPU-minutes, the chosen step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcube.utils.io import atomic_write
+
+    steps = [p["step"] for p in probe["curve"]]
+    scores = [p["score"] for p in probe["curve"]]
+    minutes = [p["train_seconds"] / 60 for p in probe["curve"]]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+    for ax, x, label in ((axes[0], steps, "optimiser step"), (axes[1], minutes, "training minutes (this machine)")):
+        ax.plot(x, scores, marker="o", ms=3)
+        i = scores.index(probe["best"]["score"])
+        ax.plot([x[i]], [scores[i]], marker="*", ms=12, color="tab:red", label=f"chosen: step {steps[i]}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation probe score")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("step 1: linear probe of the EMA model's features on validation", fontsize=9)
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return out
+
+
 def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     out_dir: str | Path, seed: int = 0, device: torch.device | str = "cpu",
                     class_names: list[str] | None = None, on_step=None,
-                    compute: ComputeConfig | None = None) -> Path:
+                    compute: ComputeConfig | None = None, eval_fn=None) -> Path:
     """Train (or resume) step 1 on `images` in [-1, 1]; returns the path of the EMA weights.
 
     `compute`: mixed precision, gradient accumulation (each rank's rows of a batch in
     ``grad_accum`` micro-batches: less memory, the same optimiser steps), torch.compile and
-    channels-last; default all off."""
+    channels-last; default all off.
+
+    ``cfg.epochs == "auto"``: every ``eval_every`` steps ``eval_fn(ema_model) -> (score, info)`` rates
+    the EMA model (the pipeline passes a linear probe fitted on training images and scored on the
+    VALIDATION split); the best-scoring EMA weights are kept (``best_ema.safetensors``) and become
+    ``ema.safetensors``, and training stops after ``patience`` evaluations without improvement (or at
+    ``max_steps`` / ``auto_max_epochs``). The curve and the chosen step go into history.json and
+    probe_curve.png."""
     compute = compute or ComputeConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,50 +205,42 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     sched = ddpm_scheduler(cfg)
     meta = model_meta(cfg, c, h, num_classes)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    auto = cfg.epochs == "auto"
+    if auto and eval_fn is None:
+        raise ValueError("diffusion.epochs='auto' needs a validation probe (eval_fn)")
+    total = (cfg.auto_max_epochs if auto else cfg.epochs) * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     step, history = 0, []
+    probe = {"curve": [], "best": None, "since_best": 0, "train_seconds": 0.0, "stopped": False}
     main = dist.is_main()
     if (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST, {"model": model, "ema": ema.module, "opt": opt})
         step, history = state["step"], state["history"]
+        probe = state.get("probe", probe)
         amp.load_state(state.get("amp"))
         if main:
             print(f"[step 1] resuming from step {step}/{total} ({out_dir / LAST})")
     mid = _MidFeatures(model) if cfg.contrastive_weight > 0 else None
+    paper = mid is not None and cfg.contrastive_form == "paper"
     net = training_module(model, compute)
 
     def checkpoint():
         extra = {"amp": amp.state()} if amp.scaler is not None else {}
         save_checkpoint(out_dir / LAST, {"model": model, "ema": ema.module, "opt": opt},
-                        {**meta, "step": step, "history": history, **extra})
+                        {**meta, "step": step, "history": history, "probe": probe, **extra})
 
     bar = tqdm(total=total, initial=step, desc="step 1: diffusion", unit="step", disable=not main)
     t0 = time.time()
-    while step < total:
+    while step < total and not probe["stopped"]:
+        t_step = time.time()
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-        x, y = images[idx], labels[idx]
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        t = torch.randint(0, cfg.num_train_timesteps, (len(x),), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        cond = F.one_hot(y, num_classes).float()
-        q = len(idx) // 4 if mid is not None else 0
-        if q:
-            # the first 2q slots: pairs (anchor x[:q], partner x[p]) sharing t and noise, denoised
-            # under the uniform class condition the features are later extracted with (with the
-            # true label the class embedding alone would satisfy the loss: it fell to 0 in 30 steps)
-            p = pair_indices(y, g)[:q]
-            x = torch.cat([x[:q], x[p], x[2 * q:]])
-            y = torch.cat([y[:q], y[p], y[2 * q:]])
-            uniform = torch.full((2 * q, num_classes), 1.0 / num_classes)
-            cond = torch.cat([uniform, F.one_hot(y[2 * q:], num_classes).float()])
-            t = torch.cat([t[:q], t[:q], t[2 * q:]])
-            noise = torch.cat([noise[:q], noise[:q], noise[2 * q:]])
-        if getattr(cfg, "class_dropout", 0.0) > 0:  # classifier-free guidance: learn the null class
-            cond = drop_labels(cond, cfg.class_dropout, g, start=2 * q)
+        rows_used, y, t, noise, cond, q = make_batch(cfg, labels, idx, g, num_classes, mid is not None,
+                                                     tuple(images.shape[1:]))
+        x = images[rows_used]
         model.train()
         opt.zero_grad(set_to_none=True)
         logged = torch.zeros(2)  # this rank's share of the batch's mse and contrastive loss
@@ -153,11 +249,16 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
             xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
             with amp.autocast():
                 eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
-            mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
+            if cfg.loss_weighting == "min_snr":
+                w = min_snr_weight(sched.alphas_cumprod, tb, cfg.min_snr_gamma)
+                mse = ((eps.float() - nb) ** 2).flatten(1).mean(1).mul(w).mean()
+            else:
+                mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
             loss, con = mse, torch.zeros(())
             if qr:
                 f = mid.out.flatten(1)
-                con = contrastive_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr], cfg.contrastive_margin)
+                pair_loss = contrastive_loss_paper if paper else contrastive_loss
+                con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr], cfg.contrastive_margin)
                 loss = mse + cfg.contrastive_weight * con
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
@@ -175,7 +276,14 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         history.append({"step": step, "mse": mse.item(), "contrastive": con.item()})
         bar.update(1)
         bar.set_postfix(mse=f"{float(mse):.4f}", con=f"{float(con):.3f}")
-        if step % cfg.checkpoint_every == 0 or step == total:
+        probe["train_seconds"] += time.time() - t_step
+        evaluated = auto and (step % cfg.eval_every == 0 or step == total)
+        if evaluated:
+            _evaluate_probe(probe, eval_fn, ema.module, step, cfg.patience, out_dir, meta)
+            if main:
+                tqdm.write(f"[step 1] step {step}: validation probe {probe['curve'][-1]['score']:.4f} "
+                           f"(best {probe['best']['score']:.4f} at step {probe['best']['step']})")
+        if step % cfg.checkpoint_every == 0 or step == total or evaluated:
             checkpoint()
         if on_step is not None:
             on_step(step)
@@ -183,8 +291,17 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     if mid is not None:
         mid.handle.remove()
     elapsed = time.time() - t0
-    save_checkpoint(out_dir / FINAL, {"model": ema.module}, {**meta, "step": step})
-    write_json(out_dir / "history.json", {"steps": step, "seconds_this_session": elapsed, "history": history})
+    final_meta = {**meta, "step": step}
+    record = {"steps": step, "seconds_this_session": elapsed, "history": history}
+    if auto:  # the best-on-validation EMA weights are the model step 2 uses
+        load_checkpoint(out_dir / BEST_EMA, {"model": ema.module})
+        final_meta.update(chosen_step=probe["best"]["step"], probe_score=probe["best"]["score"])
+        record.update(probe=probe["curve"], chosen_step=probe["best"]["step"], chosen_score=probe["best"]["score"],
+                      stopped_early=probe["stopped"])
+        if main:
+            plot_probe_curve(probe, out_dir / "probe_curve.png")
+    save_checkpoint(out_dir / FINAL, {"model": ema.module}, final_meta)
+    write_json(out_dir / "history.json", record)
     if cfg.sample_grid and class_names:
         from dcube.diffusion.sampling import sample_images, save_grid
 

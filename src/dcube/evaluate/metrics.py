@@ -245,17 +245,19 @@ def format_table(metrics: dict, title: Optional[str] = None) -> str:
     else:
         auc_label += " (one-vs-rest macro)"
     overall = [
-        ("accuracy", metrics["accuracy"]),
-        ("balanced accuracy", metrics["balanced_accuracy"]),
-        (auc_label, metrics["auc"]),
-        ("precision (macro)", metrics["precision_macro"]),
-        ("recall (macro)", metrics["recall_macro"]),
-        ("F1 (macro)", metrics["f1_macro"]),
+        ("accuracy", "accuracy"),
+        ("balanced accuracy", "balanced_accuracy"),
+        (auc_label, "auc"),
+        ("precision (macro)", "precision_macro"),
+        ("recall (macro)", "recall_macro"),
+        ("F1 (macro)", "f1_macro"),
     ]
+    ci = metrics.get("ci95") or {}
     w = max(len(k) for k, _ in overall)
-    lines.append("-" * (w + 12))
-    for k, v in overall:
-        lines.append(f"{k:<{w}}  {_fmt(v):>8}")
+    lines.append("-" * (w + 12) + (f"   {ci.get('level', 0.95):.0%} CI (bootstrap)" if "auc" in ci else ""))
+    for k, key in overall:
+        extra = f"   [{ci[key][0]:.4f}, {ci[key][1]:.4f}]" if key in ci else ""
+        lines.append(f"{k:<{w}}  {_fmt(metrics[key]):>8}{extra}")
 
     names = list(metrics["per_class"])
     cw = max(5, max(len(n) for n in names))

@@ -120,7 +120,7 @@ class LatentRun:
         d = self.data
         return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
                                       len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
-                                      d.class_names)
+                                      d.class_names, contrastive=self.cfg.latent.contrastive)
 
     def model(self):
         """(denoiser, diffusion config, codec, scheduler) of the step-1 model (latent or pixel)."""

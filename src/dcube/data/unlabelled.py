@@ -1,0 +1,79 @@
+"""Unlabelled images for step 1 (``data.unlabelled``, ``data.unlabelled_rest``).
+
+Diffusion training needs no label: an image without one is denoised under the null class, the same
+row classifier-free guidance trains. Sources:
+
+* ``data.unlabelled: PATH`` - a folder (every image file below it, any depth), a CSV with a ``path``
+  column (relative to the CSV's folder), or an ``.npz`` with an ``images`` array (or MedMNIST's
+  ``train_images``); images go through the same decoding and resizing as the labelled ones.
+* ``data.unlabelled_rest: true`` - the TRAINING images that ``data.max_train`` / ``minority_ratio``
+  left out (the label-fraction studies: the labels of the rest are "dropped").
+
+They only ever reach step 1: :class:`dcube.data.DataBundle` keeps them apart from train/val/test.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcube.data.bundle import DataError
+from dcube.data.images import IMAGE_SUFFIXES, array_to_tensor, read_image
+
+
+def _folder_files(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"data.unlabelled: {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def _csv_files(path: Path) -> list[Path]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"data.unlabelled: {path}: not a readable CSV ({exc})") from exc
+    if not rows or "path" not in rows[0]:
+        raise DataError(f"data.unlabelled: {path}: needs a 'path' column")
+    files = []
+    for i, row in enumerate(rows, start=2):
+        p = Path(row["path"]).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            raise DataError(f"data.unlabelled: {path}:{i}: no such file {p}")
+        files.append(p)
+    return files
+
+
+def load_unlabelled(path: str | Path, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """(images (N, C, S, S) in [-1, 1], ids) of an unlabelled source; DataError naming it on a problem."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.unlabelled: {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                key = next((k for k in ("images", "train_images") if k in npz.files), None)
+                if key is None:
+                    raise DataError(f"data.unlabelled: {path}: needs an 'images' (or 'train_images') array, "
+                                    f"found {sorted(npz.files)}")
+                arr = npz[key]
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"data.unlabelled: {path}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
+        if arr.ndim not in (3, 4) or len(arr) == 0:
+            raise DataError(f"data.unlabelled: {path}: '{key}' must be (N, H, W) or (N, H, W, 3), got {arr.shape}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise DataError(f"data.unlabelled: {path}: '{key}' holds NaN/inf values")
+        return array_to_tensor(arr, image_size, channels), [f"{path.name}:{key}:{i}" for i in range(len(arr))]
+    files = _folder_files(path) if path.is_dir() else _csv_files(path)
+    out = torch.empty((len(files), channels, image_size, image_size), dtype=torch.float32)
+    for i, f in enumerate(files):
+        out[i] = torch.from_numpy(read_image(f, image_size, channels))
+    return out, [str(f) for f in files]

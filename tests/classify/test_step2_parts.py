@@ -1,0 +1,108 @@
+"""The parts of step 2 that must each act: the posterior cycle loss (its gradient share on a
+class-sensitive denoiser), raw global-sum class scores, random flips from the cached flipped features."""
+
+import pytest
+import torch
+from torch import nn
+
+from dcube.classify.head import DCubeHead
+from dcube.classify.losses import calibrate_posterior, posterior_cycle_loss
+from dcube.classify.trainer import FeatureSplit, train_classifier
+from dcube.config import ClassifierConfig, DiffusionConfig, LatentConfig
+from dcube.diffusion.schedule import ddpm_scheduler
+from dcube.latent.zeroshot import classify_zero_shot
+from dcube.utils.io import read_json
+
+
+class OracleDenoiser(nn.Module):
+    """The exact noise predictor for images that equal one of two class prototypes: under class c
+    it predicts (x_t - sqrt(abar_t) proto_c) / sqrt(1 - abar_t), so the true class denoises best."""
+
+    num_classes = 2
+
+    def __init__(self, protos, scheduler):
+        super().__init__()
+        self.register_buffer("protos", protos)
+        self.register_buffer("abar", scheduler.alphas_cumprod.float())
+
+    def forward(self, x, t, y):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.protos[y]) / (1 - a).sqrt()
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.stack([torch.linspace(-1, 1, 64).view(1, 8, 8), -torch.linspace(-1, 1, 64).view(1, 8, 8)])
+    y = torch.arange(n) % 2
+    images = protos[y] + 0.05 * torch.randn(n, 1, 8, 8, generator=g)
+    feats = [torch.randn(n, 4, 4, 4, generator=g) + 0.3 * y[:, None, None, None]]
+    return protos, FeatureSplit(feats, images, y, [f.flip(-1) for f in feats])
+
+
+def _score(y, p):
+    acc = float(((p[:, 1] > 0.5) == (y == 1)).mean())
+    return acc, acc
+
+
+def test_posterior_cycle_loss_has_a_real_share_of_the_gradient(tmp_path):
+    sched = ddpm_scheduler(DiffusionConfig())
+    protos, train = _data()
+    _, val = _data(24, 1)
+    oracle = OracleDenoiser(protos, sched)
+    zs = classify_zero_shot(oracle, sched, train.images, LatentConfig(zs_trials=4), progress=False)
+    post, info = calibrate_posterior(zs.errors, train.labels)
+    assert info["zero_shot_accuracy"] > 0.95 and info["log_loss"] < 0.5 * info["prior_log_loss"]
+    assert (post.argmax(1) == train.labels).float().mean() > 0.95
+    train.posterior = post
+    cfg = ClassifierConfig(subfeature="none", fuse_size=4, epochs=2, batch_size=16, cycle_weight=1.0,
+                           consistency_weight=0.0)
+    train_classifier(cfg, train, val, ["a", "b"], tmp_path, _score)
+    rows = read_json(tmp_path / "history.json")["history"]
+    assert all(r["cycle_grad_ratio"] > 0.2 for r in rows), rows  # not the ~1e-6 of a term that does nothing
+    assert all(r["cycle_loss_share"] > 0.2 for r in rows)
+
+
+def test_posterior_cycle_loss_is_zero_at_the_target_and_needs_its_posterior(tmp_path):
+    target = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert posterior_cycle_loss(target.log(), target).abs() < 1e-6
+    assert posterior_cycle_loss(torch.zeros(2, 2), target) > 0.1
+    _, train = _data()
+    with pytest.raises(ValueError, match="posterior"):
+        train_classifier(ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, cycle_weight=1.0),
+                         train, train, ["a", "b"], tmp_path, _score)
+
+
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+def test_class_scores_enter_the_head_as_configured(norm):
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(subfeature="none", fuse_size=4, score_norm=norm)
+    head = DCubeHead([4], 2, 1, 8, cfg).eval()
+    _, split = _data(6)
+    scores = head.class_scores(split.feats, split.images)
+    f = head.proj(torch.cat([head.norms[0](split.feats[0])], 1))
+    raw = head.class_map(f).sum(dim=(2, 3))
+    if norm == "none":  # the paper's raw global sums: no softmax
+        assert torch.allclose(scores, raw) and not torch.allclose(scores.sum(1), torch.ones(6))
+    else:
+        assert torch.allclose(scores, raw.softmax(1))
+
+
+@pytest.mark.parametrize("consistency", [0.0, 0.1])
+def test_flip_augmentation_uses_the_flipped_features(tmp_path, consistency):
+    _, train = _data()
+    _, val = _data(24, 1)
+    base = ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, batch_size=16, cycle_weight=0.0,
+                            consistency_weight=consistency, consistency_batch=4, flip_augment=True)
+    a, _ = train_classifier(base, train, val, ["a", "b"], tmp_path / "a", _score)
+    garbage = FeatureSplit(train.feats, train.images, train.labels, [torch.zeros_like(f) for f in train.feats])
+    b, _ = train_classifier(base, garbage, val, ["a", "b"], tmp_path / "b", _score)
+    off = ClassifierConfig(**{**vars(base), "flip_augment": False})
+    c, _ = train_classifier(off, garbage, val, ["a", "b"], tmp_path / "c", _score)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert not torch.allclose(pa, pb)  # the flipped features reach training...
+    no_flip = FeatureSplit(train.feats, train.images, train.labels, None)
+    if not consistency:  # without consistency the flipped features are not read at all with flips off
+        d, _ = train_classifier(off, no_flip, val, ["a", "b"], tmp_path / "d", _score)
+        assert torch.allclose(pc, torch.cat([p.flatten() for p in d.parameters()]))  # ...only with flips on
+    with pytest.raises(ValueError, match="flip_augment"):
+        train_classifier(base, no_flip, val, ["a", "b"], tmp_path / "e", _score)
