@@ -49,6 +49,7 @@ VARIANTS = {  # key -> (label, features + classifier overrides)
                    _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0})),
     "multi_t": ("new, the chosen layers at t = 10, 50, 200, mixed by learned weights",
                 _with(features={"timesteps": [10, 50, 200]})),
+    "bn_off": ("new, no batch-norm recalibration before validation", _with(classifier={"bn_recalibration": 0})),
     "head_v01": ("new, the dcube 0.1 head (softmax scores, fuse 8, no flips)",
                  _with(classifier={"score_norm": "softmax", "fuse_size": 8, "flip_augment": False})),
 }

@@ -20,6 +20,14 @@ def test_defaults_are_the_demo():
     ({"classifier": {"cycle_weight": -1}}, "classifier.cycle_weight"),
     ({"data": {"download": "yes"}}, "data.download"),
     ({"data": 3}, "data"),
+    ({"diffusion": {"epochs": "forever"}}, "diffusion.epochs"),
+    ({"diffusion": {"contrastive_form": "cosine"}}, "diffusion.contrastive_form"),
+    ({"diffusion": {"loss_weighting": "p2"}}, "diffusion.loss_weighting"),
+    ({"diffusion": {"eval_every": 0}}, "diffusion.eval_every"),
+    ({"features": {"select": "random"}}, "features.select"),
+    ({"features": {"timesteps": [10, 1000]}}, "features.timesteps"),
+    ({"classifier": {"score_norm": "sigmoid"}}, "classifier.score_norm"),
+    ({"classifier": {"cycle_form": "hard"}}, "classifier.cycle_form"),
 ])
 def test_bad_values_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -37,3 +45,13 @@ def test_yaml_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_epochs_auto_and_legacy_values():
+    from dcube.config import with_legacy_values
+
+    assert from_dict({"diffusion": {"epochs": "auto"}}).diffusion.epochs == "auto"
+    old = with_legacy_values({"classifier": {"lr": 0.01}, "latent": {}})
+    assert old["classifier"]["score_norm"] == "softmax" and old["classifier"]["cycle_form"] == "soft"
+    assert old["latent"]["contrastive"] is True
+    assert with_legacy_values({"classifier": {"score_norm": "none"}})["classifier"]["score_norm"] == "none"

@@ -1,0 +1,146 @@
+"""Step-1 convergence per CPU-hour (issue 11): which step-1 loss reaches a given validation score first.
+
+    python -m bench.convergence [--seeds 0 1 2] [--variants ...] [--epochs 60]   # resumable
+    python -m bench.convergence --table-only
+
+BreastMNIST, 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
+machinery at a fixed length (patience larger than the run, so the whole curve is drawn): every
+``eval_every`` steps the EMA model's pooled block features get a logistic-regression probe fitted on
+training images and scored on VALIDATION (best block and C on validation); the best-scoring checkpoint
+is the chosen one. Only then is the test split read once: the same probe (block, C of the chosen
+checkpoint) scored on test. Same seed and data for every variant; the plot draws validation AUC against
+step and against training CPU-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+import numpy as np
+
+from bench.accuracy import data_path
+from bench.common import RESULTS, SMOKE, THREADS, load_results, machine, mean_std, run_study, shrink
+
+STUDY = "convergence"
+DATASET = "breastmnist"
+VARIANTS = {  # key -> (label, diffusion overrides)
+    "normalized": ("contrastive, normalized form (dcube 0.1 default)", {}),
+    "paper": ("contrastive, the paper's Eq. 4 (raw features, margin 0.1, weight 1, pairs in the batch)",
+              {"contrastive_form": "paper", "contrastive_weight": 1.0, "contrastive_margin": 0.1}),
+    "min_snr": ("normalized contrastive + min-SNR-5 weighting", {"loss_weighting": "min_snr"}),
+    "no_contrastive": ("noise MSE only", {"contrastive_weight": 0.0}),
+}
+
+
+def _cfg(key: str, seed: int, epochs: int) -> dict:
+    steps_per_epoch = -(-546 // 64)
+    auto = {"epochs": "auto", "auto_max_epochs": epochs, "patience": 10_000,
+            "eval_every": 1 if SMOKE else 5 * steps_per_epoch}
+    cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"{DATASET}-{key}-s{seed}"), "seed": seed,
+                  "threads": THREADS, "data": {"name": DATASET, "path": data_path(DATASET), "download": False},
+                  "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
+    cfg["diffusion"] = {**cfg["diffusion"], **auto}  # after shrink (smoke: its max_steps caps the run)
+    return cfg
+
+
+def variant_run(key: str, seed: int, epochs: int) -> dict:
+    from dcube.config import from_dict
+    from dcube.features import extract
+    from dcube.features.probe import validation_probe
+    from dcube.pipeline import Run
+    from dcube.utils.io import read_json
+
+    cfg = from_dict(_cfg(key, seed, epochs))
+    r = Run(cfg)
+    r.train_diffusion()
+    hist = read_json(r.dir / "diffusion" / "history.json")
+    model, dcfg = r.denoiser()  # the chosen (best-on-validation) checkpoint
+    chosen = next(p for p in hist["probe"] if p["step"] == hist["chosen_step"])
+    d, fc, sched = r.data, r.cfg.features, r._scheduler(dcfg)
+    layer = [chosen["layer"]]
+    tr = extract(model, d.train.images, layer, fc, seed, sched, desc="train")
+    te = extract(model, d.test.images, layer, fc, seed, sched, desc="test")  # read once, after the choice
+    test_auc, _ = validation_probe(tr, d.train.labels, te, d.test.labels, Cs=(chosen["C"],))
+    return {"study": STUDY, "dataset": DATASET, "variant": key, "label": VARIANTS[key][0], "seed": seed,
+            "epochs": epochs, "curve": hist["probe"], "chosen_step": hist["chosen_step"],
+            "val_auc": hist["chosen_score"], "test_auc": test_auc, "chosen_layer": chosen["layer"],
+            "train_minutes": hist["probe"][-1]["train_seconds"] / 60}
+
+
+def plot(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcube.utils.io import atomic_write
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for i, key in enumerate(VARIANTS):
+        rs = [r for r in rows if r["variant"] == key]
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        steps = np.array([p["step"] for p in rs[0]["curve"][:n]])
+        auc = np.array([[p["score"] for p in r["curve"][:n]] for r in rs])
+        mins = np.array([[p["train_seconds"] / 60 for p in r["curve"][:n]] for r in rs]).mean(0)
+        for ax, x in ((axes[0], steps), (axes[1], mins)):
+            ax.plot(x, auc.mean(0), color=f"C{i}", label=f"{key} ({len(rs)} seeds)")
+            if len(rs) > 1:
+                ax.fill_between(x, auc.min(0), auc.max(0), color=f"C{i}", alpha=0.15)
+    axes[0].set_xlabel("optimiser step")
+    axes[1].set_xlabel("training CPU-minutes (1 thread)")
+    axes[0].set_ylabel("validation probe AUC")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Step-1 convergence on BreastMNIST: linear probe of the EMA model on validation (mean, min-max)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = RESULTS / STUDY / "convergence.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def table() -> str:
+    rows = load_results(STUDY)
+    lines = ["## Step-1 convergence (BreastMNIST, 28 px)\n",
+             f"Command: `python -m bench.convergence` (resumable). Machine: {machine()}. `unet` tiny, a fixed length "
+             "per variant; every 5 epochs a logistic-regression probe on the EMA model's pooled block features "
+             "(fitted on training images, block and C chosen on validation) is scored on validation; the chosen "
+             "checkpoint is the best on validation, and only its probe is scored on test. Mean ± std over seeds; a "
+             "default may only be chosen on the validation column.\n",
+             "| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for key, (label, _) in VARIANTS.items():
+        rs = [r for r in rows if r["variant"] == key]
+        if not rs:
+            continue
+        lines.append(f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
+                     f"{mean_std([float(r['chosen_step']) for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
+                     f"{mean_std([r['train_minutes'] for r in rs])} |")
+    if rows:
+        path = plot(rows)
+        lines += ["", f"![step-1 convergence]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+                  if not SMOKE else f"plot: {path.name}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    epochs = 1 if SMOKE else a.epochs
+    jobs = ((f"{DATASET}-{key}-s{seed}", partial(variant_run, key, seed, epochs))
+            for seed in a.seeds for key in a.variants)
+    return run_study(STUDY, jobs, table, a.table_only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
