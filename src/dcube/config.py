@@ -65,6 +65,7 @@ class DiffusionConfig:
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
+    grid_samplers: list = field(default_factory=lambda: ["ddim", "ddpm"])  # samples.png (DDIM), samples_ddpm.png
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
 
 
@@ -112,6 +113,7 @@ class ClassifierConfig:
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
     bn_recalibration: int = 1024  # training images re-estimating the EMA head's BN statistics before each validation (0 = off)
+    target_sensitivity: Optional[float] = None  # binary: the threshold reaching this validation sensitivity
     synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
@@ -330,8 +332,14 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
             f"got {cfg.features.timestep}"
         )
+    bad = [v for v in cfg.diffusion.grid_samplers if v not in ("ddim", "ddpm")]
+    if bad:
+        raise ConfigError(f"diffusion.grid_samplers: {bad} not in ['ddim', 'ddpm']")
     if not 0 <= cfg.diffusion.class_dropout < 1:
         raise ConfigError(f"diffusion.class_dropout: must lie in [0, 1), got {cfg.diffusion.class_dropout}")
+    ts = cfg.classifier.target_sensitivity
+    if ts is not None and not 0 < ts < 1:
+        raise ConfigError(f"classifier.target_sensitivity: must lie in (0, 1), got {ts}")
     if not 0 < cfg.features.ks_alpha < 1:
         raise ConfigError(f"features.ks_alpha: must lie in (0, 1), got {cfg.features.ks_alpha}")
     for key in ("val_fraction", "test_fraction"):

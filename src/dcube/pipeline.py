@@ -8,7 +8,8 @@ run_dir/
   features/              selection.json, ks_pvalues.png, cached feature maps per split
   classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
   metrics.json           test metrics with 95 % bootstrap CIs (+ validation metrics of the chosen epoch),
-                         per-image test probabilities; confusion.png, roc.png
+                         per-image test probabilities, calibration (temperature, ECE before/after, operating
+                         point); confusion.png, roc.png, reliability.png; classifier/calibration.json
   classifier/curves.png  training curves
 """
 
@@ -332,6 +333,7 @@ class Run:
     def evaluate(self) -> dict:
         from dcube.classify.trainer import BEST, build_head, predict
         from dcube.evaluate import compute_metrics, format_table
+        from dcube.evaluate.calibration import apply_temperature, calibrate, plot_reliability
         from dcube.evaluate.stats import bootstrap_ci
         from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
         from dcube.utils.io import load_checkpoint
@@ -350,17 +352,32 @@ class Run:
         metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
         metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=self.cfg.seed)
         val_metrics["ci95"] = bootstrap_ci(val.labels.numpy(), val_probs, seed=self.cfg.seed)
+        cal = calibrate(val_probs, val.labels.numpy(), probs.numpy(), test.labels.numpy(), d.class_names,
+                        self.cfg.classifier.target_sensitivity)
+        write_json(self.dir / "classifier" / "calibration.json",
+                   {k: cal[k] for k in ("temperature", "fitted_on")} |
+                   ({"threshold": cal["operating_point"]["val"]["threshold"], "positive_class": d.class_names[1]}
+                    if "operating_point" in cal else {}))
+        plot_reliability(probs.numpy(), apply_temperature(probs.numpy(), cal["temperature"]), test.labels.numpy(),
+                         self.dir / "reliability.png")
         plot_confusion(metrics, self.dir / "confusion.png")
         plot_roc(test.labels.numpy(), probs.numpy(), d.class_names, self.dir / "roc.png")
         history = read_json(self.dir / "classifier" / "history.json")["history"]
         plot_curves(history, self.dir / "classifier" / "curves.png")
         full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names,
                 "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
-                "timings_s": self.info["timings_s"],
+                "calibration": cal, "timings_s": self.info["timings_s"],
                 # per-image test probabilities (split order): paired tests against other models
                 "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()]}
         write_json(self.dir / "metrics.json", full)
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
+        print(f"calibration (temperature {cal['temperature']:.3f}, fitted on validation): test ECE "
+              f"{cal['test']['ece_before']:.4f} -> {cal['test']['ece_after']:.4f}")
+        if "operating_point" in cal:
+            op = cal["operating_point"]["test"]
+            print(f"operating point (threshold {op['threshold']:.4f}, chosen on validation for sensitivity "
+                  f">= {self.cfg.classifier.target_sensitivity}): test sensitivity {op['sensitivity']:.3f} "
+                  f"{op['sensitivity_ci95']}, specificity {op['specificity']:.3f} {op['specificity_ci95']}")
         return full
 
 

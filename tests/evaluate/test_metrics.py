@@ -172,3 +172,11 @@ def test_write_report(tmp_path):
     assert val["metrics"].name == "metrics_val.json" and paths["metrics"].exists()
     with pytest.raises(ValueError, match="metrics"):
         write_report(tmp_path / "run", m, y[:10], p[:10], names)
+
+
+def test_training_curves_put_dcube_losses_on_the_loss_panel():
+    from dcube.evaluate.plots import _kind
+
+    assert [_kind(k) for k in ("ce", "cycle", "consistency", "mse", "contrastive", "train_loss")] == ["loss"] * 6
+    assert [_kind(k) for k in ("val_auc", "val_acc")] == ["metric"] * 2
+    assert [_kind(k) for k in ("ema_decay", "cycle_grad_ratio", "cycle_loss_share")] == ["diagnostic"] * 3

@@ -36,6 +36,7 @@ def test_pneumoniamnist_slice_reaches_auc(shared_data, tmp_path):
     assert out["test"]["auc"] >= 0.85, out["test"]
     d = tmp_path / "run"
     for f in ("config.yaml", "run.json", "metrics.json", "diffusion/ema.safetensors", "diffusion/samples.png",
+              "diffusion/samples_ddpm.png",
               "features/selection.json", "features/ks_pvalues.png", "classifier/best.safetensors"):
         assert (d / f).exists(), f
     info = json.loads((d / "run.json").read_text())
@@ -150,7 +151,7 @@ def test_selection_rules_and_multi_timestep_features(shared_data, tmp_path, sele
     from dcube.utils.io import load_tensors
 
     out = run(_cfg(shared_data, tmp_path / "run", features={"select": select, "timesteps": [10, 200]},
-                   classifier={"epochs": 2}))
+                   classifier={"epochs": 2, "target_sensitivity": 0.9}))
     d = tmp_path / "run"
     sel = json.loads((d / "features/selection.json").read_text())
     assert sel["method"] == select and sel["names"] == out["layers"]
@@ -164,6 +165,11 @@ def test_selection_rules_and_multi_timestep_features(shared_data, tmp_path, sele
     m = json.loads((d / "metrics.json").read_text())
     lo, hi = m["test"]["ci95"]["auc"]
     assert lo <= m["test"]["auc"] <= hi and len(m["test_probs"]) == m["test"]["n"]
+    cal = m["calibration"]
+    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-9 and "ece_after" in cal["test"]
+    assert (d / "reliability.png").exists() and json.loads((d / "classifier/calibration.json").read_text())["temperature"]
+    op = cal["operating_point"]
+    assert op["val"]["sensitivity"] >= 0.9 and op["test"]["threshold"] == op["val"]["threshold"]
 
 
 def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_new_behaviour(shared_data, tmp_path):

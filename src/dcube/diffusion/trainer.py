@@ -307,7 +307,11 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
 
         per = 8
         lab = torch.arange(num_classes).repeat_interleave(per)
-        imgs = sample_images(ema.module, cfg, lab, steps=cfg.sample_steps, seed=seed, device=device,
-                             progress=main)
-        save_grid(imgs, lab, class_names, out_dir / "samples.png")
+        # DDIM (few steps) and DDPM (all steps) from the same seed: briefly trained models draw noise
+        # with few-step DDIM long before DDPM's samples look wrong, so both are drawn until they match
+        for sampler in getattr(cfg, "grid_samplers", ["ddim"]):
+            steps = cfg.sample_steps if sampler == "ddim" else None
+            imgs = sample_images(ema.module, cfg, lab, sampler=sampler, steps=steps, seed=seed, device=device,
+                                 progress=main)
+            save_grid(imgs, lab, class_names, out_dir / ("samples.png" if sampler == "ddim" else f"samples_{sampler}.png"))
     return out_dir / FINAL

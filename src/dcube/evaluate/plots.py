@@ -134,13 +134,26 @@ def _scalars(entry: dict) -> dict[str, float]:
     return out
 
 
+#: dcube's loss terms, whose history keys carry no "loss" (step 2: ce, cycle, consistency; step 1: mse, contrastive)
+LOSS_TERMS = {"ce", "cycle", "consistency", "mse", "contrastive"}
+
+
+def _kind(key: str) -> str:
+    if key in LOSS_TERMS or (key.endswith("loss") and "share" not in key):
+        return "loss"
+    if key.startswith(("val_", "train_acc", "train_auc", "test_")):
+        return "metric"
+    return "diagnostic"  # e.g. ema_decay, cycle_grad_ratio, cycle_loss_share
+
+
 def plot_curves(history: list[dict], path: str | Path, title: Optional[str] = None) -> Path:
     """Training curves, one point per epoch, as a PNG; returns the path.
 
-    Left panel: every key containing ``loss`` (e.g. ``train_loss``, ``val_loss``). Right
-    panel: every other numeric key (e.g. ``val_auc``, ``val_acc``), apart from bookkeeping
-    keys (epoch, step, lr, time...). The x axis is ``entry["epoch"]`` when present, else
-    1, 2, ... ``None`` values leave gaps.
+    Left panel: the loss terms (``ce``, ``cycle``, ``consistency``, ``mse``, ``contrastive`` and keys
+    ending in ``loss``). Middle panel: the validation metrics (``val_*``). Right panel, when any:
+    the other numeric keys (diagnostics such as ``ema_decay`` or ``cycle_grad_ratio``, on a log
+    scale), apart from bookkeeping keys (epoch, step, lr, time...). The x axis is
+    ``entry["epoch"]`` when present, else 1, 2, ... ``None`` values leave gaps.
     """
     if not history:
         raise ValueError("history: empty, nothing to plot")
@@ -150,15 +163,19 @@ def plot_curves(history: list[dict], path: str | Path, title: Optional[str] = No
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys and k not in _SKIP_KEYS]
-    loss_keys = [k for k in keys if "loss" in k]
-    metric_keys = [k for k in keys if "loss" not in k]
+    groups = [([k for k in keys if _kind(k) == "loss"], "loss"), ([k for k in keys if _kind(k) == "metric"], "metric")]
+    diagnostics = [k for k in keys if _kind(k) == "diagnostic"]
+    if diagnostics:
+        groups.append((diagnostics, "diagnostic (log scale)"))
 
-    fig = _new_figure(11.0, 4.2)
-    for i, (group, label) in enumerate(((loss_keys, "loss"), (metric_keys, "metric"))):
-        ax = fig.add_subplot(1, 2, i + 1)
+    fig = _new_figure(5.5 * len(groups), 4.2)
+    for i, (group, label) in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), i + 1)
         for k in group:
             ys = [r.get(k, math.nan) for r in rows]
             ax.plot(xs, ys, marker="o", markersize=3, label=k)
+        if label.startswith("diagnostic") and any(r.get(k, 0) > 0 for r in rows for k in group):
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
