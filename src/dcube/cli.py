@@ -34,6 +34,26 @@ def demo_config(quick: bool = False) -> RunConfig:
     return from_dict(values)
 
 
+def cmd_predict(args) -> int:
+    """0: every input predicted; 1: some inputs could not be read (named on stderr); 2: nothing to do."""
+    from pathlib import Path
+
+    from dcube.predict import NOTICE, predict_files
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "predictions"
+    try:
+        rows, failed = predict_files(args.run_dir, args.inputs, out, args.batch_size, args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"dcube: error: {exc}", file=sys.stderr)
+        return 2
+    for it in failed:
+        print(f"dcube: cannot predict {it.path}: {it.error}", file=sys.stderr)
+    print(f"predicted {len(rows)} image(s), {len(failed)} failed -> {out / 'predictions.csv'} ({NOTICE})")
+    if not rows:
+        return 2
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dcube", description="Diffusion hyper-features for medical image classification")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -54,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_generate.register(sub)
     cli_latent.register(sub)
+    pp = sub.add_parser("predict", help="apply a trained run to new images (PNG/JPEG/TIFF/BMP/DICOM files, folders, CSV)")
+    pp.add_argument("run_dir", help="a finished run directory (dcube run)")
+    pp.add_argument("inputs", nargs="+", help="image or DICOM files, folders (recursive) or CSVs with a 'path' column")
+    pp.add_argument("--out", help="output folder for predictions.csv/.json (default RUN_DIR/predictions)")
+    pp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    pp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    pp.set_defaults(handler=cmd_predict)
     dp = sub.add_parser("demo", help=DEMO_HELP)
     dp.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     dp.add_argument("--run-dir")

@@ -1,0 +1,174 @@
+"""Apply a trained D-Cube run to new images: ``dcube predict RUN_DIR INPUT... [--out DIR]``.
+
+Everything comes from the run directory (no training data needed): the preprocessing
+(``data.image_size``/``channels`` of its config.yaml, through the same reader training used,
+:func:`dcube.data.images.read_image`, DICOM included), the frozen step-1 model, the selected layers,
+the feature settings (features are rounded to float16 exactly as the training cache stores them), the
+EMA head chosen on validation, and the calibration (temperature, and the operating point when the run
+has one) fitted on validation.
+
+Inputs: image files (PNG, JPEG, TIFF, BMP, ...), DICOM files, folders (searched recursively) and CSV
+files with a ``path`` column. A file that cannot be read is reported and skipped; the others are
+predicted. Outputs: ``predictions.csv`` and ``predictions.json`` (with a header naming the model's
+sha256, the dcube version, the preprocessing and "research use only").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+NOTICE = "research use only, not for diagnostic use"
+
+
+@dataclass
+class Item:
+    path: Path
+    error: str | None = None
+
+
+def collect_inputs(inputs: list[str]) -> list[Item]:
+    """Files of the given files, folders (recursive, image and DICOM files) and CSVs (``path`` column)."""
+    from dcube.data.dicom import is_dicom
+    from dcube.data.images import IMAGE_SUFFIXES
+
+    out: list[Item] = []
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
+                if f.suffix.lower() in IMAGE_SUFFIXES or f.suffix.lower() in (".dcm", ".dicom") or is_dicom(f):
+                    out.append(Item(f))
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            with p.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+            if rows and "path" not in rows[0]:
+                out.append(Item(p, "CSV without a 'path' column"))
+                continue
+            for row in rows:
+                q = Path(row["path"]).expanduser()
+                out.append(Item(q if q.is_absolute() else p.parent / q))
+        else:
+            out.append(Item(p, None if p.is_file() else "no such file"))
+    return out
+
+
+class Predictor:
+    """The run's model as one callable: images (N, C, S, S) in [-1, 1] -> (raw, calibrated) probabilities."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+        import yaml
+
+        from dcube.classify.trainer import BEST, FeatureSplit, build_head
+        from dcube.config import from_dict
+        from dcube.diffusion.schedule import ddpm_scheduler
+        from dcube.diffusion.trainer import load_denoiser
+        from dcube.utils.io import load_checkpoint, read_json
+
+        self.dir = Path(run_dir)
+        for need in ("config.yaml", "run.json", "features/selection.json", "diffusion/ema.safetensors",
+                     "classifier/" + BEST):
+            if not (self.dir / need).exists():
+                raise FileNotFoundError(f"{self.dir}: not a finished dcube run (missing {need}); run 'dcube run' first")
+        self.cfg = from_dict(yaml.safe_load((self.dir / "config.yaml").read_text()))
+        self.class_names = read_json(self.dir / "run.json")["data"]["class_names"]
+        self.layers = read_json(self.dir / "features" / "selection.json")["names"]
+        self.device = torch.device(device)
+        self.model, dcfg = load_denoiser(self.dir / "diffusion" / "ema.safetensors", self.device)
+        self.scheduler = ddpm_scheduler(dcfg)
+        fc = self.cfg.features
+        self.timesteps = fc.timesteps or [None]
+        s, c = self.cfg.data.image_size, self.cfg.data.channels
+        probe = self._features(torch.zeros(2, c, s, s))
+        self.head = build_head(self.cfg.classifier, FeatureSplit(probe, torch.zeros(2, c, s, s), torch.zeros(2)),
+                               len(self.class_names), len(self.timesteps)).to(self.device)
+        load_checkpoint(self.dir / "classifier" / BEST, {"head": self.head})
+        self.head.eval()
+        cal = self.dir / "classifier" / "calibration.json"
+        self.calibration = read_json(cal) if cal.exists() else {"temperature": 1.0}
+
+    def _features(self, images: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+        import dataclasses
+
+        from dcube.features import extract
+
+        fc = self.cfg.features
+        out = {}
+        for t in self.timesteps:
+            ft = fc if t is None else dataclasses.replace(fc, timestep=t)
+            out[t] = extract(self.model, images, self.layers, ft, self.cfg.seed, self.scheduler, self.device,
+                             progress=False)
+        # as the training cache stores them (float16), so a file and its cached split agree
+        return [out[t][n].half().float() for n in self.layers for t in self.timesteps]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        from dcube.evaluate.calibration import apply_temperature
+
+        feats = self._features(images)
+        raw = self.head([f.to(self.device) for f in feats], images.to(self.device)).softmax(1).cpu().double().numpy()
+        return raw, apply_temperature(raw, self.calibration["temperature"])
+
+    def header(self) -> dict:
+        from dcube.utils.io import sha256_file
+        from dcube.utils.runtime import package_versions
+
+        d = self.cfg.data
+        return {"notice": NOTICE, "run_dir": str(self.dir.resolve()), "dcube": package_versions()["dcube"],
+                "model_sha256": {"head": sha256_file(self.dir / "classifier" / "best.safetensors"),
+                                 "denoiser": sha256_file(self.dir / "diffusion" / "ema.safetensors")},
+                "preprocessing": f"dcube.data.images.read_image: decode (DICOM: rescale slope/intercept, "
+                                 f"MONOCHROME1 inverted, robust window, middle frame), {d.channels} channel(s), "
+                                 f"resized to {d.image_size}x{d.image_size}, scaled to [-1, 1]",
+                "class_names": self.class_names, "temperature": self.calibration["temperature"],
+                "threshold": self.calibration.get("threshold"),
+                "positive_class": self.calibration.get("positive_class")}
+
+
+def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, batch_size: int = 64,
+                  device: str = "cpu") -> tuple[list[dict], list[Item]]:
+    """Predict every readable input; write predictions.csv / .json to `out_dir`. Returns (rows, failed)."""
+    from dcube.data.images import read_image
+    from dcube.utils.io import atomic_write_text, write_json
+
+    pred = Predictor(run_dir, device)
+    items = collect_inputs(inputs)
+    s, c = pred.cfg.data.image_size, pred.cfg.data.channels
+    ok: list[tuple[Item, np.ndarray]] = []
+    for it in items:
+        if it.error is None:
+            try:
+                ok.append((it, read_image(it.path, s, c)))
+            except Exception as exc:  # any unreadable file: named, skipped
+                it.error = f"{type(exc).__name__}: {exc}"
+    rows = []
+    thr = pred.calibration.get("threshold")
+    for b in tqdm(range(0, len(ok), batch_size), desc="predict", unit="batch", disable=len(ok) <= batch_size):
+        chunk = ok[b:b + batch_size]
+        raw, cal = pred(torch.from_numpy(np.stack([x for _, x in chunk])))
+        for (it, _), r, p in zip(chunk, raw, cal):
+            row = {"path": str(it.path), **{f"prob_{n}": float(v) for n, v in zip(pred.class_names, p)},
+                   "predicted": pred.class_names[int(p.argmax())] if len(p) != 2 else pred.class_names[int(p[1] > 0.5)],
+                   **{f"raw_prob_{n}": float(v) for n, v in zip(pred.class_names, r)}}
+            if thr is not None:
+                row["decision"] = pred.class_names[1] if p[1] >= thr else pred.class_names[0]
+            rows.append(row)
+    failed = [it for it in items if it.error is not None]
+    out_dir = Path(out_dir)
+    header = pred.header()
+    write_json(out_dir / "predictions.json", {**header, "predictions": rows,
+                                              "failed": [{"path": str(i.path), "error": i.error} for i in failed]})
+    buf = io.StringIO()
+    buf.write(f"# {NOTICE}; model head sha256 {header['model_sha256']['head']}; dcube {header['dcube']}\n")
+    fields = ["path", *[f"prob_{n}" for n in pred.class_names], "predicted"] + (["decision"] if thr is not None else [])
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
+    return rows, failed
