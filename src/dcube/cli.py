@@ -42,7 +42,7 @@ def cmd_predict(args) -> int:
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "predictions"
     try:
-        rows, failed = predict_files(args.run_dir, args.inputs, out, args.batch_size, args.device)
+        rows, failed = predict_files(args.run_dir, args.inputs, out, args.batch_size, args.device, args.heatmaps)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dcube: error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--out", help="output folder for predictions.csv/.json (default RUN_DIR/predictions)")
     pp.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     pp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    pp.add_argument("--heatmaps", nargs="?", type=int, const=20, default=0, metavar="N",
+                    help="Grad-CAM and diffusion-evidence overlays of the first N images (default N: 20)")
     pp.set_defaults(handler=cmd_predict)
     dp = sub.add_parser("demo", help=DEMO_HELP)
     dp.add_argument("--quick", action="store_true", help="a one-minute smoke version")

@@ -115,6 +115,37 @@ class Predictor:
         raw = self.head([f.to(self.device) for f in feats], images.to(self.device)).softmax(1).cpu().double().numpy()
         return raw, apply_temperature(raw, self.calibration["temperature"])
 
+    def gradcam(self, image: torch.Tensor, class_idx: int) -> torch.Tensor:
+        """(H, W) Grad-CAM (monai.visualize.GradCAM) of `class_idx` on the head's last conv stage."""
+        from monai.visualize import GradCAM
+
+        pred = self
+
+        class Net(torch.nn.Module):  # one-input view of the head for MONAI: the frozen features inside
+            def __init__(self):
+                super().__init__()
+                self.head = pred.head
+
+            def forward(self, x):
+                with torch.no_grad():
+                    feats = [f.to(x.device) for f in pred._features(x.detach().cpu())]
+                return self.head(feats, x)
+
+        net = Net().eval()
+        cam = GradCAM(net, target_layers="head.stages.2")(image[None].to(self.device), class_idx=class_idx)
+        return torch.nn.functional.interpolate(cam.float(), size=image.shape[-2:], mode="bilinear",
+                                               align_corners=False)[0, 0].detach().cpu()
+
+    def diffusion_map(self, image: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
+        """The frozen denoiser's evidence map: err(runner-up) - err(predicted) (dcube.latent.errormaps)."""
+        from dcube.latent.autoencoder import LatentCodec
+        from dcube.latent.errormaps import error_map
+
+        order = np.argsort(-probs)
+        lc = self.cfg.latent
+        return error_map(self.model, self.scheduler, LatentCodec(None), image, (int(order[0]), int(order[1])),
+                         list(lc.errormap_timesteps), lc.errormap_noises, self.cfg.seed, self.device)
+
     def header(self) -> dict:
         from dcube.utils.io import sha256_file
         from dcube.utils.runtime import package_versions
@@ -131,9 +162,34 @@ class Predictor:
                 "positive_class": self.calibration.get("positive_class")}
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe stem (inputs and class names never steer where a file is written)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "image"
+
+
+def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, limit: int) -> None:
+    """Grad-CAM and the diffusion evidence map of the first `limit` predictions, as overlay PNGs."""
+    from dcube.latent.errormaps import save_overlay
+
+    for k, ((it, x), row) in enumerate(zip(ok[:limit], rows[:limit])):
+        image = torch.from_numpy(x)
+        probs = np.array([row[f"raw_prob_{n}"] for n in pred.class_names])
+        c = int(probs.argmax())
+        stem = f"{k:04d}_{safe_name(it.path.stem)}"
+        title = f"{it.path.name}: predicted {pred.class_names[c]} (p = {row[f'prob_{pred.class_names[c]}']:.2f})"
+        row["gradcam"] = str(save_overlay(image, pred.gradcam(image, c), out_dir / f"{stem}_gradcam.png", title,
+                                          smooth=0.0, label="Grad-CAM (head)", caption="Grad-CAM of the predicted class",
+                                          signed=False))
+        row["diffusion_map"] = str(save_overlay(image, pred.diffusion_map(image, probs),
+                                                out_dir / f"{stem}_diffusion.png", title))
+
+
 def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, batch_size: int = 64,
-                  device: str = "cpu") -> tuple[list[dict], list[Item]]:
-    """Predict every readable input; write predictions.csv / .json to `out_dir`. Returns (rows, failed)."""
+                  device: str = "cpu", heatmaps: int = 0) -> tuple[list[dict], list[Item]]:
+    """Predict every readable input; write predictions.csv / .json to `out_dir` (and, with `heatmaps` > 0,
+    that many Grad-CAM / diffusion-evidence overlays under out_dir/heatmaps). Returns (rows, failed)."""
     from dcube.data.images import read_image
     from dcube.utils.io import atomic_write_text, write_json
 
@@ -161,6 +217,8 @@ def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, b
             rows.append(row)
     failed = [it for it in items if it.error is not None]
     out_dir = Path(out_dir)
+    if heatmaps > 0:
+        write_heatmaps(pred, ok, rows, out_dir / "heatmaps", heatmaps)
     header = pred.header()
     write_json(out_dir / "predictions.json", {**header, "predictions": rows,
                                               "failed": [{"path": str(i.path), "error": i.error} for i in failed]})

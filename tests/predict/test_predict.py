@@ -60,3 +60,14 @@ def test_predict_reads_every_real_dicom(trained, shared_data, capsys):
 def test_predict_refuses_an_unfinished_run(tmp_path, capsys):
     assert main(["predict", str(tmp_path), str(tmp_path)]) == 2
     assert "not a finished dcube run" in capsys.readouterr().err
+
+
+def test_heatmaps_are_written_for_gradcam_and_the_diffusion_map(trained, shared_data):
+    d, _ = trained
+    rc = main(["predict", str(d / "run"), str(shared_data / "dicom" / "CT_small.dcm"), "--out", str(d / "hm"),
+               "--heatmaps", "1"])
+    out = json.loads((d / "hm" / "predictions.json").read_text())
+    row = out["predictions"][0]
+    assert rc == 0
+    for key in ("gradcam", "diffusion_map"):
+        assert row[key].startswith(str(d / "hm" / "heatmaps")) and open(row[key], "rb").read(4) == b"\x89PNG"

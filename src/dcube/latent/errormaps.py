@@ -44,9 +44,11 @@ def error_map(model, scheduler, codec: LatentCodec, image: torch.Tensor, classes
 
 
 def save_overlay(image: torch.Tensor, emap: torch.Tensor, path: str | Path, title: str = "",
-                 smooth: float = 1.0) -> Path:
-    """Image | image with the error map as a diverging heat-map overlay (red = evidence for the
-    predicted class), with a colour bar. PNG, written atomically."""
+                 smooth: float = 1.0, label: str = "err(runner-up) - err(pred)",
+                 caption: str = "evidence for the prediction (red)", signed: bool = True) -> Path:
+    """Image | image with the map as a diverging heat-map overlay (red = evidence for the
+    predicted class), with a colour bar. PNG, written atomically. Also draws Grad-CAM maps
+    (``dcube predict --heatmaps``: non-negative, so red only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,10 +67,11 @@ def save_overlay(image: torch.Tensor, emap: torch.Tensor, path: str | Path, titl
     for ax in axes:
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.axis("off")
-    im = axes[1].imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.55)
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="err(runner-up) - err(pred)")
+    im = axes[1].imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.55) if signed else \
+        axes[1].imshow(m, cmap="inferno", vmin=0.0, vmax=lim, alpha=0.5)  # a non-negative map (Grad-CAM)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label=label)
     axes[0].set_title("image", fontsize=8)
-    axes[1].set_title("evidence for the prediction (red)", fontsize=8)
+    axes[1].set_title(caption, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
