@@ -76,7 +76,7 @@ class FeatureConfig:
     timesteps: Optional[list] = None  # several t: the chosen layers at each, mixed by learned weights (hyperfeatures)
     condition: str = "uniform"  # class conditioning while extracting: uniform soft embedding
     layers: Optional[list] = None  # explicit layer names; None = selected by `select`
-    select: str = "ks"  # ks (pooled values) | ks_map (the paper's Eq. 6, per image) | probe | all
+    select: str = "ks_map"  # ks_map (the paper's Eq. 6, per image) | ks (pooled values, dcube 0.1) | probe | all
     ks_min_effect: float = 0.02  # ks_map: least KS distance above Gaussian noise's for a layer to count
     ks_map_values: int = 4096  # ks_map: values per image's map (a fixed stride through it)
     probe_layers: int = 2  # layers kept by select=probe
@@ -104,8 +104,8 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     ce_weight: float = 1.0
-    cycle_weight: float = 0.1  # 0 switches the cycle loss off
-    cycle_form: str = "posterior"  # posterior (KL to the denoiser's class posterior) | soft (denoiser MSE)
+    cycle_weight: float = 10.0  # 0 switches the cycle loss off (the paper: 10 and 100; chosen on validation)
+    cycle_form: str = "soft"  # soft (denoiser MSE under the soft label) | posterior (KL to its class posterior)
     cycle_trials: int = 8  # posterior: (t, noise) trials per image and class, computed once
     cycle_batch: int = 16  # soft: images per step that go through the frozen denoiser for it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off

@@ -8,7 +8,7 @@ run_dir/
   features/              selection.json, ks_pvalues.png, cached feature maps per split
   classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
   metrics.json           test metrics with 95 % bootstrap CIs (+ validation metrics of the chosen epoch),
-                         per-image test probabilities, calibration (temperature, ECE before/after, operating
+                         per-image test and validation probabilities, calibration (temperature, ECE before/after, operating
                          point); confusion.png, roc.png, reliability.png; classifier/calibration.json
   classifier/curves.png  training curves
 """
@@ -368,7 +368,8 @@ class Run:
                 "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
                 "calibration": cal, "timings_s": self.info["timings_s"],
                 # per-image test probabilities (split order): paired tests against other models
-                "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()]}
+                "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()],
+                "val_probs": [[round(float(v), 6) for v in row] for row in val_probs.tolist()]}
         write_json(self.dir / "metrics.json", full)
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
         print(f"calibration (temperature {cal['temperature']:.3f}, fitted on validation): test ECE "

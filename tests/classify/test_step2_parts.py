@@ -55,7 +55,7 @@ def test_posterior_cycle_loss_has_a_real_share_of_the_gradient(tmp_path):
     assert (post.argmax(1) == train.labels).float().mean() > 0.95
     train.posterior = post
     cfg = ClassifierConfig(subfeature="none", fuse_size=4, epochs=2, batch_size=16, cycle_weight=1.0,
-                           consistency_weight=0.0)
+                           cycle_form="posterior", consistency_weight=0.0)
     train_classifier(cfg, train, val, ["a", "b"], tmp_path, _score)
     rows = read_json(tmp_path / "history.json")["history"]
     assert all(r["cycle_grad_ratio"] > 0.2 for r in rows), rows  # not the ~1e-6 of a term that does nothing
@@ -68,7 +68,8 @@ def test_posterior_cycle_loss_is_zero_at_the_target_and_needs_its_posterior(tmp_
     assert posterior_cycle_loss(torch.zeros(2, 2), target) > 0.1
     _, train = _data()
     with pytest.raises(ValueError, match="posterior"):
-        train_classifier(ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, cycle_weight=1.0),
+        train_classifier(ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, cycle_weight=1.0,
+                                          cycle_form="posterior"),
                          train, train, ["a", "b"], tmp_path, _score)
 
 
