@@ -104,9 +104,11 @@ def table() -> str:
                          f"{mean_std([r['test']['f1_macro'] for r in rs])} | {_schedule(rs[0])} | {rs[-1]['date']} |")
         for name, (auc, acc) in PUBLISHED[ds].items():
             lines.append(f"| {name} (published, MedMNIST v2) | - | {acc:.3f} | {auc:.3f} | - | - | - | - | paper | - |")
-        lines.append("\nCIs and paired tests need the per-image test probabilities, which runs before dcube 0.2 did "
-                     "not store (\"-\"); the paired test is a stratified bootstrap over the same test images of the "
-                     "seed-mean difference, and \"beats\" needs p < 0.05.")
+        lines.append("\nCIs and paired tests need the per-image test probabilities, which runs made before "
+                     "2026-12-01 did not store (\"-\"); the paired test is a stratified bootstrap over the same test "
+                     "images of the seed-mean difference, and \"beats\" needs p < 0.05. The D-Cube rows dated before "
+                     "2026-12-01 ran dcube 0.1's defaults (pooled KS, softmax scores, fuse 8, cycle x0.1); today's "
+                     "defaults on BreastMNIST are the step-2 study's \"soft cycle loss x10\" row.")
         dc = [r for r in runs if r["method"] == "D-Cube"]
         if dc:
             lines += ["", gap_line(ds, dc)]

@@ -122,7 +122,7 @@ def step2_epoch() -> dict:
     t_extract = time.perf_counter() - t0  # train, its flips and val: what recomputing repeats each epoch
     train = FeatureSplit([feats[n] for n in names], data.train.images, data.train.labels, [flipped[n] for n in names])
     vsplit = FeatureSplit([val[n] for n in names], data.val.images, data.val.labels)
-    # the cycle loss's class posterior (today's default form): computed once per run, timed on its own
+    # the posterior cycle form's class posterior (an option): computed once per run, timed on its own
     t0 = time.perf_counter()
     zs = classify_zero_shot(model, ddpm_scheduler(dcfg), data.train.images, LatentConfig(zs_trials=8), progress=False)
     train.posterior = calibrate_posterior(zs.errors, data.train.labels)[0]
@@ -173,7 +173,8 @@ def table() -> str:
                   f"| cached (computed once; dcube's default) | {s['epoch_cached_s']:.1f} |",
                   *([f"| cached, dcube 0.1's step 2 (soft cycle loss through the frozen denoiser every step, fuse 8, "
                      f"no flips) | {s['epoch_v01_s']:.1f} |",
-                     f"| (today's posterior cycle loss: computed once per run, {s['posterior_s']:.1f} s, not per epoch) | - |"]
+                     f"| (the `posterior` cycle form, an option: its class posterior is computed once per run, "
+                     f"{s['posterior_s']:.1f} s, not per epoch) | - |"]
                     if "epoch_v01_s" in s else []),
                   f"| recomputed every epoch (published code) | {s['epoch_recomputed_s']:.1f} "
                   f"(= {s['extract_s']:.1f} s extracting train, flipped train and val + the epoch; {s['speedup']:.2f}x "
