@@ -129,6 +129,6 @@ def plot_reliability(probs_before, probs_after, y, path: str | Path, title: str 
     ax.set_xlabel("confidence (top-label probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability, {title}")
-    ax.legend(fontsize="small", loc="upper left")
+    ax.legend(fontsize="small", loc="lower right")  # overconfident models leave that corner empty
     ax.grid(alpha=0.3)
     return _save(fig, path)
