@@ -192,17 +192,21 @@ def paired_cell(runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _labels(data_json: str, seed: int):
+def _labels(data_json: str, seed: int, split: str):
+    import dataclasses
+
     from dcube.config import DataConfig
     from dcube.data import load_data
 
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(DataConfig)}
     values = {k: v for k, v in json.loads(data_json).items() if k in known}  # a record from another version
-    return load_data(DataConfig(**values), seed).test.labels.numpy()
+    return getattr(load_data(DataConfig(**values), seed), split).labels.numpy()
+
+
+def split_labels(data_cfg: dict, seed: int, split: str = "test"):
+    """The labels of one split, in split order, of a run made with this data config and seed."""
+    return _labels(json.dumps(data_cfg, sort_keys=True), seed, split)
 
 
 def test_labels(data_cfg: dict, seed: int):
-    """The test labels in split order of a run made with this data config and seed."""
-    return _labels(json.dumps(data_cfg, sort_keys=True), seed)
+    return split_labels(data_cfg, seed, "test")

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from bench.ablations import _base, step1_dir
-from bench.common import RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, run_study
+from bench.common import RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, run_study, split_labels
 
 STUDY = "step2"
 DATASET = "breastmnist"
@@ -144,14 +144,7 @@ def backfill_val_probs() -> None:
 
 
 def _val_labels(rec: dict):
-    import dataclasses
-
-    from dcube.config import DataConfig
-    from dcube.data import load_data
-
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    return load_data(DataConfig(**{k: v for k, v in rec["data_config"].items() if k in known}),
-                     rec["seed"]).val.labels.numpy()
+    return split_labels(rec["data_config"], rec["seed"], "val")
 
 
 def _val_paired(rs: list[dict], ref: list[dict]) -> str:

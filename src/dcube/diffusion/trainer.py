@@ -116,7 +116,7 @@ def make_batch(cfg: DiffusionConfig, labels: torch.Tensor, idx: torch.Tensor, g:
         t, noise = torch.cat([t[a], t[a], t[rest]]), torch.cat([noise[a], noise[a], noise[rest]])
         cond = F.one_hot(y.clamp(min=0), num_classes).float()
     elif q:
-        p = pair_indices(y[:n_lab] if n_lab < len(y) else y, g)[:q]
+        p = pair_indices(y[:n_lab], g)[:q]
         keep = torch.arange(2 * q, len(idx))
         rows = torch.cat([rows[:q], rows[p], rows[keep]])
         y = torch.cat([y[:q], y[p], y[keep]])

@@ -148,10 +148,6 @@ def seed_mean_ci(y, probs: Sequence, metric: str = "auc", n_boot: int = N_BOOT, 
     return [float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))]
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
-    return stats.rankdata(x)
-
-
 def delong_test(y, score_a, score_b) -> dict:
     """DeLong's test of AUC(A) = AUC(B) for two scores of the same binary test images (class 1 positive).
 
@@ -164,8 +160,8 @@ def delong_test(y, score_a, score_b) -> dict:
     m, n = pos.shape[1], neg.shape[1]
     v10, v01, auc = [], [], []
     for k in range(2):
-        tz = _midranks(np.concatenate([pos[k], neg[k]]))
-        tx, ty = _midranks(pos[k]), _midranks(neg[k])
+        tz = stats.rankdata(np.concatenate([pos[k], neg[k]]))
+        tx, ty = stats.rankdata(pos[k]), stats.rankdata(neg[k])
         a = (tz[:m] - tx) / n  # per positive: share of negatives below it
         b = 1.0 - (tz[m:] - ty) / m  # per negative: share of positives above it
         v10.append(a)
