@@ -38,6 +38,12 @@ class DataConfig:
     download: bool = True  # MedMNIST: download when absent from the cache
     unlabelled: Optional[str] = None  # folder / CSV (path column) / npz of images WITHOUT labels: step 1 only
     unlabelled_rest: bool = False  # the training images max_train / minority_ratio leave out join step 1 unlabelled
+    classes: Optional[list] = None  # folder / CSV: the class names expected (others are an error); None = found
+    min_class_images: int = 2  # folder / CSV without a split: a class with fewer images is an error (a typo?)
+    group_pattern: Optional[str] = None  # regex on the file name grouping images by patient, e.g. 'person(\\d+)_'
+    allow_outside_root: bool = False  # CSV: allow image paths outside the manifest's folder
+    max_pixels: Optional[int] = 100_000_000  # refuse decoding an image with more pixels (decompression bombs)
+    dicom_window: str = "percentile"  # percentile (robust 0.5-99.5 %) | file (VOI LUT / window from the file) | lung | mediastinum | abdomen | brain | bone
 
 
 @dataclass
@@ -196,6 +202,7 @@ class RunConfig:
 _CHOICES = {
     "data.source": ("medmnist", "folder", "csv"),
     "data.channels": (1, 3),
+    "data.dicom_window": ("percentile", "file", "lung", "mediastinum", "abdomen", "brain", "bone"),
     "diffusion.backbone": ("unet", "uvit"),
     "diffusion.contrastive_form": ("normalized", "paper"),
     "diffusion.loss_weighting": ("uniform", "min_snr"),
@@ -293,6 +300,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: {obj!r} is not one of {list(allowed)}")
     positive = {
         "data.image_size": cfg.data.image_size,
+        "data.min_class_images": cfg.data.min_class_images,
+        "diffusion.checkpoint_every": cfg.diffusion.checkpoint_every,
+        "diffusion.sample_steps": cfg.diffusion.sample_steps,
+        "classifier.epochs": cfg.classifier.epochs,
         "diffusion.batch_size": cfg.diffusion.batch_size,
         "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
         "classifier.batch_size": cfg.classifier.batch_size,
@@ -313,9 +324,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
+    optional_positive = {"threads": cfg.threads, "diffusion.max_steps": cfg.diffusion.max_steps,
+                         "data.max_pixels": cfg.data.max_pixels,
+                         "diffusion.epochs": None if cfg.diffusion.epochs == "auto" else cfg.diffusion.epochs}
+    for key, v in optional_positive.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key}: must be >= 1 (or left out), got {v}")
     for key, v in {
-        "diffusion.epochs": 0 if cfg.diffusion.epochs == "auto" else cfg.diffusion.epochs,
-        "classifier.epochs": cfg.classifier.epochs,
         "diffusion.contrastive_weight": cfg.diffusion.contrastive_weight,
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
@@ -346,6 +361,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         v = getattr(cfg.data, key)
         if not 0 <= v < 1:
             raise ConfigError(f"data.{key}: must lie in [0, 1), got {v}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError(f"data.val_fraction + data.test_fraction: {cfg.data.val_fraction} + "
+                          f"{cfg.data.test_fraction} leaves no images for training; lower them")
+    if cfg.data.group_pattern is not None:
+        import re
+
+        try:
+            re.compile(cfg.data.group_pattern)
+        except re.error as exc:
+            raise ConfigError(f"data.group_pattern: {cfg.data.group_pattern!r} is not a regular expression ({exc})")
+    if cfg.data.classes is not None and (len(cfg.data.classes) < 2 or len(set(map(str, cfg.data.classes)))
+                                         < len(cfg.data.classes)):
+        raise ConfigError(f"data.classes: need at least 2 distinct names, got {cfg.data.classes!r}")
     for key in ("diffusion.ema_decay", "classifier.ema_decay"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
@@ -360,16 +388,48 @@ def from_dict(values: dict) -> RunConfig:
     return validate(_build(RunConfig, values or {}, ""))
 
 
-def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a YAML file; `overrides` are ``section.key=value`` strings (YAML-parsed values)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                  f"(also at line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict: UTF-8, a mapping at the top, no key twice; else ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return from_dict(apply_overrides(values, overrides or []))
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, diffusion:, ...), "
+                          f"got a {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML file; `overrides` are ``section.key=value`` strings (YAML-parsed values)."""
+    try:
+        return from_dict(apply_overrides(read_yaml(path), overrides or []))
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from exc
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

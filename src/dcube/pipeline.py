@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from dcube.config import RunConfig, dump_config, from_dict, with_legacy_values
+from dcube.config import RunConfig
 from dcube.utils.io import read_json, sha256_file, write_json
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
@@ -31,38 +30,23 @@ STAGES = ("diffusion", "select", "classify", "evaluate")
 class Run:
     """State shared by the stages of one run (config, device, data, directory)."""
 
+    # which output each config section produced: a section may change until its output exists
+    MADE = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
+            "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
+
     def __init__(self, cfg: RunConfig):
+        from dcube.preflight import check_run
+        from dcube.rundir import open_run_dir
+
+        check_run(cfg)  # config-level mistakes: before anything is written
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = open_run_dir(cfg, self.MADE)  # made, locked, checked against its saved config
         self.device = pick_device(cfg.device)
         configure_torch(cfg.threads)
         self._data = None
         self._train = None  # training split with synthetic images, when configured
-        self._check_config()
         self.info = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
         self.info.setdefault("timings_s", {})
-
-    def _check_config(self):
-        path = self.dir / "config.yaml"
-        new = self.cfg.to_dict()
-        if path.exists():
-            old = yaml.safe_load(path.read_text()) or {}
-            try:  # keys added to dcube since the run was made: their old behaviour, else their defaults
-                old = from_dict(with_legacy_values(old)).to_dict()
-            except (TypeError, ValueError):
-                pass
-            made = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
-                    "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
-            for section, output in made.items():
-                if old.get(section) != new[section] and (self.dir / output).exists():
-                    raise RuntimeError(
-                        f"{self.dir}: the {section!r} section differs from the one this run directory was "
-                        f"made with ({path}); its outputs would be stale. Use a new run_dir.")
-            if old.get("seed") != new["seed"]:
-                raise RuntimeError(f"{self.dir}: seed {new['seed']} differs from the run's seed "
-                                   f"{old.get('seed')}; use a new run_dir")
-        dump_config(self.cfg, path)
 
     @property
     def data(self):
@@ -383,17 +367,22 @@ class Run:
 
 
 def run(cfg: RunConfig, stages=STAGES) -> dict | None:
+    from dcube.utils.lock import unlock_run_dir
+
     r = Run(cfg)
-    t0 = time.time()
-    out = None
-    if "diffusion" in stages:
-        r.train_diffusion()
-    if "select" in stages:
-        r.select_layers()
-    if "classify" in stages:
-        r.train_classifier()
-    if "evaluate" in stages:
-        out = r.evaluate()
-    r.info["timings_s"]["total_this_call"] = round(time.time() - t0, 2)
-    r.save_info()
-    return out
+    try:
+        t0 = time.time()
+        out = None
+        if "diffusion" in stages:
+            r.train_diffusion()
+        if "select" in stages:
+            r.select_layers()
+        if "classify" in stages:
+            r.train_classifier()
+        if "evaluate" in stages:
+            out = r.evaluate()
+        r.info["timings_s"]["total_this_call"] = round(time.time() - t0, 2)
+        r.save_info()
+        return out
+    finally:
+        unlock_run_dir(r.dir)

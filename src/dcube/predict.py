@@ -24,27 +24,86 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dcube.utils.io import safe_name
+
 NOTICE = "research use only, not for diagnostic use"
 
 
 @dataclass
 class Item:
+    """One image to predict: a file, or one frame of a multi-frame DICOM, or one slice of a NIfTI volume."""
+
     path: Path
     error: str | None = None
+    frame: int | None = None  # DICOM frame or NIfTI slice index
+    axis: int | None = None  # NIfTI: the slicing axis
+
+    @property
+    def name(self) -> str:
+        if self.frame is None:
+            return self.path.name
+        return f"{self.path.name}[{'frame' if self.axis is None else f'axis {self.axis} slice'} {self.frame}]"
 
 
-def collect_inputs(inputs: list[str]) -> list[Item]:
-    """Files of the given files, folders (recursive, image and DICOM files) and CSVs (``path`` column)."""
+@dataclass
+class Selection:
+    """Which frames / slices of multi-image inputs: `frame` (DICOM; None = every frame), `axis` and
+    `slices` (NIfTI; slices a Python-style range 'a:b' or None = all)."""
+
+    frame: int | None = None
+    axis: int = 2
+    slices: str | None = None
+
+    def slice_range(self, n: int, path: Path) -> range:
+        if self.slices is None:
+            return range(n)
+        try:
+            a, _, b = self.slices.partition(":")
+            r = range(n)[slice(int(a) if a else None, int(b) if b else None)]
+        except ValueError:
+            raise ValueError(f"--slices {self.slices!r}: expected A:B (e.g. 10:20)") from None
+        if not len(r):
+            raise ValueError(f"{path}: --slices {self.slices} selects no slice of {n}")
+        return r
+
+
+def _expand(f: Path, sel: Selection) -> list[Item]:
+    """A file -> its items: every frame of a multi-frame DICOM (or `sel.frame`), the selected NIfTI slices."""
+    from dcube.data.dicom import dicom_frames, is_dicom
+    from dcube.data.nifti import is_nifti, load_volume
+
+    try:
+        if is_nifti(f):
+            vol = load_volume(f)
+            if not 0 <= sel.axis < 3:
+                raise ValueError(f"--axis {sel.axis}: a volume has axes 0, 1, 2")
+            return [Item(f, frame=i, axis=sel.axis) for i in sel.slice_range(vol.shape[sel.axis], f)]
+        if is_dicom(f):
+            n = dicom_frames(f)
+            if n > 1:
+                if sel.frame is not None:
+                    return [Item(f, frame=sel.frame)]
+                return [Item(f, frame=i) for i in range(n)]
+    except ValueError as exc:  # DataError included: the file is named, the others go on
+        return [Item(f, f"{type(exc).__name__}: {exc}")]
+    return [Item(f)]
+
+
+def collect_inputs(inputs: list[str], sel: Selection | None = None) -> list[Item]:
+    """Items of the given files, folders (recursive: image, DICOM and NIfTI files) and CSVs (``path``
+    column); multi-frame DICOMs and NIfTI volumes expand to one item per frame / slice."""
     from dcube.data.dicom import is_dicom
     from dcube.data.images import IMAGE_SUFFIXES
+    from dcube.data.nifti import is_nifti
 
+    sel = sel or Selection()
     out: list[Item] = []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
-                if f.suffix.lower() in IMAGE_SUFFIXES or f.suffix.lower() in (".dcm", ".dicom") or is_dicom(f):
-                    out.append(Item(f))
+                if f.suffix.lower() in IMAGE_SUFFIXES or is_nifti(f) or is_dicom(f):
+                    out += _expand(f, sel)
         elif p.suffix.lower() == ".csv" and p.is_file():
             with p.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
@@ -53,10 +112,34 @@ def collect_inputs(inputs: list[str]) -> list[Item]:
                 continue
             for row in rows:
                 q = Path(row["path"]).expanduser()
-                out.append(Item(q if q.is_absolute() else p.parent / q))
+                q = q if q.is_absolute() else p.parent / q
+                out += _expand(q, sel) if q.is_file() else [Item(q, "no such file")]
         else:
-            out.append(Item(p, None if p.is_file() else "no such file"))
+            out += _expand(p, sel) if p.is_file() else [Item(p, "no such file")]
     return out
+
+
+def read_items(items: list[Item], image_size: int, channels: int, dicom_window: str) -> list[tuple[Item, np.ndarray]]:
+    """Decode every item through the training readers (`dcube.data.images.read_image` / `finish`); an
+    unreadable item gets its error set and is left out. A NIfTI volume is read once for all its slices."""
+    from dcube.data.images import finish, read_image
+    from dcube.data.nifti import load_volume, volume_slices
+
+    ok, volumes = [], {}
+    for it in items:
+        if it.error is not None:
+            continue
+        try:
+            if it.axis is not None:  # NIfTI slice
+                if it.path not in volumes:
+                    volumes = {it.path: load_volume(it.path)}  # one volume in memory at a time
+                x = volume_slices(volumes[it.path], it.axis, [it.frame], dicom_window)[0]
+                ok.append((it, finish(x, image_size, channels, it.name)))
+            else:
+                ok.append((it, read_image(it.path, image_size, channels, dicom_window=dicom_window, frame=it.frame)))
+        except Exception as exc:  # any unreadable file: named, skipped
+            it.error = f"{type(exc).__name__}: {exc}"
+    return ok
 
 
 class Predictor:
@@ -154,19 +237,13 @@ class Predictor:
         return {"notice": NOTICE, "run_dir": str(self.dir.resolve()), "dcube": package_versions()["dcube"],
                 "model_sha256": {"head": sha256_file(self.dir / "classifier" / "best.safetensors"),
                                  "denoiser": sha256_file(self.dir / "diffusion" / "ema.safetensors")},
-                "preprocessing": f"dcube.data.images.read_image: decode (DICOM: rescale slope/intercept, "
-                                 f"MONOCHROME1 inverted, robust window, middle frame), {d.channels} channel(s), "
-                                 f"resized to {d.image_size}x{d.image_size}, scaled to [-1, 1]",
+                "preprocessing": f"dcube.data.images.read_image / finish: decode (DICOM: rescale slope/intercept, "
+                                 f"MONOCHROME1 inverted, window {d.dicom_window!r}; every frame of a multi-frame file; "
+                                 f"NIfTI: slices along the chosen axis, one window {d.dicom_window!r} per volume), "
+                                 f"{d.channels} channel(s), resized to {d.image_size}x{d.image_size}, scaled to [-1, 1]",
                 "class_names": self.class_names, "temperature": self.calibration["temperature"],
                 "threshold": self.calibration.get("threshold"),
                 "positive_class": self.calibration.get("positive_class")}
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe stem (inputs and class names never steer where a file is written)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "image"
 
 
 def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, limit: int) -> None:
@@ -177,8 +254,8 @@ def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, l
         image = torch.from_numpy(x)
         probs = np.array([row[f"raw_prob_{n}"] for n in pred.class_names])
         c = int(probs.argmax())
-        stem = f"{k:04d}_{safe_name(it.path.stem)}"
-        title = f"{it.path.name}: predicted {pred.class_names[c]} (p = {row[f'prob_{pred.class_names[c]}']:.2f})"
+        stem = f"{k:04d}_{safe_name(it.path.stem, 'image')}" + ("" if it.frame is None else f"_{it.frame}")
+        title = f"{it.name}: predicted {pred.class_names[c]} (p = {row[f'prob_{pred.class_names[c]}']:.2f})"
         row["gradcam"] = str(save_overlay(image, pred.gradcam(image, c), out_dir / f"{stem}_gradcam.png", title,
                                           smooth=0.0, label="Grad-CAM (head)", caption="Grad-CAM of the predicted class",
                                           signed=False))
@@ -187,29 +264,24 @@ def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, l
 
 
 def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, batch_size: int = 64,
-                  device: str = "cpu", heatmaps: int = 0) -> tuple[list[dict], list[Item]]:
+                  device: str = "cpu", heatmaps: int = 0, selection: Selection | None = None
+                  ) -> tuple[list[dict], list[Item]]:
     """Predict every readable input; write predictions.csv / .json to `out_dir` (and, with `heatmaps` > 0,
     that many Grad-CAM / diffusion-evidence overlays under out_dir/heatmaps). Returns (rows, failed)."""
-    from dcube.data.images import read_image
     from dcube.utils.io import atomic_write_text, write_json
 
     pred = Predictor(run_dir, device)
-    items = collect_inputs(inputs)
-    s, c = pred.cfg.data.image_size, pred.cfg.data.channels
-    ok: list[tuple[Item, np.ndarray]] = []
-    for it in items:
-        if it.error is None:
-            try:
-                ok.append((it, read_image(it.path, s, c)))
-            except Exception as exc:  # any unreadable file: named, skipped
-                it.error = f"{type(exc).__name__}: {exc}"
+    items = collect_inputs(inputs, selection)
+    d = pred.cfg.data
+    ok = read_items(items, d.image_size, d.channels, d.dicom_window)
     rows = []
     thr = pred.calibration.get("threshold")
     for b in tqdm(range(0, len(ok), batch_size), desc="predict", unit="batch", disable=len(ok) <= batch_size):
         chunk = ok[b:b + batch_size]
         raw, cal = pred(torch.from_numpy(np.stack([x for _, x in chunk])))
         for (it, _), r, p in zip(chunk, raw, cal):
-            row = {"path": str(it.path), **{f"prob_{n}": float(v) for n, v in zip(pred.class_names, p)},
+            row = {"path": str(it.path), "frame": it.frame, "axis": it.axis,
+                   **{f"prob_{n}": float(v) for n, v in zip(pred.class_names, p)},
                    "predicted": pred.class_names[int(p.argmax())] if len(p) != 2 else pred.class_names[int(p[1] > 0.5)],
                    **{f"raw_prob_{n}": float(v) for n, v in zip(pred.class_names, r)}}
             if thr is not None:
@@ -224,7 +296,7 @@ def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, b
                                               "failed": [{"path": str(i.path), "error": i.error} for i in failed]})
     buf = io.StringIO()
     buf.write(f"# {NOTICE}; model head sha256 {header['model_sha256']['head']}; dcube {header['dcube']}\n")
-    fields = ["path", *[f"prob_{n}" for n in pred.class_names], "predicted"] + (["decision"] if thr is not None else [])
+    fields = ["path", "frame", "axis", *[f"prob_{n}" for n in pred.class_names], "predicted"] + (["decision"] if thr is not None else [])
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)

@@ -203,7 +203,10 @@ def test_covid_folder_with_caps(shared_data):
     root = shared_data / "covid_radiography_128"
     b = load_data(_cfg(root, image_size=32, max_train=24, max_val=8, max_test=8), seed=0)
     assert b.class_names == ["COVID", "Normal"]
-    assert b.info["split_sizes_before_caps"] == {"train": 2660, "val": 380, "test": 760}
+    sizes = b.info["split_sizes_before_caps"]  # 10 % / 20 % of 3800, give or take a duplicate group
+    assert sum(sizes.values()) == 3800 and abs(sizes["val"] - 380) <= 3 and abs(sizes["test"] - 760) <= 3
+    # the folder holds 6 groups of byte-identical images (consecutive ids: one patient's series)
+    assert b.info["grouping"]["duplicate_groups"] == 6 and b.info["grouping"]["duplicate_files"] >= 6
     assert b.train.images.shape == (24, 1, 32, 32) and set(b.train.labels.tolist()) == {0, 1}
     assert b.train.images.min() >= -1 and b.train.images.max() <= 1
 
@@ -241,3 +244,57 @@ def test_minority_ratio_cuts_only_the_smallest_training_class(tmp_path, make_fol
     assert cut.val.ids == full.val.ids
     with pytest.raises(DataError, match="data.minority_ratio"):
         load_data(_cfg(root, minority_ratio=1.5), seed=0)
+
+
+def test_byte_identical_images_never_straddle_splits(shared_data, tmp_path, make_folder):
+    """The COVID folder's duplicates (e.g. COVID-2807/2808/2809/2811) all land in one split, for every seed;
+    without duplicates the split is the plain stratified one (unchanged)."""
+    import hashlib
+
+    from dcube.data.files import assign_splits
+    from dcube.data.folder import scan_folder
+
+    entries, _ = scan_folder(shared_data / "covid_radiography_128")
+    digest = [hashlib.sha256(e.path.read_bytes()).hexdigest() for e in entries]
+    groups: dict = {}
+    for h, i in zip(digest, range(len(entries))):
+        groups.setdefault(h, []).append(i)
+    dups = [g for g in groups.values() if len(g) > 1]
+    assert len(dups) == 6
+    for seed in range(5):
+        splits, info = assign_splits(entries, DataConfig(source="folder"), seed)
+        assert all(len({splits[i] for i in g}) == 1 for g in dups), seed
+        assert info["duplicate_groups"] == 6
+    # no duplicates: identical to the stratified split of the labels
+    from dcube.data.splits import stratified_split
+
+    root = make_folder(tmp_path / "u", {"A": 30, "B": 12})
+    entries, _ = scan_folder(root)
+    splits, info = assign_splits(entries, DataConfig(source="folder"), 3)
+    assert info["duplicate_groups"] == 0
+    assert (splits == stratified_split([e.label for e in entries], 0.1, 0.2, 3)).all()
+
+
+def test_group_pattern_keeps_a_patient_in_one_split(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dcube.data.files import assign_splits
+    from dcube.data.folder import scan_folder
+
+    root = tmp_path / "k"
+    for cls, n_pat in (("NORMAL", 12), ("PNEUMONIA", 12)):
+        (root / cls).mkdir(parents=True)
+        for p in range(n_pat):
+            for k in range(3):
+                img = np.full((8, 8), (p * 7 + k * 3 + (cls == "NORMAL") * 100) % 256, np.uint8)
+                Image.fromarray(img).save(root / cls / f"person{p}{cls[0]}_{k}.png")
+    entries, _ = scan_folder(root)
+    splits, info = assign_splits(entries, DataConfig(source="folder", group_pattern=r"person(\d+\w)_"), 0)
+    by_patient: dict = {}
+    for e, s in zip(entries, splits):
+        by_patient.setdefault(e.path.name.split("_")[0], set()).add(s)
+    assert all(len(v) == 1 for v in by_patient.values()) and info["groups"] == 24
+    assert set(splits) == {"train", "val", "test"}
+    with pytest.raises(DataError, match="does not match 72 file name"):
+        assign_splits(entries, DataConfig(source="folder", group_pattern=r"patient(\d+)"), 0)

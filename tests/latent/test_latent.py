@@ -137,6 +137,37 @@ def test_error_map_and_overlay(micro_unet, tmp_path):
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in (o["path"] for o in out))
 
 
+class _Oracle(torch.nn.Module):
+    """A denoiser that knows the clean image: under class 0 it predicts the true noise everywhere (a perfect
+    reconstruction); under class 1 only on the right half (the left half is reconstructed as the noisy image)."""
+
+    def __init__(self, x, scheduler):
+        super().__init__()
+        self.x, self.ab = x, scheduler.alphas_cumprod
+
+    def forward(self, zt, t, c):
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        eps = (zt - ab.sqrt() * self.x) / (1 - ab).sqrt()
+        half = torch.ones_like(eps)
+        half[..., : eps.shape[-1] // 2] = 0
+        return torch.where((c == 0).view(-1, 1, 1, 1), eps, eps * half)
+
+
+def test_error_map_sign_and_place(micro_unet):
+    """Red (positive) where the predicted class reconstructs the image better, and only there; the sign
+    flips when the roles of the classes flip."""
+    from dcube.latent.errormaps import error_map
+
+    _, sched = micro_unet
+    x, _ = blobs(1, 16)
+    model = _Oracle(x[:1], sched)
+    emap = error_map(model, sched, LatentCodec(None), x[0], (0, 1), timesteps=[100, 400], noises=2)
+    left, right = emap[:, :8], emap[:, 8:]
+    assert (left > 0).float().mean() > 0.95 and right.abs().max() < 1e-4 * left.abs().mean()
+    flipped = error_map(model, sched, LatentCodec(None), x[0], (1, 0), timesteps=[100, 400], noises=2)
+    assert torch.allclose(flipped, -emap, atol=1e-5)
+
+
 def test_analysis_grid_heatmap_and_recommendation(micro_unet, tmp_path):
     from dcube.latent.analysis import analyze, plot_analysis
 
@@ -172,8 +203,27 @@ def test_mlp_head_and_finetune_update_the_denoiser(micro_unet):
         assert torch.allclose(ft.predict(x), head(f).softmax(1), atol=1e-5)
     out = finetune(ft, x[:24], y[:24], x[24:], y[24:], cfg, progress=False)
     assert [h["epoch"] for h in out["history"]] == [0, 1]
-    if out["best_epoch"] == 1:
-        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert changed == (out["best_epoch"] == 1)  # the best epoch's weights are kept: epoch 0 means untouched
+
+
+def test_finetune_keeps_the_better_epoch_and_moves_the_denoiser(micro_unet, monkeypatch):
+    """With a validation score that rises each epoch, fine-tuning must end on epoch 2 with changed weights."""
+    import dcube.latent.head as head_mod
+    from dcube.latent.head import FineTuneModel, features, finetune, train_mlp_head
+
+    model, sched = micro_unet
+    x, y = blobs(32, 16)
+    f = features(model, x, ["mid"], 50, sched)
+    cfg = LatentConfig(head_epochs=2, finetune_epochs=2, finetune_batch_size=16, finetune_lr=1e-3)
+    head, _ = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, cfg, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = iter(range(100))
+    monkeypatch.setattr(head_mod, "_balanced_acc", lambda *a: next(calls) / 100)
+    out = finetune(FineTuneModel(model, head, ["mid"], 50, sched), x[:24], y[:24], x[24:], y[24:], cfg, progress=False)
+    assert out["best_epoch"] == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(before)  # the module-scoped fixture stays as it was
 
 
 # ---------------------------------------------------------------- run directory and CLI
@@ -181,7 +231,7 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dcube.cli_latent import register
+    from dcube.cli.latent import register
 
     x, y = blobs(24, 16)
     for i, (img, lab) in enumerate(zip(x, y)):
@@ -224,7 +274,7 @@ def test_latent_diffusion_trains_on_latents_and_samples_decoded_images(tmp_path,
 
 
 def test_bad_latent_values_are_errors_naming_the_field(tmp_path, capsys):
-    from dcube.cli_latent import register
+    from dcube.cli.latent import register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="cmd"))
@@ -233,3 +283,23 @@ def test_bad_latent_values_are_errors_naming_the_field(tmp_path, capsys):
         args = p.parse_args(["analyze", "--run-dir", str(tmp_path), "--set", bad])
         assert args.func(args) == 2
         assert field in capsys.readouterr().err
+
+
+def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
+    """The latent path opens its run directory like Run: a changed autoencoder key after the autoencoder
+    exists, or a changed seed, is a one-line ConfigError; a zero-shot key may change freely."""
+    from dcube.config import ConfigError
+    from dcube.latent.run import LatentRun
+
+    def cfg(**latent):
+        return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent})
+
+    LatentRun(cfg(ae_lr=1e-3))
+    ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
+    ae.parent.mkdir(parents=True)
+    ae.write_bytes(b"x")  # as if trained
+    LatentRun(cfg(ae_lr=1e-3, zs_trials=4))  # not an autoencoder key
+    with pytest.raises(ConfigError, match="latent.ae_lr differs"):
+        LatentRun(cfg(ae_lr=2e-3))
+    with pytest.raises(ConfigError, match="seed 1 differs"):
+        LatentRun(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_lr": 1e-3}}))

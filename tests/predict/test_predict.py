@@ -50,11 +50,80 @@ def test_predict_equals_the_evaluate_step_on_the_test_split(trained):
 
 def test_predict_reads_every_real_dicom(trained, shared_data, capsys):
     d, _ = trained
+    import pydicom
+
     rc = main(["predict", str(d / "run"), str(shared_data / "dicom"), "--out", str(d / "dcm")])
     out = json.loads((d / "dcm" / "predictions.json").read_text())
-    assert rc == 0 and len(out["predictions"]) == len(list((shared_data / "dicom").glob("*.dcm")))
+    files = sorted((shared_data / "dicom").glob("*.dcm"))
+    frames = {f.name: int(pydicom.dcmread(f, stop_before_pixels=True).get("NumberOfFrames", 1) or 1) for f in files}
+    assert max(frames.values()) > 1  # emri_small.dcm: a multi-frame MR
+    assert rc == 0 and len(out["predictions"]) == sum(frames.values())  # every frame is an image
     for r in out["predictions"]:
         assert abs(sum(r[f"prob_{n}"] for n in out["class_names"]) - 1) < 1e-6
+    multi = [r for r in out["predictions"] if r["path"].endswith("emri_small.dcm")]
+    assert [r["frame"] for r in multi] == list(range(frames["emri_small.dcm"]))
+    assert len({round(r["raw_prob_" + out["class_names"][1]], 6) for r in multi}) > 1  # frames differ
+    rc = main(["predict", str(d / "run"), str(shared_data / "dicom" / "emri_small.dcm"), "--frame", "3",
+               "--out", str(d / "one")])
+    one = json.loads((d / "one" / "predictions.json").read_text())["predictions"]
+    assert rc == 0 and [r["frame"] for r in one] == [3]
+    assert one[0]["raw_prob_" + out["class_names"][1]] == pytest.approx(multi[3]["raw_prob_" + out["class_names"][1]])
+
+
+def test_nifti_volumes_are_predicted_slice_by_slice_like_the_same_pngs(trained, tmp_path):
+    """A NIfTI volume built here from test images: every slice along the axis (or a range) is one row, and
+    its prediction equals that of the same slice saved as a PNG (the volume's window maps 0..255 to 0..1)."""
+    import nibabel as nib
+
+    from dcube.data import load_data
+
+    d, cfg = trained
+    test = load_data(cfg.data, cfg.seed).test
+    imgs = np.round((test.images[:4, 0].numpy() + 1) / 2 * 255).astype(np.uint8)
+    imgs[:, 0, :8] = 0  # >= 0.5 % of the voxels at 0 and at 255: the volume's robust window is exactly 0..255
+    imgs[:, -1, :8] = 255
+    for i, x in enumerate(imgs):
+        Image.fromarray(x).save(tmp_path / f"s{i}.png")
+    vol = np.ascontiguousarray(imgs.transpose(1, 2, 0)).astype(np.float32)  # (H, W, slices): axis 2
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    assert main(["predict", str(d / "run"), str(tmp_path / "vol.nii.gz"), "--out", str(tmp_path / "nii")]) == 0
+    rows = json.loads((tmp_path / "nii" / "predictions.json").read_text())["predictions"]
+    assert [(r["frame"], r["axis"]) for r in rows] == [(i, 2) for i in range(4)]
+    assert main(["predict", str(d / "run"), *[str(tmp_path / f"s{i}.png") for i in range(4)],
+                 "--out", str(tmp_path / "png")]) == 0
+    png = json.loads((tmp_path / "png" / "predictions.json").read_text())["predictions"]
+    key = [k for k in rows[0] if k.startswith("raw_prob_")]
+    assert np.abs(np.array([[r[k] for k in key] for r in rows]) - np.array([[r[k] for k in key] for r in png])).max() < 1e-5
+    assert main(["predict", str(d / "run"), str(tmp_path / "vol.nii.gz"), "--slices", "1:3", "--axis", "2",
+                 "--out", str(tmp_path / "part")]) == 0
+    part = json.loads((tmp_path / "part" / "predictions.json").read_text())["predictions"]
+    assert [r["frame"] for r in part] == [1, 2]
+    assert main(["predict", str(d / "run"), str(tmp_path / "vol.nii.gz"), "--axis", "0",
+                 "--out", str(tmp_path / "ax0")]) == 0
+    assert len(json.loads((tmp_path / "ax0" / "predictions.json").read_text())["predictions"]) == imgs.shape[1]
+
+
+def test_dicom_windows_from_the_file_and_named_presets(shared_data):
+    """data.dicom_window: the file's window centre/width, a named CT preset (HU), or the robust default."""
+    import pydicom
+
+    from dcube.data.dicom import WINDOW_PRESETS, read_dicom
+
+    ct = shared_data / "dicom" / "CT_small.dcm"
+    ds = pydicom.dcmread(ct)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    for name, (c, w) in WINDOW_PRESETS.items():
+        x = read_dicom(ct, name)
+        assert np.allclose(x, np.clip((hu - (c - w / 2)) / w, 0, 1), atol=1e-6), name
+    assert not np.allclose(read_dicom(ct, "lung"), read_dicom(ct, "bone"))
+    mr = shared_data / "dicom" / "MR_small.dcm"  # WindowCenter 600, WindowWidth 1600
+    m = pydicom.dcmread(mr)
+    assert np.allclose(read_dicom(mr, "file"), np.clip((m.pixel_array - (600 - 800)) / 1600, 0, 1), atol=1e-6)
+    cr = shared_data / "dicom" / "RG1_UNCR.dcm"  # MONOCHROME1 with a window in the file: inverted after it
+    r = pydicom.dcmread(cr)
+    c, w = float(r.WindowCenter), float(r.WindowWidth)
+    assert np.allclose(read_dicom(cr, "file"), 1 - np.clip((r.pixel_array - (c - w / 2)) / w, 0, 1), atol=1e-6)
+    assert np.allclose(read_dicom(ct, "file"), read_dicom(ct, "percentile"))  # CT_small has no window: the default
 
 
 def test_predict_refuses_an_unfinished_run(tmp_path, capsys):

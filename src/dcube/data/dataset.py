@@ -12,7 +12,7 @@ import torch
 from dcube.config import DataConfig
 from dcube.data.bundle import SPLITS, DataBundle, DataError, Split
 from dcube.data.fetch import resolve_npz, sha256_file
-from dcube.data.files import fingerprint, plan, read_split
+from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, save_plan
 from dcube.data.folder import absolute, read_manifest, scan_folder
 from dcube.data.images import array_to_tensor
 from dcube.data.medmnist import file_size_for, get_info
@@ -81,22 +81,24 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
         entries, layout = scan_folder(path)
         root, manifest = absolute(path), None
     else:
-        entries, layout = read_manifest(path), "csv"
+        entries, layout = read_manifest(path, cfg.allow_outside_root), "csv"
         root, manifest = absolute(path).parent, path
     sha = fingerprint(entries, root, manifest)
-    entries, splits, classes, file, reused = plan(entries, cfg, seed, root, str(path), run_dir)
+    entries, splits, classes, file, reused, grouping = plan(entries, cfg, seed, root, str(path), run_dir)
     labels = np.array([classes.index(e.label) for e in entries])
-    out, before, rest = {}, {}, None
-    for s in SPLITS:
+    out, before, rest, errors = {}, {}, None, []
+    for s in SPLITS:  # every file is read before any error is raised: all bad files in one message
         members = np.flatnonzero(splits == s)
         before[s] = len(members)
         keep = members[_cap(labels[members], cfg, s, seed)]
-        out[s] = read_split([entries[i] for i in keep], classes, cfg, s)
+        out[s] = read_split([entries[i] for i in keep], classes, cfg, s, errors)
         if s == "train" and cfg.unlabelled_rest:
             left = np.setdiff1d(members, keep)
-            rest = read_split([entries[i] for i in left], classes, cfg, "unlabelled") if len(left) else None
+            rest = read_split([entries[i] for i in left], classes, cfg, "unlabelled", errors) if len(left) else None
+    raise_unreadable(errors)
+    save_plan(file, entries, splits, root, reused)  # only now: a rerun after removing bad files just works
     info = {"source": cfg.source, "path": str(absolute(path)), "layout": layout, "sha256": sha,
-            "split_file": str(file) if file else None, "split_reused": reused}
+            "split_file": str(file) if file else None, "split_reused": reused, "grouping": grouping or None}
     return _with_unlabelled(_bundle(out, classes, cfg, info, before), cfg, rest)
 
 

@@ -22,27 +22,132 @@ from dcube.data.splits import grouped_split, stratified_split
 PROGRESS_ABOVE = 500  # show a progress bar when reading more files than this
 
 
-def assign_splits(entries: list[Entry], cfg: DataConfig, seed: int) -> np.ndarray:
-    """Predefined splits are kept; otherwise a seeded stratified (grouped by patient) split.
-    A predefined layout without val or test gets it carved out of train."""
+MAX_LISTED = 20  # unreadable files named in one error
+
+
+def check_labels(entries: list[Entry], cfg: DataConfig, source: str, split_given: bool) -> None:
+    """Labels that look like mistakes: names equal up to case and spaces; with no given split, a class
+    under data.min_class_images images; with data.classes, any other name."""
+    names = sorted({e.label for e in entries})
+    if cfg.classes is not None:
+        expected = [str(c) for c in cfg.classes]
+        other = [n for n in names if n not in expected]
+        if other:
+            first = next(e for e in entries if e.label == other[0])
+            raise DataError(f"{source}: label {other[0]!r} ({first.where}) is not in data.classes {expected}")
+    folded: dict[str, str] = {}
+    for n in names:
+        key = " ".join(n.split()).casefold()
+        if key in folded:
+            raise DataError(f"{source}: labels {folded[key]!r} and {n!r} differ only in case or spaces; "
+                            f"make them one class (or list both in data.classes)")
+        folded[key] = n
+    if not split_given and cfg.classes is None:
+        counts = {n: sum(e.label == n for e in entries) for n in names}
+        for n, c in counts.items():
+            if c < cfg.min_class_images:
+                first = next(e for e in entries if e.label == n)
+                raise DataError(f"{source}: class {n!r} has only {c} image(s) ({first.where}), fewer than "
+                                f"data.min_class_images={cfg.min_class_images}: a typo? Fix the label, or list "
+                                f"the classes in data.classes")
+
+
+def content_hashes(entries: list[Entry]) -> list[str]:
+    """sha256 of every file's bytes (threads), to find byte-identical copies."""
+    def one(e):
+        return hashlib.sha256(e.path.read_bytes()).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, entries))
+
+
+def split_groups(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, dict]:
+    """One group id per entry: the CSV's patient_id, or data.group_pattern's match on the file name, else
+    the file itself; byte-identical files are merged into one group (union-find) so they share a split."""
+    import re
+
+    n = len(entries)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i, j):
+        parent[find(i)] = find(j)
+
+    by_key: dict[str, int] = {}
+    pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
+    unmatched = []
+    for i, e in enumerate(entries):
+        key = e.group
+        if key is None and pattern is not None:
+            m = pattern.search(e.path.name)
+            if m is None:
+                unmatched.append(e)
+            else:
+                key = m.group(1) if m.groups() else m.group(0)
+        if key is not None:
+            union(i, by_key.setdefault(f"g:{key}", i))
+    if unmatched:
+        raise DataError(f"data.group_pattern {cfg.group_pattern!r} does not match {len(unmatched)} file name(s), "
+                        f"e.g. {unmatched[0].path.name}; fix the pattern")
+    first: dict[str, int] = {}
+    dup_groups, dup_files, conflicts = set(), 0, []
+    for i, h in enumerate(content_hashes(entries)):
+        j = first.setdefault(h, i)
+        if j != i:
+            dup_files += 1
+            dup_groups.add(h)
+            if entries[i].label != entries[j].label:
+                conflicts.append((entries[j], entries[i]))
+            union(i, j)
+    if conflicts:
+        a, b = conflicts[0]
+        warnings.warn(f"{len(conflicts)} byte-identical image pair(s) carry different labels, e.g. {a.path} "
+                      f"({a.label}) and {b.path} ({b.label}); they are kept in one split", stacklevel=3)
+    roots = [find(i) for i in range(n)]
+    info = {"duplicate_groups": len(dup_groups), "duplicate_files": dup_files, "label_conflicts": len(conflicts),
+            "groups": len(set(roots)), "group_pattern": cfg.group_pattern}
+    return np.array([str(r) for r in roots]), info
+
+
+def assign_splits(entries: list[Entry], cfg: DataConfig, seed: int) -> tuple[np.ndarray, dict]:
+    """Predefined splits are kept; otherwise a seeded stratified split in which every group (patient,
+    data.group_pattern, byte-identical copies) lands in one split. Without any group of more than one
+    file this is the plain stratified split. A predefined layout without val or test gets it carved out
+    of train. Returns the splits and what the grouping found."""
     labels = np.array([e.label for e in entries])
-    groups = np.array([e.group or "" for e in entries])
-    grouped = all(e.group is not None for e in entries)
+    given = np.array([e.split or "" for e in entries], dtype="<U5")
+    info: dict = {}
+    if all(given) and set(given) >= set(SPLITS):
+        return given, info
+    idx_all = np.arange(len(entries)) if not all(given) else np.flatnonzero(given == "train")
+    groups, info = split_groups([entries[i] for i in idx_all], cfg)
+    by_id = dict(zip(idx_all.tolist(), groups))
+    explicit = all(e.group is not None for e in entries) or cfg.group_pattern is not None
 
     def split(idx, val, test):
-        if grouped:
-            return grouped_split(labels[idx], groups[idx], val, test, seed)
-        return stratified_split(labels[idx], val, test, seed)
+        g = np.array([by_id[i] for i in idx])
+        if explicit:
+            return grouped_split(labels[idx], g, val, test, seed)
+        # byte-identical copies only: split one representative per group, its copies follow it
+        _, rep, inv = np.unique(g, return_index=True, return_inverse=True)
+        rep_sorted = np.sort(rep)
+        out_rep = stratified_split(labels[idx][rep_sorted], val, test, seed)
+        where = {int(r): s for r, s in zip(rep_sorted, out_rep)}
+        return np.array([where[int(rep[k])] for k in inv], dtype="<U5")
 
-    given = np.array([e.split or "" for e in entries], dtype="<U5")
     if not all(given):
-        return split(np.arange(len(entries)), cfg.val_fraction, cfg.test_fraction)
+        return split(np.arange(len(entries)), cfg.val_fraction, cfg.test_fraction), info
     present = set(given)
-    if present < set(SPLITS) and "train" in present:
+    if "train" in present:
         tr = np.flatnonzero(given == "train")
         given[tr] = split(tr, 0.0 if "val" in present else cfg.val_fraction,
                           0.0 if "test" in present else cfg.test_fraction)
-    return given
+    return given, info
 
 
 def reuse_splits(entries: list[Entry], file: Path, root: Path) -> tuple[list[Entry], np.ndarray]:
@@ -64,7 +169,8 @@ def reuse_splits(entries: list[Entry], file: Path, root: Path) -> tuple[list[Ent
     return kept, np.array([saved[e.path][1] for e in kept], dtype="<U5")
 
 
-def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, source: str) -> list[str]:
+def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, source: str,
+                 computed: bool = True) -> list[str]:
     """Raise DataError for <2 classes, an empty split, a val/test class absent from train, or a
     patient in two splits; return the class names (sorted)."""
     labels = np.array([e.label for e in entries])
@@ -79,6 +185,16 @@ def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, sour
             raise DataError(f"{source}: the {s} split would be empty ({hint}); add images or "
                             f"change the split")
     classes = sort_classes(labels[splits == "train"])
+    if cfg.classes is not None:
+        missing = [str(c) for c in cfg.classes if str(c) not in classes]
+        if missing:
+            raise DataError(f"{source}: data.classes {missing} have no training image")
+        classes = [str(c) for c in cfg.classes]
+    for c in classes if computed else ():  # a split dcube drew: each class keeps >= 2 training images
+        n = int((labels[splits == "train"] == c).sum())
+        if n < 2:
+            raise DataError(f"{source}: class {c!r} keeps {n} training image(s) after the split; a class needs at "
+                            f"least 2 (add images, or lower data.val_fraction / data.test_fraction)")
     for e, s in zip(entries, splits):
         if e.label not in classes:
             raise DataError(f"{source}: unknown label {e.label!r} ({e.where}, {s} split): the class "
@@ -94,27 +210,55 @@ def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, sour
 
 
 def plan(entries: list[Entry], cfg: DataConfig, seed: int, root: Path, source: str,
-         run_dir: Optional[Path]) -> tuple[list[Entry], np.ndarray, list[str], Optional[Path], bool]:
-    """Assign (or reuse) the split, check it, save splits.csv -> (entries, splits, classes, file, reused)."""
+         run_dir: Optional[Path]) -> tuple[list[Entry], np.ndarray, list[str], Optional[Path], bool, dict]:
+    """Assign (or reuse) the split and check it -> (entries, splits, classes, file, reused, grouping info).
+    splits.csv is not written here: :func:`save_plan` writes it once every image has been read."""
     file = Path(run_dir) / SPLIT_FILE if run_dir is not None else None
     reused = file is not None and file.is_file()
+    info: dict = {}
+    check_labels(entries, cfg, source, split_given=all(e.split for e in entries))
     if reused:
         entries, splits = reuse_splits(entries, file, root)
     else:
-        splits = assign_splits(entries, cfg, seed)
-    classes = check_splits(entries, splits, cfg, source)
+        splits, info = assign_splits(entries, cfg, seed)
+    given = all(e.split for e in entries) and {e.split for e in entries} >= set(SPLITS)
+    classes = check_splits(entries, splits, cfg, source, computed=not (given or reused))
+    return entries, splits, classes, file, reused, info
+
+
+def save_plan(file: Optional[Path], entries: list[Entry], splits: np.ndarray, root: Path, reused: bool) -> None:
     if file is not None and not reused:
         write_splits(file, [(e.path, e.label, s) for e, s in zip(entries, splits)], root)
-    return entries, splits, classes, file, reused
 
 
-def read_split(entries: list[Entry], classes: list[str], cfg: DataConfig, desc: str) -> Split:
-    """Read the images of one split into memory (threads; a progress bar above 500 files)."""
+def raise_unreadable(errors: list[DataError]) -> None:
+    """One DataError listing the first MAX_LISTED unreadable files and how many there are."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    shown = "; ".join(str(e) for e in errors[:MAX_LISTED])
+    more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    raise DataError(f"{len(errors)} image files cannot be used (fix or remove them, then run again): {shown}{more}")
+
+
+def read_split(entries: list[Entry], classes: list[str], cfg: DataConfig, desc: str,
+               errors: Optional[list] = None) -> Split:
+    """Read the images of one split into memory (threads; a progress bar above 500 files). With `errors`,
+    an unreadable file is appended to it (and its row left zero) instead of stopping the pass."""
     n = len(entries)
     images = torch.empty((n, cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.float32)
+    failed: list[tuple[int, DataError]] = []
 
     def load(i):
-        images[i] = torch.from_numpy(read_image(entries[i].path, cfg.image_size, cfg.channels))
+        try:
+            images[i] = torch.from_numpy(read_image(entries[i].path, cfg.image_size, cfg.channels, cfg.max_pixels,
+                                                           cfg.dicom_window))
+        except DataError as exc:
+            if errors is None:
+                raise
+            images[i] = 0.0
+            failed.append((i, exc))
 
     from tqdm.auto import tqdm
 
@@ -122,6 +266,8 @@ def read_split(entries: list[Entry], classes: list[str], cfg: DataConfig, desc: 
             tqdm(total=n, desc=f"reading {desc} images", disable=n <= PROGRESS_ABOVE) as bar:
         for _ in pool.map(load, range(n)):
             bar.update(1)
+    if errors is not None:
+        errors += [e for _, e in sorted(failed, key=lambda t: t[0])]
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[e.label] for e in entries], dtype=torch.int64)
     return Split(images, labels, [str(e.path) for e in entries])

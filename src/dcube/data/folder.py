@@ -18,7 +18,8 @@ from typing import Optional
 from dcube.data.bundle import DataError
 from dcube.data.images import IMAGE_SUFFIXES
 
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}  # compared in lower case
 
 
 @dataclass
@@ -48,8 +49,37 @@ def _visible_dirs(d: Path) -> list[Path]:
 
 
 def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    for f in files:
+        check_name(f)
+    return files
+
+
+def check_name(path: Path) -> None:
+    """A file name that is not valid UTF-8 (undecodable bytes) cannot go into splits.csv or a report."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{os.fsencode(path)!r}: the file name is not valid UTF-8; rename the file") from None
+
+
+def _nested_layout(root: Path, dirs: list[Path]) -> None:
+    """Refuse root/<X>/<class>/... where the X are not split names dcube knows: it would become an
+    'X' classifier. Recognised when every top folder holds only folders, and they share names."""
+    subs = []
+    for d in dirs:
+        inner = _visible_dirs(d)
+        if not inner or any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()):
+            return
+        subs.append({p.name for p in inner})
+    shared = set.intersection(*subs) if len(subs) > 1 else set()
+    if shared:
+        raise DataError(
+            f"image folder {root}: every folder in it ({', '.join(d.name for d in dirs)}) holds the same class "
+            f"folders ({', '.join(sorted(shared)[:5])}): a split/<class>/ layout whose split names are not "
+            f"known. Rename them to train, val and test (also accepted: training, valid, validation, testing), "
+            f"or point data.path at one of them")
 
 
 def _class_entries(d: Path, split: Optional[str]) -> list[Entry]:
@@ -74,8 +104,13 @@ def scan_folder(root: str | Path) -> tuple[list[Entry], str]:
         raise DataError(f"data.path: image folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder (data.source is 'folder')")
-    subdirs = {p.name.lower(): p for p in _visible_dirs(root)}
-    if "train" in subdirs and set(subdirs) <= set(SPLIT_ALIASES):
+    dirs = _visible_dirs(root)
+    subdirs = {p.name.lower(): p for p in dirs}
+    known = [SPLIT_ALIASES[n] for n in subdirs if n in SPLIT_ALIASES]
+    if "train" in known and set(subdirs) <= set(SPLIT_ALIASES):
+        if len(known) != len(set(known)):
+            raise DataError(f"image folder {root}: two folders name the same split "
+                            f"({', '.join(d.name for d in dirs)}); keep one of each")
         entries = []
         for name, d in subdirs.items():
             found = _class_entries(d, SPLIT_ALIASES[name])
@@ -86,14 +121,28 @@ def scan_folder(root: str | Path) -> tuple[list[Entry], str]:
     if not subdirs:
         raise DataError(f"image folder {root} holds no class folders; expected root/<class>/<image> "
                         f"or root/{{train,val,test}}/<class>/<image>")
+    _nested_layout(root, dirs)
     return _class_entries(root, None), "classes"
 
 
-def read_manifest(csv_path: str | Path) -> list[Entry]:
-    """Entries of a CSV manifest; relative paths are relative to the CSV's folder."""
+def read_manifest(csv_path: str | Path, allow_outside_root: bool = False) -> list[Entry]:
+    """Entries of a CSV manifest; relative paths are relative to the CSV's folder and must stay inside
+    it (no '../..' out of it) unless `allow_outside_root` (data.allow_outside_root); absolute paths are
+    taken as written."""
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise DataError(f"data.path: CSV manifest {csv_path} does not exist or is not a file")
+    try:
+        return _read_manifest(csv_path, allow_outside_root)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the manifest as "
+                        f"UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: not a readable CSV file ({exc})") from None
+
+
+def _read_manifest(csv_path: Path, allow_outside_root: bool) -> list[Entry]:
+    root = absolute(csv_path.parent)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
@@ -108,6 +157,10 @@ def read_manifest(csv_path: str | Path) -> list[Entry]:
             entries.append(_manifest_entry(row, csv_path.parent, where, "split" in fields,
                                            "patient_id" in fields))
             e = entries[-1]
+            if not allow_outside_root and not Path(row["path"].strip()).expanduser().is_absolute() \
+                    and not e.path.is_relative_to(root):  # '../..' out of the manifest's folder
+                raise DataError(f"{where}: the relative path {row['path'].strip()!r} leads outside the manifest's "
+                                f"folder {root}; give an absolute path or set data.allow_outside_root: true")
             if e.path in seen:
                 raise DataError(f"{where}: image {e.path} is listed twice (also at {seen[e.path]})")
             seen[e.path] = where

@@ -6,6 +6,7 @@ with antialiased bilinear interpolation.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,51 @@ _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's "L"
 
 
-def _read_pil(path: Path) -> np.ndarray:
-    """(H, W) or (H, W, 3) float32 in [0, 1]; high bit depths are windowed like DICOM."""
+_alpha_warned: set[str] = set()
+
+
+def _flatten_alpha(img: Image.Image, path: Path) -> Image.Image:
+    """An image with transparent pixels, composited onto black (the background of medical images);
+    a warning names the first such file (PIL's convert would drop the alpha and keep whatever colour the
+    transparent pixels happen to store)."""
+    alpha = img.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return img
+    if "warned" not in _alpha_warned:
+        _alpha_warned.add("warned")
+        warnings.warn(f"{path}: has transparent pixels; transparent areas are drawn black (further such "
+                      f"files are not named)", stacklevel=4)
+    black = Image.new(img.mode, img.size, (0,) * len(img.getbands()))
+    return Image.alpha_composite(black, img) if img.mode == "RGBA" else \
+        Image.composite(img, black, alpha)
+
+
+def _read_pil(path: Path, max_pixels: int | None = None, target: int | None = None) -> np.ndarray:
+    """(H, W) or (H, W, 3) float32 in [0, 1]; high bit depths are windowed like DICOM. An image above
+    `max_pixels` is refused before decoding; a large JPEG is decoded at a reduced scale near `target`."""
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise DataError(f"{path}: {w} x {h} pixels is more than data.max_pixels={max_pixels}; "
+                                f"downsample the file or raise data.max_pixels")
+            if target is not None and img.format == "JPEG":
+                img.draft(img.mode, (2 * target, 2 * target))  # DCT scaling: decodes 1/2 .. 1/8 size
             img.load()
+            if target is not None and min(img.size) > 4 * target:
+                img = img.reduce(max(1, min(img.size) // (2 * target)))  # box filter; the resize follows
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = _flatten_alpha(img.convert("RGBA") if img.mode in ("P", "PA") else img, path)
             if img.mode in _GRAY_MODES:
                 if img.mode in ("1", "L", "LA"):
                     return np.asarray(img.convert("L"), np.float32) / 255.0
                 return window(np.asarray(img))
             return np.asarray(img.convert("RGB"), np.float32) / 255.0
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: too many pixels to decode safely ({exc}); downsample the file") from exc
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
@@ -54,13 +89,23 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
                      for c in x.astype(np.float32)])
 
 
-def read_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF/... or DICOM file -> float32 (channels, image_size, image_size) in [-1, 1]."""
+def read_image(path: str | Path, image_size: int, channels: int, max_pixels: int | None = None,
+               dicom_window: str = "percentile", frame: int | None = None) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF/... or DICOM file -> float32 (channels, image_size, image_size) in [-1, 1].
+    `max_pixels` (data.max_pixels): larger non-DICOM images are refused before they are decoded.
+    `dicom_window` (data.dicom_window) and `frame` (a multi-frame DICOM's frame): see :func:`read_dicom`."""
     path = Path(path)
-    x = read_dicom(path) if is_dicom(path) else _read_pil(path)
+    x = read_dicom(path, dicom_window, frame) if is_dicom(path) else _read_pil(path, max_pixels, image_size)
+    return finish(x, image_size, channels, path)
+
+
+def finish(x: np.ndarray, image_size: int, channels: int, where: str | Path) -> np.ndarray:
+    """A decoded (H, W) or (H, W, 3) image in [0, 1] -> the model's input: float32 (channels, image_size,
+    image_size) in [-1, 1]. Every reader (image files, DICOM, NIfTI slices) ends here, in training and
+    in `dcube predict` alike."""
     x = _resize(_fit_channels(x, channels), image_size)
     if not np.isfinite(x).all():
-        raise DataError(f"{path}: image holds NaN/inf values")
+        raise DataError(f"{where}: image holds NaN/inf values")
     return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
 
 

@@ -16,10 +16,9 @@ from dcube.utils import dist
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: str | Path) -> Path:
     """One row per class of generated images, saved as PNG."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from dcube.utils.io import atomic_write
 

@@ -151,10 +151,9 @@ def _evaluate_probe(probe: dict, eval_fn, ema_model, step: int, patience: int, o
 
 def plot_probe_curve(probe: dict, path: Path) -> Path:
     """Validation probe score against step and training CPU-minutes, the chosen step marked."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from dcube.utils.io import atomic_write
 

@@ -32,6 +32,9 @@ _SKIP_KEYS = {"epoch", "step", "steps", "global_step", "lr", "cnn_lr", "time", "
 
 
 def _new_figure(w: float, h: float) -> Figure:
+    from dcube.utils.plotting import literal_text
+
+    literal_text()  # class names drawn as written ('$' is not mathtext)
     fig = Figure(figsize=(w, h), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig

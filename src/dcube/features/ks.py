@@ -189,10 +189,9 @@ def select_ks_map(maps: dict[str, torch.Tensor], alpha: float = 0.05, min_effect
 
 def plot_pvalues(sel: Selection, path: str | Path) -> Path:
     """Bar plot of -log10(p) per layer with the alpha threshold line."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from dcube.utils.io import atomic_write
 

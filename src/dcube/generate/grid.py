@@ -12,10 +12,9 @@ def save_real_vs_generated(real: torch.Tensor, real_labels: torch.Tensor, fake: 
                            fake_labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
                            per: int = 8) -> Path:
     """Two rows per class (real, then generated), `per` images each, saved as PNG."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from dcube.utils.io import atomic_write
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,15 +20,10 @@ from PIL import Image
 from dcube.diffusion.sampling import sample_images
 from dcube.diffusion.trainer import load_denoiser
 from dcube.generate.synthetic import INFO, MANIFEST, SyntheticSet, load_synthetic
-from dcube.utils.io import atomic_write_bytes, atomic_write_text, sha256_file, write_json
+from dcube.utils.io import atomic_write_bytes, atomic_write_text, safe_name, sha256_file, write_json
 
 COLUMNS = ("path", "label", "class", "index", "checkpoint_sha256", "train_sha256", "seed", "sampler",
            "steps", "guidance")
-
-
-def safe_name(name: str) -> str:
-    """A class name usable as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "class"
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -71,7 +65,7 @@ def synthesize(checkpoint: str | Path, counts: Sequence[int], out_dir: str | Pat
     ck_hash = sha256_file(checkpoint)
     rows, seen = [], [0] * len(names)
     for img, lab in zip(images, labels.tolist()):
-        folder = safe_name(names[lab])
+        folder = safe_name(names[lab], "class")
         rel = f"{folder}/{folder}_{seen[lab]:05d}.png"
         atomic_write_bytes(out_dir / rel, to_png(img))
         rows.append(dict(path=rel, label=lab, **{"class": names[lab]}, index=seen[lab], checkpoint_sha256=ck_hash,

@@ -73,10 +73,9 @@ def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: 
 
 def plot_analysis(result: dict, path: str | Path) -> Path:
     """Heat map (layer x t) of the probes' balanced accuracy, plus zero-shot accuracy per t."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from dcube.utils.io import atomic_write
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dcube.latent.autoencoder import LatentCodec
+from dcube.utils.io import safe_name
 
 
 @torch.no_grad()
@@ -49,10 +50,9 @@ def save_overlay(image: torch.Tensor, emap: torch.Tensor, path: str | Path, titl
     """Image | image with the map as a diverging heat-map overlay (red = evidence for the
     predicted class), with a colour bar. PNG, written atomically. Also draws Grad-CAM maps
     (``dcube predict --heatmaps``: non-negative, so red only)."""
-    import matplotlib
+    from dcube.utils.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from scipy.ndimage import gaussian_filter
 
     from dcube.utils.io import atomic_write
@@ -93,7 +93,7 @@ def write_error_maps(model, scheduler, codec, images: torch.Tensor, labels: torc
             emap = error_map(model, scheduler, codec, images[i], (p, r), list(timesteps), noises, seed, device)
             title = (f"true {name} | predicted {class_names[p]} (p={probs[i, p]:.2f}) "
                      f"vs runner-up {class_names[r]}")
-            path = save_overlay(images[i], emap, out_dir / f"{name}_{i:05d}.png", title)
+            path = save_overlay(images[i], emap, out_dir / f"{safe_name(name, 'class')}_{i:05d}.png", title)
             written.append({"index": i, "id": ids[i] if ids else None, "true": name, "pred": class_names[p],
                             "runner_up": class_names[r], "path": str(path)})
     return written

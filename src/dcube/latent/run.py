@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dcube.config import RunConfig, dump_config
+from dcube.config import RunConfig
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from dcube.utils.runtime import pick_device, seed_everything
 
@@ -47,18 +47,25 @@ def check_latent_config(lc) -> None:
 
 
 class LatentRun:
+    # which output each part of the config produced (relative to run_dir; see dcube.rundir)
+    MADE = {"data": "latent/autoencoder/autoencoder.safetensors", "latent.ae_": "latent/autoencoder/autoencoder.safetensors",
+            "latent.autoencoder": "latent/autoencoder/autoencoder.safetensors",
+            "diffusion": "latent/diffusion/ema.safetensors", "latent.contrastive": "latent/diffusion/ema.safetensors"}
+
     def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
+        from dcube.preflight import check_device
+        from dcube.rundir import open_run_dir
+
         check_latent_config(cfg.latent)
+        check_device(cfg.device)
         self.cfg, self.lc = cfg, cfg.latent
-        self.root = Path(cfg.run_dir)
+        self.root = open_run_dir(cfg, self.MADE, "latent/config.yaml")  # made, locked, checked like Run's
         self.dir = self.root / "latent"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model_path = Path(model_path) if model_path else self.dir / "diffusion" / "ema.safetensors"
         self._data = self._codec = self._model = None
-        dump_config(cfg, self.dir / "config.yaml")
 
     # ------------------------------------------------------------------ inputs
     @property

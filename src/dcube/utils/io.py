@@ -22,6 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def safe_name(text: str, fallback: str = "file") -> str:
+    """The one place a name from the data (class name, input file name) becomes part of a file name:
+    letters, digits and ``._+-`` only, at most 80 characters, so no label can steer where a file goes
+    (``../../x`` becomes ``x``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")[:80] or fallback
+
+
 def atomic_write(path: str | Path, write) -> Path:
     from dcube.utils import dist
 

@@ -35,7 +35,9 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
+        from dcube.config import ConfigError
+
+        raise ConfigError("device: 'cuda' was asked for but this machine has no usable CUDA device; set device: cpu or auto")
     return local_device(torch.device(name))
 
 

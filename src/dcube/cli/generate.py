@@ -1,28 +1,25 @@
 """Subcommands for synthetic images: `synthesize`, `fidelity`, `train-baseline`.
 
-Wiring: ``register(subparsers)`` adds the three parsers; each sets ``handler`` (one of
+Wiring: ``register(subparsers)`` adds the three parsers; each sets ``func`` (one of
 :func:`cmd_synthesize`, :func:`cmd_fidelity`, :func:`cmd_train_baseline`), which takes the
 parsed args and returns the exit code.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from dcube.config import ConfigError, apply_overrides, from_dict, load_config
+from dcube.cli.common import Formatter, add_config_args, config_from_args, guard
 
 GRID = "real_vs_generated.png"
 
 
 def _common(sp):
-    sp.add_argument("config", help="YAML configuration of the run whose step-1 model is used")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    sp.add_argument("--run-dir", help="override run_dir")
+    add_config_args(sp, "YAML configuration of the run whose step-1 model is used")
 
 
 def register(subparsers) -> None:
-    sp = subparsers.add_parser("synthesize", help="generate class-conditional images from the step-1 model")
+    sp = subparsers.add_parser("synthesize", help="generate class-conditional images from the step-1 model", description="generate class-conditional images from the step-1 model", formatter_class=Formatter)
     _common(sp)
     how = sp.add_mutually_exclusive_group(required=True)
     how.add_argument("--per-class", type=int, metavar="N", help="N images of every class")
@@ -30,41 +27,41 @@ def register(subparsers) -> None:
                      help="top every class up to RATIO x the largest training class (default 1: equal counts)")
     sp.add_argument("--out", help="output folder (default RUN_DIR/synthetic)")
     sp.add_argument("--checkpoint", help="step-1 weights (default RUN_DIR/diffusion/ema.safetensors)")
-    sp.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sp.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler")
     sp.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always runs all timesteps")
     sp.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
     sp.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
-    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
-    sp.set_defaults(handler=cmd_synthesize)
+    sp.set_defaults(func=cmd_synthesize)
 
-    fp = subparsers.add_parser("fidelity", help="per-class FID/KID of a synthetic set vs the training images")
+    fp = subparsers.add_parser("fidelity", help="per-class FID/KID of a synthetic set vs the training images", description="per-class FID/KID of a synthetic set vs the training images", formatter_class=Formatter)
     _common(fp)
     fp.add_argument("--synthetic", help="synthetic set folder (default RUN_DIR/synthetic)")
-    fp.add_argument("--extractor", choices=("efficientnet-lite0", "inception"), default="efficientnet-lite0")
+    fp.add_argument("--extractor", choices=("efficientnet-lite0", "inception"), default="efficientnet-lite0",
+                    help="feature network of the FID")
     fp.add_argument("--weights", help="Inception-v3 .safetensors weights (extractor inception)")
     fp.add_argument("--size", type=int, default=224, help="input size of the EfficientNet extractor")
-    fp.set_defaults(handler=cmd_fidelity)
+    fp.set_defaults(func=cmd_fidelity)
 
-    bp = subparsers.add_parser("train-baseline", help="a plain CNN on real (+ synthetic) training images")
+    bp = subparsers.add_parser("train-baseline", help="a plain CNN on real (+ synthetic) training images", description="a plain CNN on real (+ synthetic) training images", formatter_class=Formatter)
     _common(bp)
-    bp.add_argument("--model", choices=("resnet18", "resnet50", "efficientnet-lite0"), default="resnet18")
-    bp.add_argument("--epochs", type=int, default=20)
-    bp.add_argument("--batch-size", type=int, default=64)
-    bp.add_argument("--lr", type=float, default=1e-3)
+    bp.add_argument("--model", choices=("resnet18", "resnet50", "efficientnet-lite0"), default="resnet18",
+                    help="the CNN")
+    bp.add_argument("--epochs", type=int, default=20, help="training epochs")
+    bp.add_argument("--batch-size", type=int, default=64, help="images per step")
+    bp.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
     bp.add_argument("--lr-milestones", type=float, nargs="*", default=[],
                     help="fractions of the epochs where the LR drops x0.1 (MedMNIST v2: 0.5 0.75)")
-    bp.add_argument("--ema-decay", type=float, default=0.0)
+    bp.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 = off)")
     bp.add_argument("--synthetic", help="a synthetic set folder added to the TRAINING split only")
     bp.add_argument("--synthetic-ratio", type=float, help="at most RATIO x (real training images) synthetic ones")
     bp.add_argument("--out", help="output folder (default RUN_DIR/baseline-<model>[-synthetic])")
-    bp.set_defaults(handler=cmd_train_baseline)
+    bp.set_defaults(func=cmd_train_baseline)
 
 
 def _load(args):
-    cfg = load_config(args.config, args.set) if args.config else from_dict(apply_overrides({}, args.set))
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
+    cfg = config_from_args(args)
     from dcube.data import load_data
     from dcube.utils.runtime import pick_device
 
@@ -73,21 +70,7 @@ def _load(args):
     return cfg, run_dir, load_data(cfg.data, cfg.seed, run_dir), pick_device(cfg.device)
 
 
-def _guard(fn):
-    def wrapped(args) -> int:
-        from dcube.data import DataError
-
-        try:
-            return fn(args)
-        except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
-            print(f"dcube: error: {exc}", file=sys.stderr)
-            return 2
-
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
-    return wrapped
-
-
-@_guard
+@guard
 def cmd_synthesize(args) -> int:
     """Write RUN_DIR/synthetic/<class>/*.png + manifest.csv and RUN_DIR/real_vs_generated.png."""
     from dcube.generate import balance_counts, per_class_counts, synthesize
@@ -112,7 +95,7 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
-@_guard
+@guard
 def cmd_fidelity(args) -> int:
     """Write RUN_DIR/fidelity.json: per-class FID/KID, train images vs the synthetic set."""
     from dcube.evaluate.fidelity import build_extractor, format_fidelity, per_class_fidelity
@@ -130,7 +113,7 @@ def cmd_fidelity(args) -> int:
     return 0
 
 
-@_guard
+@guard
 def cmd_train_baseline(args) -> int:
     """Write OUT/best.safetensors, history.json and metrics.json (test + val)."""
     from dcube.classify.baseline import BaselineConfig, train_baseline

@@ -6,57 +6,35 @@
     dcube analyze CONFIG                      timestep x layer probes, zero-shot per t, recommended set
     dcube train-latent-head CONFIG            linear probe + MLP head (--finetune: end to end)
 
-Every handler returns an exit code; a config/file problem is one line on stderr and code 2.
+Every handler returns an exit code; errors are reported as :func:`dcube.cli.common.guard` says.
 """
 
 from __future__ import annotations
 
-import sys
-
-from dcube.config import ConfigError, apply_overrides, from_dict, load_config
-
-
-def _config(args):
-    cfg = load_config(args.config, args.set) if args.config else from_dict(apply_overrides({}, args.set))
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    return cfg
-
-
-def _guard(fn):
-    def handler(args) -> int:
-        from dcube.data import DataError
-
-        try:
-            return fn(args) or 0
-        except (ConfigError, FileNotFoundError, DataError, ValueError) as exc:
-            print(f"dcube: error: {exc}", file=sys.stderr)
-            return 2
-    handler.__name__ = fn.__name__
-    return handler
+from dcube.cli.common import Formatter, add_config_args, config_from_args, guard
 
 
 def _run(args):
     from dcube.latent.run import LatentRun
 
-    return LatentRun(_config(args), getattr(args, "model", None))
+    return LatentRun(config_from_args(args), getattr(args, "model", None))
 
 
-@_guard
+@guard
 def cmd_train_autoencoder(args) -> int:
     recon = _run(args).train_autoencoder()
     print(f"autoencoder reconstruction (held-out): PSNR {recon.get('psnr', float('nan')):.2f} dB, "
           f"SSIM {recon.get('ssim', float('nan')):.3f}")
 
 
-@_guard
+@guard
 def cmd_train_latent_diffusion(args) -> int:
     r = _run(args)
     r.train_autoencoder()
     print(f"latent step-1 model: {r.train_diffusion()}")
 
 
-@_guard
+@guard
 def cmd_classify_zero_shot(args) -> int:
     from dcube.evaluate import format_table
 
@@ -65,7 +43,7 @@ def cmd_classify_zero_shot(args) -> int:
     print(f"{out['images_per_s']:.2f} images/s, {out['evaluations_per_image']:.1f} denoiser inputs per image")
 
 
-@_guard
+@guard
 def cmd_analyze(args) -> int:
     r = _run(args)
     res = r.analyze()
@@ -76,7 +54,7 @@ def cmd_analyze(args) -> int:
     print("use with the D-Cube feature pipeline: " + " ".join(f"--set {o}" for o in res["feature_overrides"]))
 
 
-@_guard
+@guard
 def cmd_train_latent_head(args) -> int:
     r = _run(args)
     out = r.head()
@@ -89,10 +67,7 @@ def cmd_train_latent_head(args) -> int:
 
 
 def _common(sp, model: bool = False):
-    sp.add_argument("config", nargs="?", help="YAML configuration (the 'latent' section: docs/latent.md)")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set latent.zs_trials=32")
-    sp.add_argument("--run-dir", help="override run_dir")
+    add_config_args(sp, "YAML configuration (the 'latent' section: docs/latent.md)")
     if model:
         sp.add_argument("--model", help="step-1 ema.safetensors (default run_dir/latent/diffusion/ema.safetensors; "
                                         "a pixel-space model works too)")
@@ -103,7 +78,7 @@ def register(subparsers) -> dict:
     handlers = {}
 
     def add(name, help_, fn, model=False):
-        sp = subparsers.add_parser(name, help=help_)
+        sp = subparsers.add_parser(name, help=help_, description=help_, formatter_class=Formatter)
         _common(sp, model)
         sp.set_defaults(func=fn)
         handlers[name] = (sp, fn)
@@ -113,7 +88,7 @@ def register(subparsers) -> dict:
     add("train-latent-diffusion", "latent diffusion: step 1 on the autoencoder's latents", cmd_train_latent_diffusion)
     sp = add("classify-zero-shot", "zero-shot diffusion classifier (lowest class-conditional denoising error)",
              cmd_classify_zero_shot, model=True)
-    sp.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sp.add_argument("--split", default="test", choices=("train", "val", "test"), help="the split classified")
     sp.add_argument("--adaptive", action="store_true", help="drop clearly worse classes after a first round")
     sp.add_argument("--max-images", type=int, help="a stratified subset of the split")
     sp.add_argument("--error-maps", type=int, default=0, metavar="N",

@@ -1,0 +1,5 @@
+import sys
+
+from dcube.cli import main
+
+sys.exit(main())

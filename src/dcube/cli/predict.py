@@ -1,0 +1,42 @@
+"""``dcube predict RUN_DIR INPUT...``: a finished run applied to new images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dcube.cli.common import Formatter, guard
+
+
+@guard
+def cmd_predict(args) -> int:
+    """0: every input predicted; 1: some inputs could not be read (named on stderr); 2: nothing to do."""
+    from dcube.predict import NOTICE, Selection, predict_files
+
+    args._run_dir = args.run_dir
+    out = Path(args.out) if args.out else Path(args.run_dir) / "predictions"
+    rows, failed = predict_files(args.run_dir, args.inputs, out, args.batch_size, args.device, args.heatmaps,
+                                 Selection(args.frame, args.axis, args.slices))
+    for it in failed:
+        print(f"dcube: cannot predict {it.name}: {it.error}", file=sys.stderr)
+    print(f"predicted {len(rows)} image(s), {len(failed)} failed -> {out / 'predictions.csv'} ({NOTICE})")
+    if not rows:
+        return 2
+    return 1 if failed else 0
+
+
+def register(sub) -> None:
+    pp = sub.add_parser("predict", help="apply a trained run to new images (PNG/JPEG/TIFF/BMP, DICOM, NIfTI; files, folders, CSV)",
+                        description=cmd_predict.__doc__, formatter_class=Formatter)
+    pp.add_argument("run_dir", help="a finished run directory (dcube run)")
+    pp.add_argument("inputs", nargs="+", help="image, DICOM or NIfTI (.nii/.nii.gz) files, folders (recursive) or CSVs "
+                                              "with a 'path' column")
+    pp.add_argument("--frame", type=int, help="multi-frame DICOM: only this frame (0-based; default: every frame)")
+    pp.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="NIfTI: the axis the volume is sliced along")
+    pp.add_argument("--slices", metavar="A:B", help="NIfTI: a range of slice indices, Python style (default: all)")
+    pp.add_argument("--out", help="output folder for predictions.csv/.json (default RUN_DIR/predictions)")
+    pp.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    pp.add_argument("--device", default="cpu", help="cpu or cuda")
+    pp.add_argument("--heatmaps", nargs="?", type=int, const=20, default=0, metavar="N",
+                    help="Grad-CAM and diffusion-evidence overlays of the first N images (N without a value: 20)")
+    pp.set_defaults(func=cmd_predict)

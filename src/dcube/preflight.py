@@ -1,0 +1,82 @@
+"""Checks that run before any training: every mistake found here costs seconds, not a step-1 run.
+
+``check_run(cfg)`` raises :class:`ConfigError` with one line naming the field, file or value and
+what to do. It checks what the config alone can tell: the run directory (a file, under a file,
+not writable), the device, the backbone and preset against the image size, ``features.layers``
+against the backbone's feature names, and the sub-feature weights file (present, safetensors, not
+a pickle). Numeric ranges are ``config.validate``'s; the data's own checks (every unreadable file,
+class sizes, splits) are the data stage's and also run before step 1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dcube.config import ConfigError, RunConfig
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """The run directory can be created and written: not a file, not under a file, writable."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run_dir: {path} is a file, not a folder; choose another run_dir")
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor decides whether it can be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"run_dir: {path} cannot be created because {probe} is a file; choose another run_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir: {probe} is not writable (permissions); choose another run_dir "
+                          f"or fix the permissions")
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but this machine has no usable CUDA device; "
+                          "set device: cpu or device: auto")
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    """Build the step-1 denoiser once (on the CPU, seconds) to check preset, image size and layer names."""
+    from dcube.diffusion import build_denoiser
+
+    try:
+        model = build_denoiser(cfg.diffusion, cfg.data.channels, cfg.data.image_size, num_classes=2)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    names = list(model.feature_names)
+    bad = [n for n in cfg.features.layers or [] if n not in names]
+    if bad:
+        raise ConfigError(f"features.layers: {bad} are not layers of the {cfg.diffusion.backbone} "
+                          f"{cfg.diffusion.preset!r} backbone; its layers are {names}")
+
+
+def check_subfeature(cfg: RunConfig) -> None:
+    from dcube.classify.subfeatures import check_weights_path
+
+    cc = cfg.classifier
+    if cc.subfeature == "none" or cc.subfeature_weights is None:
+        return
+    try:
+        check_weights_path(cc.subfeature_weights)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"classifier.subfeature_weights: {exc}") from exc
+
+
+def check_paths(cfg: RunConfig) -> None:
+    for key, value in (("classifier.synthetic_dir", cfg.classifier.synthetic_dir),
+                       ("data.unlabelled", cfg.data.unlabelled)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: {value} does not exist")
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Every config-level check, in the order a user would fix them."""
+    check_run_dir(cfg.run_dir)
+    check_device(cfg.device)
+    check_backbone(cfg)
+    check_subfeature(cfg)
+    check_paths(cfg)

@@ -1,0 +1,78 @@
+"""Kill anywhere, resume to the same result (issue 14): `dcube run` is SIGKILLed ten times, at points
+spread over step 1, the KS selection, feature extraction, the zero-shot posterior of the cycle loss and
+step 2; each time the same command resumes. The final metrics.json equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+# outputs in the order a run writes them; a kill is aimed just after one appears (plus a random delay)
+MILESTONES = ["config.yaml", "diffusion/last.safetensors", "diffusion/ema.safetensors", "features/selection.json",
+              "features/train.safetensors", "features/posterior_train.safetensors", "features/val.safetensors",
+              "classifier/last.safetensors", "classifier/best.safetensors", "classifier/history.json"]
+
+
+def _config(shared_data, run_dir: Path) -> dict:
+    return {"run_dir": str(run_dir), "seed": 0, "threads": 1,
+            "data": {"name": "pneumoniamnist", "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
+                     "download": False, "max_train": 64, "max_val": 32, "max_test": 32},
+            "diffusion": {"preset": "micro", "max_steps": 8, "checkpoint_every": 2, "batch_size": 16,
+                          "sample_grid": False},
+            "features": {"ks_images": 32, "batch_size": 32},
+            "classifier": {"subfeature": "none", "epochs": 4, "batch_size": 16, "cycle_form": "posterior",
+                           "cycle_trials": 2, "cycle_weight": 1.0, "bn_recalibration": 32}}
+
+
+def _cmd(cfg_path: Path) -> list[str]:
+    return [sys.executable, "-m", "dcube.cli", "run", str(cfg_path)]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _metrics(run_dir: Path) -> dict:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m.pop("timings_s", None)
+    return m
+
+
+def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_metrics(shared_data, tmp_path):
+    ref_cfg = tmp_path / "ref.yaml"
+    ref_cfg.write_text(yaml.safe_dump(_config(shared_data, tmp_path / "ref")))
+    subprocess.run(_cmd(ref_cfg), check=True, env=_env(), capture_output=True)
+    reference = _metrics(tmp_path / "ref")
+
+    run_dir = tmp_path / "killed"
+    cfg = tmp_path / "killed.yaml"
+    cfg.write_text(yaml.safe_dump(_config(shared_data, run_dir)))
+    rng = random.Random(14)
+    kills, where = 0, []
+    for target in MILESTONES:
+        proc = subprocess.Popen(_cmd(cfg), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while proc.poll() is None and not (run_dir / target).exists() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+            where.append(target)
+        proc.wait()
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
+        if (run_dir / "metrics.json").exists():
+            break
+    assert kills >= 8, f"only {kills} kills landed ({where}): the run finished too early"
+    done = subprocess.run(_cmd(cfg), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _metrics(run_dir) == reference, where
