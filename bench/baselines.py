@@ -21,7 +21,7 @@ def _score(class_names):
 
 
 def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None = None,
-                 threads: int = 1) -> dict:
+                 threads: int = 1, device: str = "cpu") -> dict:
     """Train/select/test one baseline on a loaded DataBundle -> JSON-able result."""
     import torch
 
@@ -46,7 +46,7 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
 
         cfg = BaselineConfig(model=method, epochs=epochs, batch_size=128, lr=DEFAULT_LR[method],
                              lr_milestones=(0.5, 0.75))
-        res = train_baseline(cfg, data, run_dir, score, seed=seed)
+        res = train_baseline(cfg, data, run_dir, score, seed=seed, device=device)
         val_p, test_p = res["val_probs"], res["test_probs"]
         extra = {"best_epoch": res["best_epoch"], "history": res["history"]}
         schedule = {"epochs": epochs, "batch_size": 128, "lr": cfg.lr, "lr_milestones": [0.5, 0.75]}

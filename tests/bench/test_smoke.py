@@ -21,6 +21,8 @@ STUDIES = {
     "speed": ["--parts", "step1-unet-28", "step2-epoch"],
     "scaling": ["--procs", "1", "2", "--images", "32"],
     "rebalance": ["--seeds", "0"],
+    "gpu": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "resnet18", "--device", "cpu"],
+    "big_image": ["--size", "3000"],
     "latent_covid": ["--parts", "1_autoencoder", "2_diffusion", "3_zeroshot_plain", "5_analysis", "6_heads"],
 }
 
