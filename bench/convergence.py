@@ -31,6 +31,7 @@ VARIANTS = {  # key -> (label, diffusion overrides)
               {"contrastive_form": "paper", "contrastive_weight": 1.0, "contrastive_margin": 0.1}),
     "min_snr": ("normalized contrastive + min-SNR-5 weighting", {"loss_weighting": "min_snr"}),
     "no_contrastive": ("noise MSE only", {"contrastive_weight": 0.0}),
+    "untrained": ("untrained denoiser (step 0, the same seeded initialisation): the reference", {}),
 }
 
 
@@ -43,6 +44,31 @@ def _cfg(key: str, seed: int, epochs: int) -> dict:
                   "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
     cfg["diffusion"] = {**cfg["diffusion"], **auto}  # after shrink (smoke: its max_steps caps the run)
     return cfg
+
+
+def untrained_run(seed: int) -> dict:
+    """The probe on the seeded initial weights: what step 1 has to beat for its training to count."""
+    from dcube.config import from_dict
+    from dcube.diffusion import build_denoiser
+    from dcube.features import extract
+    from dcube.features.probe import validation_probe
+    from dcube.pipeline import Run
+    from dcube.utils.runtime import seed_everything
+
+    cfg = from_dict(_cfg("untrained", seed, 1))
+    r = Run(cfg)
+    d = r.data
+    seed_everything(seed)  # as the trainer does before it builds the model
+    model = build_denoiser(cfg.diffusion, d.train.images.shape[1], cfg.data.image_size, len(d.class_names)).eval()
+    val_auc, info = r._step1_probe()(model)
+    fc, sched = cfg.features, r._scheduler(cfg.diffusion)
+    tr = extract(model, d.train.images, [info["layer"]], fc, seed, sched, desc="train")
+    te = extract(model, d.test.images, [info["layer"]], fc, seed, sched, desc="test")  # read once, after the choice
+    test_auc, _ = validation_probe(tr, d.train.labels, te, d.test.labels, Cs=(info["C"],))
+    return {"study": STUDY, "dataset": DATASET, "variant": "untrained", "label": VARIANTS["untrained"][0],
+            "seed": seed, "epochs": 0, "curve": [{"step": 0, "score": val_auc, "train_seconds": 0.0, **info}],
+            "chosen_step": 0, "val_auc": val_auc, "test_auc": test_auc, "chosen_layer": info["layer"],
+            "train_minutes": 0.0}
 
 
 def variant_run(key: str, seed: int, epochs: int) -> dict:
@@ -80,6 +106,11 @@ def plot(rows: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for i, key in enumerate(VARIANTS):
         rs = [r for r in rows if r["variant"] == key]
+        if key == "untrained" and rs:  # a level, not a curve
+            for ax in axes:
+                ax.axhline(np.mean([r["val_auc"] for r in rs]), color=f"C{i}", ls="--", lw=1,
+                           label=f"untrained ({len(rs)} seeds)")
+            continue
         if not rs:
             continue
         n = min(len(r["curve"]) for r in rs)
@@ -137,8 +168,8 @@ def main(argv=None):
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     epochs = 1 if SMOKE else a.epochs
-    jobs = ((f"{DATASET}-{key}-s{seed}", partial(variant_run, key, seed, epochs))
-            for seed in a.seeds for key in a.variants)
+    jobs = ((f"{DATASET}-{key}-s{seed}", partial(untrained_run, seed) if key == "untrained" else
+             partial(variant_run, key, seed, epochs)) for seed in a.seeds for key in a.variants)
     return run_study(STUDY, jobs, table, a.table_only)
 
 

@@ -11,6 +11,7 @@ run_dir/
                          per-image test and validation probabilities, calibration (temperature, ECE before/after, operating
                          point); confusion.png, roc.png, reliability.png; classifier/calibration.json
   classifier/curves.png  training curves
+  report.html            everything above in one self-contained page (dcube.report); report_heatmaps/ its heat maps
 """
 
 from __future__ import annotations
@@ -366,7 +367,9 @@ class Run:
         return full
 
 
-def run(cfg: RunConfig, stages=STAGES) -> dict | None:
+def run(cfg: RunConfig, stages=STAGES, report_heatmaps: int = 0) -> dict | None:
+    """Run the stages; after `evaluate`, write report.html (with heat maps of `report_heatmaps` test
+    images: `dcube run` asks for 2)."""
     from dcube.utils.lock import unlock_run_dir
 
     r = Run(cfg)
@@ -380,7 +383,10 @@ def run(cfg: RunConfig, stages=STAGES) -> dict | None:
         if "classify" in stages:
             r.train_classifier()
         if "evaluate" in stages:
+            from dcube.report import write_report
+
             out = r.evaluate()
+            print(f"report: {write_report(r.dir, report_heatmaps)}")
         r.info["timings_s"]["total_this_call"] = round(time.time() - t0, 2)
         r.save_info()
         return out

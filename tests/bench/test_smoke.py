@@ -15,7 +15,7 @@ STUDIES = {
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "stability"],
-    "convergence": ["--seeds", "0", "--variants", "normalized", "paper"],
+    "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
     "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "labels10",
                    "--methods", "dcube", "dcube-unlabelled", "resnet18"],
     "speed": ["--parts", "step1-unet-28", "step2-epoch"],

@@ -140,3 +140,45 @@ def test_heatmaps_are_written_for_gradcam_and_the_diffusion_map(trained, shared_
     assert rc == 0
     for key in ("gradcam", "diffusion_map"):
         assert row[key].startswith(str(d / "hm" / "heatmaps")) and open(row[key], "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_equals_predict_on_the_test_images(trained, fmt):
+    """One model file (denoiser layers + head + temperature) whose outputs equal predict's within 1e-4."""
+    import torch
+
+    from dcube.data import load_data
+    from dcube.predict import Predictor
+
+    d, cfg = trained
+    assert main(["export", str(d / "run"), "--format", fmt, "--out", str(d / f"model-{fmt}")]) == 0
+    path = d / f"model-{fmt}"
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["format"] == fmt and side["notice"].startswith("research use only")
+    x = load_data(cfg.data, cfg.seed).test.images
+    _, expected = Predictor(d / "run")(x)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    else:
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0]
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
+
+
+def test_export_refuses_xt_runs(trained, tmp_path):
+    import shutil
+
+    import yaml
+
+    from dcube.export import ExportedModel
+    from dcube.predict import Predictor
+
+    d, _ = trained
+    shutil.copytree(d / "run", tmp_path / "run")
+    c = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    c["features"]["input_mode"] = "xt"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(c))
+    with pytest.raises(ValueError, match="cannot be exported"):
+        ExportedModel(Predictor(tmp_path / "run"))

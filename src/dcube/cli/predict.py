@@ -1,4 +1,5 @@
-"""``dcube predict RUN_DIR INPUT...``: a finished run applied to new images."""
+"""Using a finished run: ``dcube predict RUN_DIR INPUT...`` (new images), ``dcube report RUN_DIR``
+(report.html) and ``dcube export RUN_DIR`` (one model file)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,38 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+@guard
+def cmd_report(args) -> int:
+    """Write RUN_DIR/report.html: config, data, selection, samples, curves, metrics with CIs, calibration,
+    plots and a few heat maps, all in one self-contained file."""
+    from dcube.report import write_report
+
+    args._run_dir = args.run_dir
+    print(f"report: {write_report(args.run_dir, args.heatmaps)}")
+
+
+@guard
+def cmd_export(args) -> int:
+    """Write the run's model (frozen denoiser layers + sub-feature CNN + head + temperature) as one
+    TorchScript or ONNX file: images (N, C, S, S) in [-1, 1] -> calibrated probabilities; + a JSON sidecar."""
+    from dcube.export import export
+
+    args._run_dir = args.run_dir
+    print(f"exported: {export(args.run_dir, args.format, args.out)}")
+
+
 def register(sub) -> None:
+    ep = sub.add_parser("export", help="the run's model as one TorchScript or ONNX file",
+                        description=cmd_export.__doc__, formatter_class=Formatter)
+    ep.add_argument("run_dir", help="a finished run directory (dcube run)")
+    ep.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
+    ep.add_argument("--out", help="output file (default RUN_DIR/export/model.pt or model.onnx)")
+    ep.set_defaults(func=cmd_export)
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html (one self-contained page)",
+                        description=cmd_report.__doc__, formatter_class=Formatter)
+    rp.add_argument("run_dir", help="a finished run directory (dcube run)")
+    rp.add_argument("--heatmaps", type=int, default=2, metavar="N", help="heat maps of N test images")
+    rp.set_defaults(func=cmd_report)
     pp = sub.add_parser("predict", help="apply a trained run to new images (PNG/JPEG/TIFF/BMP, DICOM, NIfTI; files, folders, CSV)",
                         description=cmd_predict.__doc__, formatter_class=Formatter)
     pp.add_argument("run_dir", help="a finished run directory (dcube run)")

@@ -36,7 +36,7 @@ def demo_config(quick: bool = False) -> RunConfig:
 def cmd_steps(args) -> int:
     from dcube.pipeline import run
 
-    run(config_from_args(args), STEPS[args.cmd][1])
+    run(config_from_args(args), STEPS[args.cmd][1], report_heatmaps=2)
 
 
 @guard
@@ -50,7 +50,7 @@ def cmd_demo(args) -> int:
         cfg.run_dir = args.run_dir
     args._run_dir = cfg.run_dir
     t0 = time.time()
-    out = run(cfg)
+    out = run(cfg, report_heatmaps=2)
     print(f"demo finished in {time.time() - t0:.0f} s; run directory: {cfg.run_dir}")
     t = out["test"]
     print(f"PneumoniaMNIST test: AUC {t['auc']:.3f}  ACC {t['accuracy']:.3f}   "

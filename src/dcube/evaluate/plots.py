@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator, NullFormatter
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from dcube.evaluate.metrics import validate_inputs
@@ -179,6 +179,10 @@ def plot_curves(history: list[dict], path: str | Path, title: Optional[str] = No
             ax.plot(xs, ys, marker="o", markersize=3, label=k)
         if label.startswith("diagnostic") and any(r.get(k, 0) > 0 for r in rows for k in group):
             ax.set_yscale("log")
+            # plain-text tick labels: text is drawn literally (dcube.utils.plotting), and the default log
+            # formatter writes mathtext ($\\mathdefault{10^{-2}}$)
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
