@@ -212,12 +212,13 @@ class Run:
                    "synthetic": self.synthetic_key() if split == "train" else None}
             tag = "" if t is None else f"_t{t}"
             path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}{tag}.safetensors"
-            maps = load_features(path, names, key)
+            maps = load_features(path, names, key, mmap=True)
             if maps is None:
                 maps = extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
                                desc=f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}")
                 save_features(path, maps, key)
-                maps = {n: m.half().float() for n, m in maps.items()}  # as stored: same numbers on resume
+                del maps
+                maps = load_features(path, names, key, mmap=True)  # float16 from disk: the same on resume
             out[t] = maps
         return [out[t][n] for n in names for t in (fc.timesteps or [None])]
 

@@ -44,6 +44,12 @@ class FeatureSplit:
     posterior: torch.Tensor | None = None  # (N, C) the denoiser's class posterior (cycle_form=posterior)
 
 
+def rows_of(maps: list[torch.Tensor], rows, device) -> list[torch.Tensor]:
+    """One batch of feature maps as float32 on `device`: the cached maps may be float16 and memory-mapped
+    (dcube.features.cache), so a split's features never need to sit in RAM as float32."""
+    return [f[rows].to(device, torch.float32) for f in maps]
+
+
 def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, timesteps: int = 1) -> DCubeHead:
     """`timesteps`: each layer's maps come that many times in a row (features.timesteps), mixed by the head."""
     c, h = split.images.shape[1], split.images.shape[2]
@@ -60,7 +66,7 @@ def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu") -> t
     out = []
     for s in range(0, len(mine), batch_size):
         rows = mine[s:s + batch_size] if dist.world_size() > 1 else slice(s, s + batch_size)
-        feats = [f[rows].to(device) for f in split.feats]
+        feats = rows_of(split.feats, rows, device)
         out.append(head(feats, split.images[rows].to(device)).softmax(1).cpu())
     probs = torch.cat(out) if out else torch.empty(0, head.num_classes)
     return dist.gather_ordered(probs, n, block=batch_size)
@@ -84,7 +90,7 @@ def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="
     for s in range(0, len(rows), batch_size):
         r = rows[s:s + batch_size]
         if len(r) >= 2:
-            yield [f[r].to(device) for f in split.feats], split.images[r].to(device)
+            yield rows_of(split.feats, r, device), split.images[r].to(device)
 
 
 def gradient_ratio(module: torch.nn.Module, ce: torch.Tensor, other: torch.Tensor) -> float:
@@ -193,12 +199,12 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 lf = kf if rows is None else int((rows < kf).sum())
                 fl = None if flip is None else (flip if rows is None else flip[rows])
                 x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
-                feats = [f[bidx].to(device) for f in train.feats]
-                other = [f[bidx[:lf]].to(device) for f in train.feats_flipped] if use_cons and lf else None
+                feats = rows_of(train.feats, bidx, device)
+                other = rows_of(train.feats_flipped, bidx[:lf], device) if use_cons and lf else None
                 x_other = x[:lf].flip(-1)
                 if fl is not None:  # flipped rows swap their two views
                     m = fl.to(device)[:, None, None, None]
-                    fflip = [f[bidx].to(device) for f in train.feats_flipped]
+                    fflip = rows_of(train.feats_flipped, bidx, device)
                     other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if use_cons and lf else None
                     feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
                     x_other = torch.where(m[:lf], x[:lf], x_other)

@@ -124,6 +124,37 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
 
 
+_NP_DTYPES = {"F16": "float16", "F32": "float32", "BF16": None, "F64": "float64", "I64": "int64", "I32": "int32",
+              "U8": "uint8", "BOOL": "bool"}
+
+
+def mmap_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A safetensors file as memory-mapped tensors (pages are read from disk when a row is used; nothing
+    is copied into RAM up front) -> (tensors, meta). Hand-written because safetensors' loaders copy:
+    the format is an 8-byte header length, a JSON header with each tensor's dtype, shape and byte
+    range, then the raw little-endian data. Copy-on-write: writing to a tensor never touches the file."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = json.loads((header.pop("__metadata__", None) or {}).get("dcube", "{}"))
+    out = {}
+    for name, spec in header.items():
+        dtype = _NP_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which cannot be memory-mapped")
+        start, end = spec["data_offsets"]
+        shape = tuple(spec["shape"])
+        if end == start:
+            out[name] = torch.empty(shape, dtype=getattr(torch, dtype))
+            continue
+        arr = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="c", offset=8 + n + start, shape=shape)
+        out[name] = torch.from_numpy(arr)
+    return out, meta
+
+
 def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module | torch.optim.Optimizer | Any],
                     meta: dict | None = None) -> Path:
     """Save several modules' state dicts (prefixed by name) in one safetensors file.
