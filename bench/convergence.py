@@ -136,6 +136,40 @@ def plot(rows: list[dict]):
     return path
 
 
+DEFAULT = "normalized"  # today's diffusion defaults (contrastive_form normalized, uniform weighting)
+
+
+def _decision(rows: list[dict]) -> list[str]:
+    """The default, decided on VALIDATION only: a variant replaces it when its seed-paired validation AUC is
+    higher with p < 0.05 (paired t-test over seeds); test numbers never enter."""
+    from scipy.stats import ttest_rel
+
+    base = {r["seed"]: r["val_auc"] for r in rows if r["variant"] == DEFAULT}
+    out = ["", f"Decision on validation (paired over seeds against `{DEFAULT}`, the current default; a variant "
+               "replaces it only when p < 0.05):", ""]
+    winners = []
+    for key, (label, _) in VARIANTS.items():
+        if key == DEFAULT:
+            continue
+        mine = {r["seed"]: r["val_auc"] for r in rows if r["variant"] == key}
+        seeds = sorted(set(base) & set(mine))
+        if len(seeds) < 2:
+            continue
+        diff = [mine[s] - base[s] for s in seeds]
+        p = float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue)
+        verdict = "better" if p < 0.05 and sum(diff) > 0 else "worse" if p < 0.05 else "no difference shown"
+        if verdict == "better":
+            winners.append((sum(diff) / len(diff), key))
+        out.append(f"- `{key}` − `{DEFAULT}`: validation AUC {sum(diff) / len(diff):+.3f} "
+                   f"(per seed {', '.join(f'{d:+.3f}' for d in diff)}; p = {p:.2f}, {len(seeds)} seeds): {verdict}")
+    if len(out) == 3:
+        return []
+    out.append("")
+    out.append(f"Default: **{max(winners)[1] if winners else DEFAULT}**"
+               + ("" if winners else " (kept: no variant is better on validation at p < 0.05)") + ".")
+    return out
+
+
 def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Step-1 convergence (BreastMNIST, 28 px)\n",
@@ -153,6 +187,7 @@ def table() -> str:
         lines.append(f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
                      f"{mean_std([float(r['chosen_step']) for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
                      f"{mean_std([r['train_minutes'] for r in rs])} |")
+    lines += _decision(rows)
     if rows:
         path = plot(rows)
         lines += ["", f"![step-1 convergence]({path.relative_to(RESULTS.parent.parent).as_posix()})"
