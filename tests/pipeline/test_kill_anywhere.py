@@ -76,3 +76,38 @@ def test_sigkill_at_ten_points_then_resume_gives_the_uninterrupted_metrics(share
     assert done.returncode == 0, done.stderr[-2000:]
     assert ref.wait() == 0, ref.stderr.read().decode()[-2000:]
     assert _metrics(run_dir) == _metrics(tmp_path / "ref"), where
+
+
+def test_sigkill_during_synthesis_then_rerun_gives_the_same_set(shared_data, tmp_path):
+    """`dcube synthesize` killed while sampling or writing: the manifest is written last, so the rerun makes
+    the whole set again, byte for byte the set of an uninterrupted run."""
+    from dcube.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_config(shared_data, tmp_path / "run")))
+    assert main(["train-diffusion", str(cfg)]) == 0
+    synth = [sys.executable, "-m", "dcube.cli", "synthesize", str(cfg), "--per-class", "60", "--steps", "10",
+             "--batch-size", "60"]
+    assert main(synth[3:] + ["--out", str(tmp_path / "ref")]) == 0  # the uninterrupted set, in this process
+    out = tmp_path / "killed"
+    # once while starting or sampling, once while the PNGs are being written (the folder has appeared)
+    for when in ("sampling", "writing"):
+        proc = subprocess.Popen(synth + ["--out", str(out)], env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if when == "sampling":
+            time.sleep(random.Random(3).uniform(1.0, 2.5))
+        else:
+            deadline = time.time() + 120
+            while not out.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "manifest.csv").exists(), f"the kill while {when} came too late"
+    assert 0 < len(list(out.rglob("*.png"))) < 120  # the second kill left a partial set
+    assert subprocess.run(synth + ["--out", str(out)], env=_env(), capture_output=True).returncode == 0
+    ref = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*.png"))
+    got = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert ref == got and len(ref) == 120
+    assert all((tmp_path / "ref" / p).read_bytes() == (out / p).read_bytes() for p in ref)
+    assert (tmp_path / "ref" / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
