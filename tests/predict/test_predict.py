@@ -182,3 +182,29 @@ def test_export_refuses_xt_runs(trained, tmp_path):
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(c))
     with pytest.raises(ValueError, match="cannot be exported"):
         ExportedModel(Predictor(tmp_path / "run"))
+
+
+def test_xt_mode_predictions_do_not_depend_on_the_batch(shared_data, tmp_path):
+    """features.input_mode=xt: predict noises every file with one fixed draw, so an image's probabilities are
+    the same alone and at any position in a batch (before, the draw followed the position)."""
+    import torch
+
+    from dcube.data import load_data
+    from dcube.predict import Predictor
+
+    cfg = from_dict({
+        "run_dir": str(tmp_path / "run"), "seed": 0, "threads": 1,
+        "data": {"source": "medmnist", "name": "pneumoniamnist", "download": False,
+                 "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
+                 "max_train": 64, "max_val": 32, "max_test": 16},
+        "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
+        "features": {"input_mode": "xt", "timestep": 200, "ks_images": 32, "batch_size": 64},
+        "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32}})
+    run(cfg)
+    x = load_data(cfg.data, cfg.seed).test.images[:6]
+    pred = Predictor(tmp_path / "run")
+    alone, _ = pred(x[:1])
+    in_batch, _ = pred(torch.cat([x[3:6], x[:1]]))
+    assert np.abs(in_batch[3] - alone[0]).max() < 1e-4  # float rounding of another batch size only
+    other, _ = pred(x[1:2])
+    assert np.abs(other[0] - alone[0]).max() > 1e-6  # the noise is fixed, the image still matters

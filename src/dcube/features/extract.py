@@ -64,8 +64,9 @@ def denoiser_inputs(model, x: torch.Tensor, cfg: FeatureConfig, index: torch.Ten
 @torch.no_grad()
 def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, seed: int = 0,
             scheduler=None, device="cpu", dtype=torch.float32, desc: str = "features",
-            progress: bool = True) -> dict[str, torch.Tensor]:
-    """Feature maps of `names` for every image: name -> (N, C, h, w) on the CPU."""
+            progress: bool = True, noise_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Feature maps of `names` for every image: name -> (N, C, h, w) on the CPU. In ``xt`` mode image i
+    is noised with the draw of index ``noise_index[i]`` (default: i, its row in the split)."""
     if cfg.input_mode == "xt" and scheduler is None:
         raise ValueError("features.input_mode='xt' needs the diffusion scheduler")
     model.eval()
@@ -76,7 +77,7 @@ def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, s
         for s in tqdm(range(0, len(mine), bs), desc=desc, disable=not (progress and dist.is_main()), leave=False):
             idx = mine[s:s + bs]
             x = (images[idx] if dist.world_size() > 1 else images[s:s + bs]).to(device)
-            model(*denoiser_inputs(model, x, cfg, idx, seed, scheduler))
+            model(*denoiser_inputs(model, x, cfg, idx if noise_index is None else noise_index[idx], seed, scheduler))
             for n in names:
                 out[n].append(fx.maps[n].detach().to("cpu", dtype))
     if not mine.numel() and dist.world_size() > 1:  # a rank with no batch still joins the gather
