@@ -70,14 +70,13 @@ class Selection:
 def _expand(f: Path, sel: Selection) -> list[Item]:
     """A file -> its items: every frame of a multi-frame DICOM (or `sel.frame`), the selected NIfTI slices."""
     from dcube.data.dicom import dicom_frames, is_dicom
-    from dcube.data.nifti import is_nifti, load_volume
+    from dcube.data.nifti import is_nifti, volume_shape
 
     try:
         if is_nifti(f):
-            vol = load_volume(f)
             if not 0 <= sel.axis < 3:
                 raise ValueError(f"--axis {sel.axis}: a volume has axes 0, 1, 2")
-            return [Item(f, frame=i, axis=sel.axis) for i in sel.slice_range(vol.shape[sel.axis], f)]
+            return [Item(f, frame=i, axis=sel.axis) for i in sel.slice_range(volume_shape(f)[sel.axis], f)]
         if is_dicom(f):
             n = dicom_frames(f)
             if n > 1:
@@ -123,17 +122,18 @@ def read_items(items: list[Item], image_size: int, channels: int, dicom_window: 
     """Decode every item through the training readers (`dcube.data.images.read_image` / `finish`); an
     unreadable item gets its error set and is left out. A NIfTI volume is read once for all its slices."""
     from dcube.data.images import finish, read_image
-    from dcube.data.nifti import load_volume, volume_slices
+    from dcube.data.nifti import load_volume, volume_slice, volume_window
 
-    ok, volumes = [], {}
+    ok, volume = [], (None, None, None)  # (path, voxels, window): one volume in memory at a time
     for it in items:
         if it.error is not None:
             continue
         try:
             if it.axis is not None:  # NIfTI slice
-                if it.path not in volumes:
-                    volumes = {it.path: load_volume(it.path)}  # one volume in memory at a time
-                x = volume_slices(volumes[it.path], it.axis, [it.frame], dicom_window)[0]
+                if volume[0] != it.path:
+                    vol = load_volume(it.path)
+                    volume = (it.path, vol, volume_window(vol, dicom_window))
+                x = volume_slice(volume[1], it.axis, it.frame, volume[2])
                 ok.append((it, finish(x, image_size, channels, it.name)))
             else:
                 ok.append((it, read_image(it.path, image_size, channels, dicom_window=dicom_window, frame=it.frame)))

@@ -1,10 +1,10 @@
 """Checks that run before any training: every mistake found here costs seconds, not a step-1 run.
 
 ``check_run(cfg)`` raises :class:`ConfigError` with one line naming the field, file or value and
-what to do. It checks what the config alone can tell: the run directory (a file, under a file,
-not writable), the device, the backbone and preset against the image size, ``features.layers``
+what to do. It checks what the config alone can tell: the device, the backbone and preset against the image size, ``features.layers``
 against the backbone's feature names, and the sub-feature weights file (present, safetensors, not
-a pickle). Numeric ranges are ``config.validate``'s; the data's own checks (every unreadable file,
+a pickle); ``check_run_dir`` (a file, under a file, not writable) runs where the directory is opened
+(:func:`dcube.rundir.open_run_dir`). Numeric ranges are ``config.validate``'s; the data's own checks (every unreadable file,
 class sizes, splits) are the data stage's and also run before step 1.
 """
 
@@ -32,11 +32,10 @@ def check_run_dir(run_dir: str | Path) -> None:
 
 
 def check_device(name: str) -> None:
-    import torch
+    """`device: cuda` on a machine without one: the ConfigError of the device choice itself."""
+    from dcube.utils.runtime import pick_device
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but this machine has no usable CUDA device; "
-                          "set device: cpu or device: auto")
+    pick_device(name)
 
 
 def check_backbone(cfg: RunConfig) -> None:
@@ -74,8 +73,8 @@ def check_paths(cfg: RunConfig) -> None:
 
 
 def check_run(cfg: RunConfig) -> None:
-    """Every config-level check, in the order a user would fix them."""
-    check_run_dir(cfg.run_dir)
+    """Every config-level check, in the order a user would fix them (the run directory is checked where it
+    is opened, dcube.rundir.open_run_dir)."""
     check_device(cfg.device)
     check_backbone(cfg)
     check_subfeature(cfg)

@@ -11,13 +11,14 @@ import torch
 
 from dcube.config import DataConfig
 from dcube.data.bundle import SPLITS, DataBundle, DataError, Split
-from dcube.data.fetch import resolve_npz, sha256_file
+from dcube.data.fetch import resolve_npz
 from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, save_plan
 from dcube.data.folder import absolute, read_manifest, scan_folder
 from dcube.data.images import array_to_tensor
 from dcube.data.medmnist import file_size_for, get_info
 from dcube.data.npz import load_npz
 from dcube.data.splits import stratified_subsample
+from dcube.utils.io import sha256_file
 
 
 def _check_cfg(cfg: DataConfig) -> None:

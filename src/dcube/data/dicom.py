@@ -45,14 +45,19 @@ def window(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         lo, hi = valid.min(), valid.max()
     if hi <= lo:
         return np.zeros(x.shape, np.float32)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return linear_window(x, lo, hi)
+
+
+def linear_window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """[lo, hi] -> [0, 1], clipped, float32: every window (percentile, file, preset, NIfTI volume) ends here."""
+    return np.clip((np.asarray(x, np.float64) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def fixed_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
     """Linear window [centre - width/2, centre + width/2] -> [0, 1] (DICOM PS3.3 C.11.2.1.2 up to the
     half-pixel terms, which do not matter at float precision)."""
-    lo = centre - width / 2.0
-    return np.clip((np.asarray(x, np.float64) - lo) / max(width, 1e-6), 0.0, 1.0).astype(np.float32)
+    width = max(width, 1e-6)
+    return linear_window(x, centre - width / 2.0, centre + width / 2.0)
 
 
 def _file_window(ds, hu: np.ndarray, raw: np.ndarray) -> np.ndarray | None:
@@ -62,7 +67,7 @@ def _file_window(ds, hu: np.ndarray, raw: np.ndarray) -> np.ndarray | None:
 
         out = np.asarray(apply_voi_lut(raw, ds), np.float64)
         lo, hi = float(out.min()), float(out.max())
-        return np.zeros(out.shape, np.float32) if hi <= lo else ((out - lo) / (hi - lo)).astype(np.float32)
+        return np.zeros(out.shape, np.float32) if hi <= lo else linear_window(out, lo, hi)
     c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
     if c is None or w is None:
         return None

@@ -84,9 +84,3 @@ def download_file(url: str, dest: Path, md5: Optional[str]) -> Path:
     return dest
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

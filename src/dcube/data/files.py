@@ -53,12 +53,18 @@ def check_labels(entries: list[Entry], cfg: DataConfig, source: str, split_given
 
 
 def content_hashes(entries: list[Entry]) -> list[str]:
-    """sha256 of every file's bytes (threads), to find byte-identical copies."""
-    def one(e):
-        return hashlib.sha256(e.path.read_bytes()).hexdigest()
+    """A key per file that is equal exactly for byte-identical files: the sha256 of its bytes when another
+    file has its size (threads), else the size alone, so a file without a same-size twin is not read."""
+    from collections import Counter
 
+    from dcube.utils.io import sha256_file
+
+    sizes = [e.path.stat().st_size for e in entries]
+    twins = Counter(sizes)
+    todo = [i for i, n in enumerate(sizes) if twins[n] > 1]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, entries))
+        digests = dict(zip(todo, pool.map(lambda i: sha256_file(entries[i].path), todo)))
+    return [digests.get(i, f"size:{n}") for i, n in enumerate(sizes)]
 
 
 def split_groups(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, dict]:
@@ -184,14 +190,15 @@ def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, sour
                     if s != "train" else "lower data.val_fraction/data.test_fraction")
             raise DataError(f"{source}: the {s} split would be empty ({hint}); add images or "
                             f"change the split")
-    classes = sort_classes(labels[splits == "train"])
+    train_labels = labels[splits == "train"]
+    classes = sort_classes(train_labels)
     if cfg.classes is not None:
         missing = [str(c) for c in cfg.classes if str(c) not in classes]
         if missing:
             raise DataError(f"{source}: data.classes {missing} have no training image")
         classes = [str(c) for c in cfg.classes]
     for c in classes if computed else ():  # a split dcube drew: each class keeps >= 2 training images
-        n = int((labels[splits == "train"] == c).sum())
+        n = int((train_labels == c).sum())
         if n < 2:
             raise DataError(f"{source}: class {c!r} keeps {n} training image(s) after the split; a class needs at "
                             f"least 2 (add images, or lower data.val_fraction / data.test_fraction)")
@@ -216,13 +223,14 @@ def plan(entries: list[Entry], cfg: DataConfig, seed: int, root: Path, source: s
     file = Path(run_dir) / SPLIT_FILE if run_dir is not None else None
     reused = file is not None and file.is_file()
     info: dict = {}
-    check_labels(entries, cfg, source, split_given=all(e.split for e in entries))
+    split_given = all(e.split for e in entries)
+    all_given = split_given and {e.split for e in entries} >= set(SPLITS)
+    check_labels(entries, cfg, source, split_given)
     if reused:
         entries, splits = reuse_splits(entries, file, root)
     else:
         splits, info = assign_splits(entries, cfg, seed)
-    given = all(e.split for e in entries) and {e.split for e in entries} >= set(SPLITS)
-    classes = check_splits(entries, splits, cfg, source, computed=not (given or reused))
+    classes = check_splits(entries, splits, cfg, source, computed=not (all_given or reused))
     return entries, splits, classes, file, reused, info
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dcube.data.bundle import DataError
-from dcube.data.dicom import HIGH_PCT, LOW_PCT, WINDOW_PRESETS, fixed_window
+from dcube.data.dicom import HIGH_PCT, LOW_PCT, WINDOW_PRESETS, linear_window
 
 SUFFIXES = (".nii", ".nii.gz")
 
@@ -48,14 +48,31 @@ def load_volume(path: Path) -> np.ndarray:
     return data
 
 
-def volume_slices(vol: np.ndarray, axis: int, indices, window_mode: str = "percentile") -> list[np.ndarray]:
-    """2D slices ``vol.take(i, axis)`` for i in `indices`, each (H, W) float32 in [0, 1] under one
-    window for the whole volume (``percentile`` or a CT preset; ``file`` means percentile here)."""
+def volume_shape(path: Path) -> tuple[int, int, int]:
+    """The (3-axis) shape :func:`load_volume` will return, from the header alone (no voxel is read)."""
+    nib = _nibabel()
+    try:
+        shape = tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    shape = shape[:3] if len(shape) >= 3 else shape + (1,) * (3 - len(shape))
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
+    return shape
+
+
+def volume_window(vol: np.ndarray, window_mode: str = "percentile") -> tuple[float, float]:
+    """The one window (lo, hi) of a whole volume: a CT preset in HU, else (``percentile``, ``file``) the
+    robust percentiles of all its voxels."""
     if window_mode in WINDOW_PRESETS:
         centre, width = WINDOW_PRESETS[window_mode]
-    else:
-        lo, hi = np.percentile(vol, [LOW_PCT, HIGH_PCT])
-        if hi <= lo:
-            lo, hi = float(vol.min()), float(vol.max()) + 1e-6
-        centre, width = (lo + hi) / 2, hi - lo
-    return [np.ascontiguousarray(fixed_window(np.take(vol, int(i), axis=axis), centre, width)) for i in indices]
+        return centre - width / 2, centre + width / 2
+    lo, hi = (float(v) for v in np.percentile(vol, [LOW_PCT, HIGH_PCT]))
+    if hi <= lo:
+        lo, hi = float(vol.min()), float(vol.max()) + 1e-6
+    return lo, hi
+
+
+def volume_slice(vol: np.ndarray, axis: int, index: int, window: tuple[float, float]) -> np.ndarray:
+    """Slice ``vol.take(index, axis)`` as (H, W) float32 in [0, 1] under the volume's `window`."""
+    return np.ascontiguousarray(linear_window(np.take(vol, int(index), axis=axis), *window))
