@@ -46,9 +46,11 @@ def test_pneumoniamnist_slice_reaches_auc(shared_data, tmp_path):
     # the best epoch was chosen on validation, and the val metrics are recorded next to test
     assert out["best_epoch"]["metric"] == "auc" and "val" in out
     # the diffusion features alone (no ImageNet CNN: its frozen probe alone reaches 0.945 here, so the
-    # bar above cannot see the diffusion path). Measured: 0.929; a feature path that loses the image
-    # (constant or misaligned maps, a head that ignores them) gives ~0.5. An UNTRAINED micro denoiser's
-    # features also reach 0.930, so this guards the feature path, not what step 1 learned (bench.convergence).
+    # bar above cannot see the diffusion path). Measured 0.929 by this config as `dcube run --set ...`
+    # (README, report picture); a feature path that loses the image (constant or misaligned maps, a head
+    # that ignores them) gives ~0.5. An UNTRAINED micro denoiser's features (the same with
+    # --set diffusion.max_steps=1) reach 0.930, so this guards the feature path, not what step 1 learned
+    # (that is bench.convergence's untrained row).
     import shutil
 
     shutil.copytree(tmp_path / "run" / "diffusion", tmp_path / "alone" / "diffusion")
