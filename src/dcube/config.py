@@ -44,6 +44,8 @@ class DataConfig:
     allow_outside_root: bool = False  # CSV: allow image paths outside the manifest's folder
     max_pixels: Optional[int] = 100_000_000  # refuse decoding an image with more pixels (decompression bombs)
     dicom_window: str = "percentile"  # percentile (robust 0.5-99.5 %) | file (VOI LUT / window from the file) | lung | mediastinum | abdomen | brain | bone
+    in_memory_mb: Optional[float] = 4096  # a split bigger than this as float32 is decoded once to run_dir/cache/images (uint8) and read per batch; 0 = always on disk, None = always in RAM
+    workers: int = 0  # DataLoader processes reading batches of on-disk splits ahead (0: in the main process)
 
 
 @dataclass
@@ -335,6 +337,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.ce_weight": cfg.classifier.ce_weight,
+        "data.workers": cfg.data.workers,
+        "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
     }.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")

@@ -80,6 +80,7 @@ class Run:
         return self.dir / "diffusion" / "ema.safetensors"
 
     def train_diffusion(self):
+        from dcube.data.store import cat_images
         from dcube.diffusion.trainer import train_diffusion
 
         if self.denoiser_path.exists():
@@ -89,7 +90,7 @@ class Run:
         probe = self._step1_probe() if self.cfg.diffusion.epochs == "auto" else None
         images, labels = d.train.images, d.train.labels
         if d.unlabelled is not None:  # step 1 only: the null class (label -1), never step 2 / val / test
-            images = torch.cat([images, d.unlabelled])
+            images = cat_images([images, d.unlabelled])
             labels = torch.cat([labels, torch.full((len(d.unlabelled),), -1, dtype=labels.dtype)])
             print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
         return self.timed("diffusion", lambda: train_diffusion(
@@ -197,7 +198,7 @@ class Run:
         import dataclasses
 
         from dcube.features import extract
-        from dcube.features.cache import load_features, save_features
+        from dcube.features.cache import FeatureWriter, load_features
 
         d = self.data
         images = self.split(split).images
@@ -212,13 +213,20 @@ class Run:
                    "synthetic": self.synthetic_key() if split == "train" else None}
             tag = "" if t is None else f"_t{t}"
             path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}{tag}.safetensors"
-            maps = load_features(path, names, key, mmap=True)
-            if maps is None:
-                maps = extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
-                               desc=f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}")
-                save_features(path, maps, key)
-                del maps
-                maps = load_features(path, names, key, mmap=True)  # float16 from disk: the same on resume
+            maps = load_features(path, names, key, disk=True)
+            if maps is None:  # written batch by batch; read back by rows (float16): the same on resume
+                sink, t0 = FeatureWriter(path, len(images), key), time.time()
+                try:
+                    extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device, sink=sink,
+                            workers=self.cfg.data.workers,
+                            desc=f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}")
+                    sink.close()
+                except BaseException:
+                    sink.abort()
+                    raise
+                spent = self.info["timings_s"]
+                spent["features"] = round(spent.get("features", 0.0) + time.time() - t0, 2)  # inside "classifier"
+                maps = load_features(path, names, key, disk=True)
             out[t] = maps
         return [out[t][n] for n in names for t in (fc.timesteps or [None])]
 

@@ -15,9 +15,13 @@ import yaml
 from dcube.config import ConfigError, RunConfig, dump_config, from_dict, with_legacy_values
 
 
+NO_EFFECT = {"data.workers"}  # keys that change how a stage runs, never what it writes
+
+
 def _changed(old: dict, new: dict, section: str, prefix: str) -> list[str]:
     o, n = old.get(section) or {}, new[section]
-    return sorted(f"{section}.{k}" for k in n if k.startswith(prefix) and o.get(k) != n[k])
+    return sorted(f"{section}.{k}" for k in n
+                  if k.startswith(prefix) and o.get(k) != n[k] and f"{section}.{k}" not in NO_EFFECT)
 
 
 def check_saved_config(cfg: RunConfig, config_file: Path, root: Path, made: dict[str, str]) -> None:

@@ -1,31 +1,35 @@
-"""The feature cache: float16 on disk, memory-mapped back, keyed by what it was computed from."""
+"""The feature cache: float16 on disk, read back by rows, keyed by what it was computed from."""
 
+import pytest
 import torch
 
 from dcube.features.cache import load_features, save_features
-from dcube.utils.io import load_tensors, mmap_tensors, save_tensors
+from dcube.utils.io import disk_tensors, load_tensors, save_tensors
 
 
-def test_memory_mapped_features_equal_the_stored_ones_and_never_write_back(tmp_path):
+def test_disk_features_equal_the_stored_ones_and_are_read_only(tmp_path):
     g = torch.Generator().manual_seed(0)
     maps = {"mid": torch.randn(7, 5, 4, 4, generator=g), "up_0": torch.randn(7, 3, 8, 8, generator=g) * 30}
     path = save_features(tmp_path / "f.safetensors", maps, {"model": "abc", "n": 7})
-    mm = load_features(path, ["mid", "up_0"], {"model": "abc", "n": 7}, mmap=True)
+    dk = load_features(path, ["mid", "up_0"], {"model": "abc", "n": 7}, disk=True)
     ram = load_features(path, ["mid", "up_0"], {"model": "abc", "n": 7})
     for n in maps:
-        assert mm[n].dtype == torch.float16 and mm[n].shape == maps[n].shape
-        assert torch.equal(mm[n].float(), ram[n]) and torch.equal(ram[n], maps[n].half().float())
+        assert dk[n].dtype == torch.float16 and dk[n].shape == maps[n].shape
+        assert torch.equal(dk[n][:].float(), ram[n]) and torch.equal(ram[n], maps[n].half().float())
     before = path.read_bytes()
-    mm["mid"][0] = 123.0  # copy-on-write: the file is untouched
+    with pytest.raises(TypeError):
+        dk["mid"][0] = 123.0  # no writes through the cache
+    row = dk["mid"][0]
+    row += 1  # a row read is a copy: the file is untouched
     assert path.read_bytes() == before
-    assert load_features(path, ["mid"], {"model": "other", "n": 7}, mmap=True) is None  # another key: recompute
-    assert load_features(path, ["down_0"], {"model": "abc", "n": 7}, mmap=True) is None
+    assert load_features(path, ["mid"], {"model": "other", "n": 7}, disk=True) is None  # another key: recompute
+    assert load_features(path, ["down_0"], {"model": "abc", "n": 7}, disk=True) is None
 
 
-def test_mmap_tensors_reads_what_save_tensors_wrote(tmp_path):
+def test_disk_tensors_reads_what_save_tensors_wrote(tmp_path):
     t = {"a": torch.arange(12, dtype=torch.int64).reshape(3, 4), "b": torch.rand(2, 3), "empty": torch.zeros(0, 4)}
     p = save_tensors(tmp_path / "t.safetensors", t, {"x": 1})
-    mm, meta = mmap_tensors(p)
+    dk, meta = disk_tensors(p)
     ref, ref_meta = load_tensors(p)
     assert meta == ref_meta == {"x": 1}
-    assert all(torch.equal(mm[k], ref[k]) for k in t)
+    assert all(torch.equal(dk[k][:], ref[k]) for k in t)

@@ -203,3 +203,15 @@ def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_ne
     old["classifier"]["score_norm"] = "none"  # saved with the key: the same run, accepted
     path.write_text(yaml.safe_dump(old))
     Run(cfg)
+
+
+def test_a_run_on_disk_equals_the_run_in_ram(shared_data, tmp_path):
+    """data.in_memory_mb=0 (every split decoded to the uint8 store, read by rows; features written batch by
+    batch; extraction through 2 DataLoader workers) gives the same probabilities as the in-RAM run."""
+    import torch
+
+    ram = run(_cfg(shared_data, tmp_path / "ram"))
+    disk = run(_cfg(shared_data, tmp_path / "disk", data={"in_memory_mb": 0, "workers": 2}))
+    assert list((tmp_path / "disk" / "cache" / "images").glob("*.u8")) and not (tmp_path / "ram" / "cache").exists()
+    assert torch.equal(torch.as_tensor(ram["test_probs"]), torch.as_tensor(disk["test_probs"]))
+    assert ram["layers"] == disk["layers"] and ram["test"] == disk["test"]

@@ -65,6 +65,29 @@ def _class_counts(split: Split, classes: list[str]) -> dict:
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
+def on_disk(cfg: DataConfig, n: int) -> bool:
+    """Whether a split of `n` images goes to the on-disk store (data.in_memory_mb, counted as float32)."""
+    if cfg.in_memory_mb is None:
+        return False
+    return n * cfg.channels * cfg.image_size ** 2 * 4 > cfg.in_memory_mb * 2 ** 20
+
+
+def _cache(cfg: DataConfig, run_dir: Optional[Path], split: str, members: list, data_sha: str
+           ) -> Optional[tuple[Path, dict]]:
+    """(path, key) of the split's on-disk store, or None when it stays in RAM. The key names everything the
+    decoded pixels depend on: the data fingerprint, the split's members and the decoding settings."""
+    if not members or not on_disk(cfg, len(members)):
+        return None
+    import hashlib
+    import tempfile
+
+    ids = hashlib.sha256("\n".join(str(getattr(e, "path", e)) for e in members).encode()).hexdigest()
+    key = {"data": data_sha, "split": split, "members": ids, "image_size": cfg.image_size,
+           "channels": cfg.channels, "dicom_window": cfg.dicom_window, "max_pixels": cfg.max_pixels}
+    root = Path(run_dir) / "cache" / "images" if run_dir else Path(tempfile.gettempdir()) / "dcube-images"
+    return root / f"{split}-{ids[:16]}.u8", key
+
+
 def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:
     """Load train/val/test as float32 (N, C, S, S) tensors in [-1, 1] with int64 labels.
 
@@ -76,7 +99,7 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
     if cfg.split_seed is not None:  # one split (and caps) shared by runs with different seeds
         seed = cfg.split_seed
     if cfg.source == "medmnist":
-        return _load_medmnist(cfg, seed)
+        return _load_medmnist(cfg, seed, run_dir)
     path = Path(cfg.path).expanduser()
     if cfg.source == "folder":
         entries, layout = scan_folder(path)
@@ -92,21 +115,56 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
         members = np.flatnonzero(splits == s)
         before[s] = len(members)
         keep = members[_cap(labels[members], cfg, s, seed)]
-        out[s] = read_split([entries[i] for i in keep], classes, cfg, s, errors)
+        chosen = [entries[i] for i in keep]
+        out[s] = read_split(chosen, classes, cfg, s, errors, _cache(cfg, run_dir, s, chosen, sha))
         if s == "train" and cfg.unlabelled_rest:
-            left = np.setdiff1d(members, keep)
-            rest = read_split([entries[i] for i in left], classes, cfg, "unlabelled", errors) if len(left) else None
-    raise_unreadable(errors)
+            left = [entries[i] for i in np.setdiff1d(members, keep)]
+            rest = read_split(left, classes, cfg, "unlabelled", errors,
+                              _cache(cfg, run_dir, "unlabelled", left, sha)) if left else None
+    try:
+        raise_unreadable(errors)
+    except DataError:  # no store of this failed pass is left behind: nothing half-written
+        for split in [*out.values(), rest]:
+            if split is not None and hasattr(split.images, "path"):
+                for f in (split.images.path, split.images.path.with_name(split.images.path.name + ".json")):
+                    f.unlink(missing_ok=True)
+        raise
     save_plan(file, entries, splits, root, reused)  # only now: a rerun after removing bad files just works
     info = {"source": cfg.source, "path": str(absolute(path)), "layout": layout, "sha256": sha,
             "split_file": str(file) if file else None, "split_reused": reused, "grouping": grouping or None}
     return _with_unlabelled(_bundle(out, classes, cfg, info, before), cfg, rest)
 
 
-def _load_medmnist(cfg: DataConfig, seed: int) -> DataBundle:
+def _array_split(images: np.ndarray, labels: np.ndarray, keep: np.ndarray, cfg: DataConfig, split: str,
+                 path: Path, run_dir: Optional[Path], sha: str) -> Split:
+    """Rows `keep` of an in-memory array as a Split: a float32 tensor, or the on-disk store (converted
+    in chunks, so no float32 copy of the split is ever made)."""
+    from dcube.data.store import ImageWriter, open_images
+
+    ids = [f"{path.name}:{split if split != 'unlabelled' else 'train'}:{int(i)}" for i in keep]
+    y = torch.from_numpy(labels[keep]).to(torch.int64)
+    cache = _cache(cfg, run_dir, split, ids, sha)
+    if cache is None:
+        return Split(array_to_tensor(images[keep], cfg.image_size, cfg.channels), y, ids)
+    shape = (len(keep), cfg.channels, cfg.image_size, cfg.image_size)
+    done = open_images(*cache)
+    if done is None or tuple(done.shape) != shape:
+        writer = ImageWriter(cache[0], shape, cache[1])
+        try:
+            for a in range(0, len(keep), 1024):
+                writer.write(a, array_to_tensor(images[keep[a:a + 1024]], cfg.image_size, cfg.channels))
+        except BaseException:
+            writer.abort()
+            raise
+        done = writer.close()
+    return Split(done, y, ids)
+
+
+def _load_medmnist(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:
     info = get_info(cfg.name)
     size = file_size_for(cfg.image_size)
     path = resolve_npz(info, size, cfg.path, cfg.download)
+    sha = sha256_file(path)
     explicit = bool(cfg.path) and Path(cfg.path).expanduser().is_file()
     arrays = load_npz(path, info, None if explicit else size)
     if info.channels > cfg.channels:
@@ -117,16 +175,12 @@ def _load_medmnist(cfg: DataConfig, seed: int) -> DataBundle:
         images, labels = arrays[s]
         before[s] = len(labels)
         keep = _cap(labels, cfg, s, seed)
-        out[s] = Split(array_to_tensor(images[keep], cfg.image_size, cfg.channels),
-                       torch.from_numpy(labels[keep]).to(torch.int64),
-                       [f"{path.name}:{s}:{int(i)}" for i in keep])
+        out[s] = _array_split(images, labels, keep, cfg, s, path, run_dir, sha)
         if s == "train" and cfg.unlabelled_rest:
             left = np.setdiff1d(np.arange(len(labels)), keep)
-            rest = Split(array_to_tensor(images[left], cfg.image_size, cfg.channels),
-                         torch.from_numpy(labels[left]).to(torch.int64),
-                         [f"{path.name}:{s}:{int(i)}" for i in left]) if len(left) else None
+            rest = _array_split(images, labels, left, cfg, "unlabelled", path, run_dir, sha) if len(left) else None
     meta = {"source": "medmnist", "name": info.name, "path": str(absolute(path)),
-            "file_image_size": int(arrays["train"][0].shape[1]), "sha256": sha256_file(path)}
+            "file_image_size": int(arrays["train"][0].shape[1]), "sha256": sha}
     return _with_unlabelled(_bundle(out, list(info.labels), cfg, meta, before), cfg, rest)
 
 
@@ -145,7 +199,9 @@ def _with_unlabelled(bundle: DataBundle, cfg: DataConfig, rest: Split | None) ->
         ids += more
         info["source"] = {"path": str(Path(cfg.unlabelled).expanduser().resolve()), "n": len(more)}
     if parts:
-        bundle.unlabelled, bundle.unlabelled_ids = torch.cat(parts), ids
+        from dcube.data.store import cat_images
+
+        bundle.unlabelled, bundle.unlabelled_ids = cat_images(parts), ids
         bundle.info["unlabelled"] = {"n": len(ids), **info}
     return bundle
 

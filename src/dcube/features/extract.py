@@ -64,25 +64,52 @@ def denoiser_inputs(model, x: torch.Tensor, cfg: FeatureConfig, index: torch.Ten
 @torch.no_grad()
 def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, seed: int = 0,
             scheduler=None, device="cpu", dtype=torch.float32, desc: str = "features",
-            progress: bool = True, noise_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            progress: bool = True, noise_index: torch.Tensor | None = None, sink=None,
+            workers: int = 0) -> dict[str, torch.Tensor]:
     """Feature maps of `names` for every image: name -> (N, C, h, w) on the CPU. In ``xt`` mode image i
-    is noised with the draw of index ``noise_index[i]`` (default: i, its row in the split)."""
+    is noised with the draw of index ``noise_index[i]`` (default: i, its row in the split).
+
+    `images` may be a tensor or an on-disk split (:mod:`dcube.utils.rows`), read batch by batch (ahead,
+    in `workers` DataLoader processes). With `sink` (a :class:`dcube.features.cache.FeatureWriter`)
+    each batch's maps go straight to disk and {} is returned: memory stays one batch."""
+    from dcube.utils.rows import batches
+
     if cfg.input_mode == "xt" and scheduler is None:
         raise ValueError("features.input_mode='xt' needs the diffusion scheduler")
     model.eval()
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     bs = cfg.batch_size
     mine = dist.shard_indices(len(images), block=bs)  # every world-th batch; all of them in one process
+    one = dist.world_size() == 1
+    starts = list(range(0, len(mine), bs))
+    stream = sink is not None and one
+    index = [slice(s, s + bs) if one else mine[s:s + bs] for s in starts]
     with FeatureExtractor(model, names) as fx:
-        for s in tqdm(range(0, len(mine), bs), desc=desc, disable=not (progress and dist.is_main()), leave=False):
+        for s, x in tqdm(zip(starts, batches(images, index, workers)), total=len(starts), desc=desc,
+                         disable=not (progress and dist.is_main()), leave=False):
             idx = mine[s:s + bs]
-            x = (images[idx] if dist.world_size() > 1 else images[s:s + bs]).to(device)
-            model(*denoiser_inputs(model, x, cfg, idx if noise_index is None else noise_index[idx], seed, scheduler))
-            for n in names:
-                out[n].append(fx.maps[n].detach().to("cpu", dtype))
-    if not mine.numel() and dist.world_size() > 1:  # a rank with no batch still joins the gather
-        with FeatureExtractor(model, names) as fx:
-            model(*denoiser_inputs(model, images[:1].to(device), cfg, torch.zeros(1, dtype=torch.long), seed,
+            model(*denoiser_inputs(model, x.to(device), cfg, idx if noise_index is None else noise_index[idx], seed,
                                    scheduler))
-            out = {n: [fx.maps[n].detach().to("cpu", dtype)[:0]] for n in names}
-    return {n: dist.gather_ordered(torch.cat(v), len(images), block=bs) for n, v in out.items()}
+            if stream:
+                sink.write(s, {n: fx.maps[n].detach().to("cpu", dtype) for n in names})
+            else:
+                for n in names:
+                    out[n].append(fx.maps[n].detach().to("cpu", dtype))
+    if stream:
+        if not starts:
+            sink.write(0, _empty_maps(model, images, names, cfg, seed, scheduler, device, dtype))
+        return {}
+    if not mine.numel() and dist.world_size() > 1:  # a rank with no batch still joins the gather
+        out = {n: [m] for n, m in _empty_maps(model, images, names, cfg, seed, scheduler, device, dtype).items()}
+    full = {n: dist.gather_ordered(torch.cat(v), len(images), block=bs) for n, v in out.items()}
+    if sink is not None:  # several processes: gathered, then written whole
+        sink.write(0, full)
+        return {}
+    return full
+
+
+def _empty_maps(model, images, names, cfg, seed, scheduler, device, dtype) -> dict[str, torch.Tensor]:
+    """(0, C, h, w) maps of every layer: one forward pass on the first image, for the shapes."""
+    with FeatureExtractor(model, names) as fx:
+        model(*denoiser_inputs(model, images[:1].to(device), cfg, torch.zeros(1, dtype=torch.long), seed, scheduler))
+        return {n: fx.maps[n].detach().to("cpu", dtype)[:0] for n in names}

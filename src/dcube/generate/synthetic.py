@@ -105,7 +105,9 @@ def augment_train(bundle: DataBundle, synth: SyntheticSet, ratio: float | None =
         if ratio < 0:
             raise ValueError(f"synthetic ratio: must be >= 0, got {ratio}")
         idx = _subsample(synth, min(len(synth), int(round(ratio * len(train)))), seed)
-    return Split(torch.cat([train.images, synth.images[idx]]), torch.cat([train.labels, synth.labels[idx]]),
+    from dcube.data.store import cat_images
+
+    return Split(cat_images([train.images, synth.images[idx]]), torch.cat([train.labels, synth.labels[idx]]),
                  list(train.ids) + [synth.ids[i] for i in idx.tolist()])
 
 

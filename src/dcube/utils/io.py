@@ -128,12 +128,12 @@ _NP_DTYPES = {"F16": "float16", "F32": "float32", "BF16": None, "F64": "float64"
               "U8": "uint8", "BOOL": "bool"}
 
 
-def mmap_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A safetensors file as memory-mapped tensors (pages are read from disk when a row is used; nothing
-    is copied into RAM up front) -> (tensors, meta). Hand-written because safetensors' loaders copy:
-    the format is an 8-byte header length, a JSON header with each tensor's dtype, shape and byte
-    range, then the raw little-endian data. Copy-on-write: writing to a tensor never touches the file."""
-    import numpy as np
+def disk_tensors(path: str | Path) -> tuple[dict, dict]:
+    """A safetensors file's tensors as :class:`dcube.utils.rows.DiskRows` (rows are read from disk when
+    indexed; nothing is held in RAM) -> (tensors, meta). Hand-written because safetensors' loaders copy or
+    map the whole tensor: the format is an 8-byte header length, a JSON header with each tensor's dtype,
+    shape and byte range, then the raw little-endian data."""
+    from dcube.utils.rows import DiskRows
 
     path = Path(path)
     with open(path, "rb") as f:
@@ -144,14 +144,13 @@ def mmap_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for name, spec in header.items():
         dtype = _NP_DTYPES.get(spec["dtype"])
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which cannot be memory-mapped")
+            raise ValueError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which cannot be read by rows")
         start, end = spec["data_offsets"]
         shape = tuple(spec["shape"])
-        if end == start:
+        if end == start or not shape or len(shape) < 1:
             out[name] = torch.empty(shape, dtype=getattr(torch, dtype))
             continue
-        arr = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="c", offset=8 + n + start, shape=shape)
-        out[name] = torch.from_numpy(arr)
+        out[name] = DiskRows(path, shape, dtype, offset=8 + n + start)
     return out, meta
 
 
@@ -214,5 +213,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def sha256_tensor(t) -> str:
+    """sha256 of a tensor's bytes; an on-disk split (dcube.data.store) is hashed chunk by chunk, to the same
+    digest its in-RAM tensor would have."""
+    if isinstance(t, torch.Tensor):
+        return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    h = hashlib.sha256()
+    for a in range(0, len(t), 4096):
+        h.update(t[a:a + 4096].contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,195 @@
+"""Memory and time as the dataset grows (issue 15): the whole pipeline at N = 1k ... 50k images.
+
+    python -m bench.scaling_data [--sizes 28] [--n 1000 5000 20000 50000] [--modes disk ram] [--table-only]
+
+The data: every real PneumoniaMNIST image (5,856) and every COVID-19 Radiography image of
+../shared/data (3,803; the Kermany folder is not in shared/data), replicated with small seeded
+augmentations (shift up to 2/28 of the side, contrast and brightness within 5 %) into one folder of
+50k PNGs at the study's size, in a seeded order; a CSV manifest of the first N files is dataset N
+(the split is dcube's own: 70/10/20, stratified). Labels: normal vs abnormal (pneumonia, COVID).
+
+Each (size, N, mode) runs `dcube.pipeline.run` in a fresh process: step 1 for a fixed number of
+optimiser steps (`STEP1_STEPS`; its time is per step, not per epoch), KS selection, feature extraction
+of every split, one step-2 epoch. `disk` is ``data.in_memory_mb: 0`` (splits decoded once into the
+uint8 store, features written batch by batch, both read by rows); `ram` is ``in_memory_mb: null`` (the
+splits as float32 tensors, as before this study). Peak RSS is the child's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, THREADS, machine, run_study, shared_data
+
+STUDY = "scaling_data"
+STEP1_STEPS = 100
+WORK = Path("/tmp/dcube-scaling")
+
+
+def _sources():
+    """(uint8 image (H, W), label 0/1) of every real image: PneumoniaMNIST and COVID-19 Radiography."""
+    import numpy as np
+    from PIL import Image
+
+    z = np.load(shared_data() / "medmnist" / "pneumoniamnist.npz")
+    for s in ("train", "val", "test"):
+        for img, y in zip(z[f"{s}_images"], z[f"{s}_labels"].reshape(-1)):
+            yield img, int(y)
+    root = shared_data() / "covid_radiography_128"
+    for cls, y in (("Normal", 0), ("COVID", 1)):
+        for p in sorted((root / cls).glob("*.png")):
+            with Image.open(p) as im:
+                yield np.asarray(im.convert("L")), y
+
+
+def build(size: int, n_max: int) -> Path:
+    """WORK/s<size>/: n_max augmented PNGs and manifest-<N>.csv files (written once; reused)."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    d = WORK / f"s{size}"
+    done = d / f"built-{n_max}"
+    if done.exists():
+        return d
+    (d / "img").mkdir(parents=True, exist_ok=True)
+    base = [(np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)), y) for a, y in _sources()]
+    g = np.random.default_rng(0)
+    order = g.permutation(n_max) % len(base)
+    rows = []
+    for i, k in enumerate(tqdm(order, desc=f"building {n_max} images at {size} px")):
+        a, y = base[k]
+        shift = g.integers(-max(1, size // 14), max(1, size // 14) + 1, 2)
+        x = np.roll(a.astype(np.float32), tuple(int(s) for s in shift), axis=(0, 1))
+        x = x * g.uniform(0.95, 1.05) + g.uniform(-0.05, 0.05) * 255
+        name = f"img/{i:06d}.png"
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(d / name)
+        rows.append(f"{name},{'abnormal' if y else 'normal'}")
+    for n in sorted({1000, 5000, 20000, 50000, n_max}):
+        if n <= n_max:
+            (d / f"manifest-{n}.csv").write_text("path,label\n" + "\n".join(rows[:n]) + "\n")
+    done.write_text("ok\n")
+    return d
+
+
+_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from dcube.config import from_dict
+from dcube.pipeline import run
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg.pop("_threads"))
+t0 = time.time()
+out = run(from_dict(cfg))
+hwm = [int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")][0]
+print("RESULT " + json.dumps({"peak_rss_mb": round(hwm / 1024, 1), "wall_s": round(time.time() - t0, 1),
+                              "stage_seconds": out["timings_s"], "test": out["test"], "layers": out["layers"]}))
+"""
+
+
+def measure(size: int, n: int, mode: str) -> dict:
+    d = build(size, 50_000)
+    run_dir = WORK / "runs" / f"s{size}-n{n}-{mode}"
+    if run_dir.exists():  # a fresh run each time: the times are of the work, not of a resume
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cfg = {
+        "run_dir": str(run_dir), "seed": 0, "threads": THREADS, "_threads": THREADS,
+        "data": {"source": "csv", "path": str(d / f"manifest-{n}.csv"), "image_size": size,
+                 "in_memory_mb": 0 if mode == "disk" else None},
+        "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": STEP1_STEPS, "batch_size": 64,
+                      "sample_grid": False, "checkpoint_every": 1000},
+        "features": {"ks_images": 256, "batch_size": 256},
+        "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64},
+    }
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    res = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    disk_mb = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2 ** 20
+    return {"study": STUDY, "size": size, "n": n, "mode": mode, "step1_steps": STEP1_STEPS, **res,
+            "child_wall_s": round(time.time() - t0, 1), "run_dir_mb": round(disk_mb, 1), "threads": THREADS}
+
+
+def table() -> str:
+    from bench.common import load_results
+
+    rows = sorted(load_results(STUDY), key=lambda r: (r["size"], r["mode"], r["n"]))
+    lines = [f"## Memory and time as the dataset grows\n\nCommand: `python -m bench.scaling_data`. Machine: "
+             f"{machine()}, {rows[0]['threads'] if rows else 1} torch thread. The whole pipeline in a fresh process "
+             f"per row: step 1 for {STEP1_STEPS} optimiser steps (`unet` micro, batch 64: its seconds are per "
+             "100 steps, not per epoch), KS selection, features of every split, one step-2 epoch (no ImageNet "
+             "CNN). *disk*: `data.in_memory_mb: 0` (uint8 image store, features written and read by rows); "
+             "*ram*: `in_memory_mb: null` (float32 splits in RAM). Peak RSS = the process's VmHWM. N is split "
+             "70/10/20.\n",
+             "| size | mode | N | peak RSS MB | step 1 s | features s | step 2 s | total s | s per 1k images "
+             "(features + step 2) | run dir MB | test AUC | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st = r["stage_seconds"]
+        f = st.get("features", 0.0)
+        s2 = st.get("classifier", 0.0) - f  # the classifier stage includes the extraction
+        lines.append(f"| {r['size']} | {r['mode']} | {r['n']} | {r['peak_rss_mb']:.0f} | {st.get('diffusion', 0):.0f} | "
+                     f"{f:.0f} | {s2:.0f} | {r['wall_s']:.0f} | {(f + s2) / r['n'] * 1000:.1f} | "
+                     f"{r['run_dir_mb']:.0f} | {r['test']['auc']:.3f} | {r['date']} |")
+    for size in sorted({r["size"] for r in rows}):
+        for mode in ("disk", "ram"):
+            by = {r["n"]: r["peak_rss_mb"] for r in rows if r["size"] == size and r["mode"] == mode}
+            if 5000 in by and 50000 in by:
+                lines.append(f"\n{size} px, {mode}: peak RSS at 50k / at 5k = {by[50000] / by[5000]:.2f} "
+                             "(the goal for *disk*: within 1.20).")
+    lines.append("\n![peak RSS and time against N](bench/results/scaling_data/scaling.png)")
+    _plot(rows)
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict]) -> None:
+    if not rows:
+        return
+    from dcube.utils.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for size in sorted({r["size"] for r in rows}):
+        for mode, style in (("disk", "o-"), ("ram", "s--")):
+            rs = sorted((r for r in rows if r["size"] == size and r["mode"] == mode), key=lambda r: r["n"])
+            if not rs:
+                continue
+            n = [r["n"] for r in rs]
+            ax[0].plot(n, [r["peak_rss_mb"] for r in rs], style, label=f"{size} px, {mode}")
+            ax[1].plot(n, [r["stage_seconds"].get("classifier", 0)
+                           for r in rs], style, label=f"{size} px, {mode}")
+    ax[0].set(xlabel="images N", ylabel="peak RSS (MB)", title="peak memory", ylim=(0, None))
+    ax[1].set(xlabel="images N", ylabel="seconds", title="features + one step-2 epoch")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    out = RESULTS / STUDY / "scaling.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=int, default=[28])
+    p.add_argument("--n", nargs="+", type=int, default=[1000, 5000, 20000, 50000])
+    p.add_argument("--modes", nargs="+", choices=["disk", "ram"], default=["disk", "ram"])
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    jobs = ((f"s{s}-n{n}-{m}", (lambda s=s, n=n, m=m: measure(s, n, m)))
+            for s in a.sizes for n in a.n for m in a.modes)
+    return run_study(STUDY, jobs, table, a.table_only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
