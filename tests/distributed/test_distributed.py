@@ -95,6 +95,7 @@ def test_gathered_results_equal_one_process(two_procs):
                    progress=False)
     for name, m in maps.items():
         assert torch.equal(got[f"feat.{name}"], m), name
+        assert torch.equal(got[f"featdisk.{name}"], m), name  # 2 ranks reading the uint8 store by rows
     samples = sample_images(model, dcfg, torch.tensor([0, 1, 0, 1, 1]), steps=3, seed=5, batch_size=2,
                             progress=False)
     assert torch.equal(got["samples"], samples)

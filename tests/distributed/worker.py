@@ -55,6 +55,17 @@ fc = r.cfg.features
 images = r.data.train.images
 maps = extract(model, images, model.feature_names, fc, r.cfg.seed, r._scheduler(dcfg), progress=False)
 
+# the on-disk path: both ranks decode into ONE store (the same run directory), then extract through a
+# DataLoader worker; the gathered maps must equal the in-RAM ones of one process
+import dataclasses  # noqa: E402
+
+from dcube.data import load_data  # noqa: E402
+
+on_disk = load_data(dataclasses.replace(r.cfg.data, in_memory_mb=0), r.cfg.seed, WORK / "diskstore")
+assert type(on_disk.train.images).__name__ == "DiskRows"
+maps_disk = extract(model, on_disk.train.images, model.feature_names, fc, r.cfg.seed, r._scheduler(dcfg),
+                    progress=False, workers=1)
+
 from dcube.diffusion.sampling import sample_images  # noqa: E402
 from dcube.latent.zeroshot import classify_zero_shot  # noqa: E402
 
@@ -67,6 +78,7 @@ torch.manual_seed(RANK)  # a different initialisation per rank: rank 0's is broa
 ae = train_autoencoder(LatentConfig(**AE), images, WORK / "ae", seed=3)
 latents = load_codec(ae).encode_all(images, batch_size=4, progress=False)
 save_tensors(WORK / "gathered.safetensors", {**{f"feat.{k}": v for k, v in maps.items()},
+                                             **{f"featdisk.{k}": v for k, v in maps_disk.items()},
                                              "samples": samples, "zs": zs.probs, "latents": latents})
 if RANK == 1:
     (WORK / "audit-rank1.json").write_text(json.dumps(written))
