@@ -198,7 +198,8 @@ class Run:
         import dataclasses
 
         from dcube.features import extract
-        from dcube.features.cache import FeatureWriter, load_features
+        from dcube.features.cache import FeatureWriter, load_features, save_features
+        from dcube.utils import dist
 
         d = self.data
         images = self.split(split).images
@@ -215,15 +216,20 @@ class Run:
             path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}{tag}.safetensors"
             maps = load_features(path, names, key, disk=True)
             if maps is None:  # written batch by batch; read back by rows (float16): the same on resume
-                sink, t0 = FeatureWriter(path, len(images), key), time.time()
-                try:
-                    extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device, sink=sink,
-                            workers=self.cfg.data.workers,
-                            desc=f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}")
-                    sink.close()
-                except BaseException:
-                    sink.abort()
-                    raise
+                t0 = time.time()
+                desc = f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}"
+                if dist.world_size() > 1:  # gathered from the ranks, written by rank 0 (save_features)
+                    save_features(path, extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg),
+                                                self.device, workers=self.cfg.data.workers, desc=desc), key)
+                else:
+                    sink = FeatureWriter(path, len(images), key)
+                    try:
+                        extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
+                                sink=sink, workers=self.cfg.data.workers, desc=desc)
+                        sink.close()
+                    except BaseException:
+                        sink.abort()
+                        raise
                 spent = self.info["timings_s"]
                 spent["features"] = round(spent.get("features", 0.0) + time.time() - t0, 2)  # inside "classifier"
                 maps = load_features(path, names, key, disk=True)

@@ -84,7 +84,11 @@ def _cache(cfg: DataConfig, run_dir: Optional[Path], split: str, members: list, 
     ids = hashlib.sha256("\n".join(str(getattr(e, "path", e)) for e in members).encode()).hexdigest()
     key = {"data": data_sha, "split": split, "members": ids, "image_size": cfg.image_size,
            "channels": cfg.channels, "dicom_window": cfg.dicom_window, "max_pixels": cfg.max_pixels}
+    from dcube.utils import dist
+
     root = Path(run_dir) / "cache" / "images" if run_dir else Path(tempfile.gettempdir()) / "dcube-images"
+    if not dist.is_main():  # several processes: files in the run directory come from rank 0 only
+        root = Path(tempfile.gettempdir()) / "dcube-images" / f"rank{dist.rank()}-{data_sha[:12]}"
     return root / f"{split}-{ids[:16]}.u8", key
 
 

@@ -1,0 +1,183 @@
+"""Where do the heat maps point? Lung and border enrichment of each attribution method (issue 13).
+
+    python -m bench.heatmaps [--run-dir runs/demo] [--images 40] [--table-only]
+
+On `images` seeded VALIDATION images of a finished chest X-ray run (default: the demo's), each
+method's map for the predicted class is clamped at 0 and normalised to sum 1. Its *lung enrichment* is
+the share of the map inside a lung proxy divided by the proxy's share of the image (1 = no preference,
+> 1 = on the lungs); *border enrichment* is the same for the outer ring (1/9 of the side). The lung
+proxy: interior pixels darker than the interior's median (the lung fields are air; bone, heart and
+soft tissue are brighter) -- no lung masks ship with PneumoniaMNIST, so this is a proxy, drawn in the
+panel next to the maps for the reader to judge. Methods: MONAI GradCAM on head stages, HiResCAM
+(gradient x activation, faithful for a flatten + FC head; hand-written: MONAI has none), MONAI
+OcclusionSensitivity on the calibrated-probability model, and the diffusion evidence map of
+`dcube predict --heatmaps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS, THREADS, machine, run_study
+
+STUDY = "heatmaps"
+
+
+def _ring(size: int):
+    import torch
+
+    ring = torch.zeros(size, size, dtype=torch.bool)
+    b = max(1, size // 9)
+    ring[:b] = ring[-b:] = True
+    ring[:, :b] = ring[:, -b:] = True
+    return ring
+
+
+def lung_proxy(x, ring):
+    inner = ~ring
+    return inner & (x[0] < x[0][inner].median())
+
+
+def enrichment(m, mask) -> float:
+    m = m.float().clamp(min=0)
+    return float((m[mask].sum() / (m.sum() + 1e-12)) / mask.float().mean())
+
+
+def measure(run_dir: str, n: int) -> dict:
+    import numpy as np
+    import torch
+    from monai.visualize import GradCAM, OcclusionSensitivity
+
+    from dcube.data import load_data
+    from dcube.predict import Predictor
+
+    torch.set_num_threads(THREADS)
+    pred = Predictor(run_dir)
+    val = load_data(pred.cfg.data, pred.cfg.seed).val
+    idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:n]
+    X = val.images[idx]
+    raw, _ = pred(X)
+    S = X.shape[-1]
+    ring = _ring(S)
+
+    class Net(torch.nn.Module):  # the head with the frozen features inside (as Predictor.gradcam)
+        def __init__(self):
+            super().__init__()
+            self.head = pred.head
+
+        def forward(self, x):
+            with torch.no_grad():
+                feats = pred._features(x.detach().cpu())
+            return self.head(feats, x)
+
+    net = Net().eval()
+    up = lambda m: torch.nn.functional.interpolate(m.float(), size=(S, S), mode="bilinear")[0, 0].detach()
+
+    def gradcam(layer):
+        return lambda x, c: up(GradCAM(net, target_layers=layer)(x[None], class_idx=c))
+
+    def hirescam(layer):
+        def f(x, c):
+            acts = {}
+            h = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+            out = net(x[None].clone().requires_grad_(True))
+            acts["a"].retain_grad()
+            out[0, c].backward()
+            h.remove()
+            a = acts["a"]
+            return up((a.grad * a).sum(1, keepdim=True).relu())
+        return f
+
+    class Prob(torch.nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(pred(x)[1]).float()
+
+    occ = OcclusionSensitivity(Prob(), mask_size=max(3, S // 6), overlap=0.6, n_batch=64, mode="mean_img",
+                               verbose=False)
+
+    def occlusion(x, c):
+        m, _ = occ(x[None])
+        return (torch.from_numpy(pred(x[None])[1]).float()[0, c] - m[0, c]).relu()
+
+    methods = {"Grad-CAM head.stages.2 (predict's)": gradcam("head.stages.2"),
+               "Grad-CAM head.stages.0": gradcam("head.stages.0"),
+               "HiResCAM head.stages.2": hirescam("head.stages.2"),
+               "HiResCAM head.to_one": hirescam("head.to_one"),
+               "occlusion (MONAI)": occlusion,
+               "diffusion evidence map": lambda x, c: pred.diffusion_map(x, raw_i)}
+    if pred.head.cnn is not None:
+        methods["Grad-CAM head.cnn_proj"] = gradcam("head.cnn_proj")
+    scores = {k: {"lung": [], "border": []} for k in methods}
+    panel = []
+    for i in range(len(X)):
+        x, c, raw_i = X[i], int(raw[i].argmax()), raw[i]
+        lm = lung_proxy(x, ring)
+        maps = {}
+        for k, f in methods.items():
+            m = f(x, c)
+            maps[k] = m
+            scores[k]["lung"].append(enrichment(m, lm))
+            scores[k]["border"].append(enrichment(m, ring))
+        if i < 5:
+            panel.append((x[0].numpy(), lm.numpy(), {k: v.detach().numpy() for k, v in maps.items()}))
+    _panel(panel, Path(run_dir).name)
+    return {"study": STUDY, "run_dir": str(run_dir), "images": len(X), "image_size": S,
+            "layers": pred.layers, "subfeature": pred.cfg.classifier.subfeature,
+            "methods": {k: {"lung_mean": float(np.mean(v["lung"])), "lung_std": float(np.std(v["lung"], ddof=1)),
+                            "border_mean": float(np.mean(v["border"])),
+                            "border_std": float(np.std(v["border"], ddof=1))} for k, v in scores.items()}}
+
+
+def _panel(panel, name: str) -> None:
+    from dcube.utils.plotting import literal_text, pyplot
+
+    plt = pyplot()
+    cols = 2 + len(panel[0][2])
+    fig, ax = plt.subplots(len(panel), cols, figsize=(1.9 * cols, 2.0 * len(panel)))
+    for r, (img, lm, maps) in enumerate(panel):
+        items = [("image", img, "gray"), ("lung proxy", lm, "gray")] + [(k, v, "jet") for k, v in maps.items()]
+        for c, (t, im, cmap) in enumerate(items):
+            ax[r, c].imshow(im, cmap=cmap)
+            ax[r, c].axis("off")
+            if r == 0:
+                ax[r, c].set_title(literal_text(t.replace(" (", "\n(").replace(" head", "\nhead")), fontsize=7)
+    fig.tight_layout()
+    out = RESULTS / STUDY / f"{name}-panel.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def table() -> str:
+    from bench.common import load_results
+
+    lines = [f"## Where the heat maps point\n\nCommand: `python -m bench.heatmaps --run-dir runs/demo` (after "
+             f"`make demo`). Machine: {machine()}. Each method's map of the predicted class on seeded VALIDATION "
+             "images; enrichment = the map's share inside a region / the region's share of the image (1: no "
+             "preference). Lung proxy: interior pixels darker than the interior median (no lung masks ship "
+             "with PneumoniaMNIST; see the panel). mean ± std over images.\n"]
+    for r in load_results(STUDY):
+        lines += [f"Run `{Path(r['run_dir']).name}` ({r['image_size']} px, layers {', '.join(r['layers'])}, "
+                  f"sub-features {r['subfeature']}), {r['images']} images, {r['date']}:\n",
+                  "| method | lung enrichment | border enrichment |", "|---|---|---|"]
+        for k, v in r["methods"].items():
+            lines.append(f"| {k} | {v['lung_mean']:.2f} ± {v['lung_std']:.2f} | "
+                         f"{v['border_mean']:.2f} ± {v['border_std']:.2f} |")
+        lines.append(f"\n![maps](bench/results/{STUDY}/{Path(r['run_dir']).name}-panel.png)\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+    jobs = [(f"{Path(a.run_dir).name}-n{a.images}", lambda: measure(a.run_dir, a.images))]
+    return run_study(STUDY, jobs, table, a.table_only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
