@@ -131,7 +131,7 @@ def measure(run_dir: str, n: int) -> dict:
 
 
 def _panel(panel, name: str) -> None:
-    from dcube.utils.plotting import literal_text, pyplot
+    from dcube.utils.plotting import pyplot  # literal text (no mathtext)
 
     plt = pyplot()
     cols = 2 + len(panel[0][2])
@@ -142,7 +142,7 @@ def _panel(panel, name: str) -> None:
             ax[r, c].imshow(im, cmap=cmap)
             ax[r, c].axis("off")
             if r == 0:
-                ax[r, c].set_title(literal_text(t.replace(" (", "\n(").replace(" head", "\nhead")), fontsize=7)
+                ax[r, c].set_title(t.replace(" (", "\n(").replace(" head", "\nhead"), fontsize=7)
     fig.tight_layout()
     out = RESULTS / STUDY / f"{name}-panel.png"
     out.parent.mkdir(parents=True, exist_ok=True)
