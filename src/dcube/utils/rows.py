@@ -24,6 +24,19 @@ _TORCH = {np.dtype("uint8"): torch.uint8, np.dtype("float16"): torch.float16, np
           np.dtype("float64"): torch.float64, np.dtype("int64"): torch.int64, np.dtype("int32"): torch.int32}
 
 
+def row_index(key, n: int) -> np.ndarray:
+    """int | slice | index list/array/tensor | bool mask over n rows -> int64 row numbers (negatives wrap)."""
+    if isinstance(key, (int, np.integer)):
+        return np.array([key + n if key < 0 else key])
+    if isinstance(key, slice):
+        return np.arange(n)[key]
+    idx = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    if idx.dtype == bool:
+        return np.flatnonzero(idx)
+    idx = idx.astype(np.int64).reshape(-1)
+    return np.where(idx < 0, idx + n, idx)
+
+
 class DiskRows:
     """A read-only (N, ...) array stored row-major at `offset` in `path`; indexing returns torch tensors.
 
@@ -69,22 +82,10 @@ class DiskRows:
             raise ValueError("DiskRows.flip: only the last (width) axis")
         return DiskRows(self.path, self.shape, self.np_dtype.str, self.offset, self.image, not self.flipped)
 
-    def _rows(self, key) -> np.ndarray:
-        n = len(self)
-        if isinstance(key, (int, np.integer)):
-            return np.array([key + n if key < 0 else key])
-        if isinstance(key, slice):
-            return np.arange(n)[key]
-        idx = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
-        if idx.dtype == bool:
-            return np.flatnonzero(idx)
-        idx = idx.astype(np.int64).reshape(-1)
-        return np.where(idx < 0, idx + n, idx)
-
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, tuple):
             raise TypeError("DiskRows: index rows only (rows[idx]), then slice the tensor")
-        rows = self._rows(key)
+        rows = row_index(key, len(self))
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"{self.path}: row index out of range for {len(self)} rows")
         out = np.empty((len(rows), self.row_items), dtype=self.np_dtype)
@@ -124,7 +125,7 @@ class Concat:
         return Concat([p.flip(dim) for p in self.parts])
 
     def __getitem__(self, key) -> torch.Tensor:
-        rows = DiskRows._rows(self, key)  # same index rules
+        rows = row_index(key, len(self))
         part = np.searchsorted(self.starts, rows, side="right") - 1
         out = torch.empty((len(rows), *self.shape[1:]), dtype=torch.float32)
         for p in np.unique(part):
