@@ -56,10 +56,10 @@ def _base(dataset: str, seed: int, run_dir, step1: str) -> dict:
 def step1_dir(dataset: str, step1: str, seed: int):
     """Train (once) the shared step-1 model -> its run directory."""
     from dcube.config import from_dict
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     d = RESULTS / STUDY / "runs" / f"{dataset}-step1-{step1}-s{seed}"
-    Run(from_dict(_base(dataset, seed, d, step1))).train_diffusion()
+    DCube(from_dict(_base(dataset, seed, d, step1))).train_diffusion()
     return d
 
 

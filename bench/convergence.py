@@ -52,11 +52,11 @@ def untrained_run(seed: int) -> dict:
     from dcube.diffusion import build_denoiser
     from dcube.features import extract
     from dcube.features.probe import validation_probe
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
     from dcube.utils.runtime import seed_everything
 
     cfg = from_dict(_cfg("untrained", seed, 1))
-    r = Run(cfg)
+    r = DCube(cfg)
     d = r.data
     seed_everything(seed)  # as the trainer does before it builds the model
     model = build_denoiser(cfg.diffusion, d.train.images.shape[1], cfg.data.image_size, len(d.class_names)).eval()
@@ -75,11 +75,11 @@ def variant_run(key: str, seed: int, epochs: int) -> dict:
     from dcube.config import from_dict
     from dcube.features import extract
     from dcube.features.probe import validation_probe
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
     from dcube.utils.io import read_json
 
     cfg = from_dict(_cfg(key, seed, epochs))
-    r = Run(cfg)
+    r = DCube(cfg)
     r.train_diffusion()
     hist = read_json(r.dir / "diffusion" / "history.json")
     model, dcfg = r.denoiser()  # the chosen (best-on-validation) checkpoint

@@ -44,12 +44,12 @@ def split_hash(data) -> str:
 
 def dcube_run(seed: int) -> dict:
     from dcube.config import from_dict
-    from dcube.pipeline import Run, run
+    from dcube.pipeline import DCube, run
 
     cfg = from_dict(shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"dcube{DCUBE_SIZE}-s{seed}"), "seed": seed,
                             "threads": THREADS, "data": data_dict(DCUBE_SIZE), **DCUBE}))
     out = run(cfg)
-    data = Run(cfg).data
+    data = DCube(cfg).data
     return {"study": STUDY, "method": "D-Cube", "method_id": "dcube", "seed": seed, "image_size": DCUBE_SIZE,
             "schedule": DCUBE, "data": data.info, "split_sha": split_hash(data), "test": out["test"],
             "val": out["val"], "best_epoch": out["best_epoch"], "layers": out["layers"],

@@ -64,11 +64,11 @@ VARIANTS = {  # extra parts: latent-section overrides of the setup
 
 def _run(latent: dict | None = None):
     from dcube.config import from_dict
-    from dcube.latent.run import LatentRun
+    from dcube.latent.run import Latent
 
     cfg = setup()
     cfg["latent"].update(latent or {})
-    return LatentRun(from_dict(cfg))
+    return Latent(from_dict(cfg))
 
 
 def _summary(m: dict) -> dict:
@@ -114,7 +114,7 @@ def part_zeroshot(adaptive: bool, variant: str | None = None) -> dict:
 def part_analysis() -> dict:
     r = _run()
     res = r.analyze()
-    shutil.copyfile(r.dir / "analysis" / "analysis.png", RESULTS / STUDY / "analysis.png")
+    shutil.copyfile(r.ldir / "analysis" / "analysis.png", RESULTS / STUDY / "analysis.png")
     return {k: res[k] for k in ("timesteps", "layers", "probe_balanced_accuracy", "zero_shot_accuracy", "best",
                                 "recommended", "feature_overrides", "n_probe_images", "n_zero_shot_images",
                                 "seconds")}

@@ -52,14 +52,14 @@ def one_run(dataset: str, setting: str, method: str, seed: int) -> dict:
     if method == "dcube-unlabelled" and not setting.startswith("labels"):
         raise SystemExit(f"bench.robustness: dcube-unlabelled needs a label-fraction setting, not {setting!r}")
     if method in ("dcube", "dcube-unlabelled"):
-        from dcube.pipeline import Run, run
+        from dcube.pipeline import DCube, run
 
         if method == "dcube-unlabelled":  # the training images whose labels were dropped join step 1
             dd = {**dd, "unlabelled_rest": True}
         cfg = from_dict({**shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, **SCHEDULES[dataset]}),
                          "data": dd})  # dd: already shrunk, with this setting's caps
         out = run(cfg)
-        data = Run(cfg).data
+        data = DCube(cfg).data
         res = {"method": UNLABELLED if method == "dcube-unlabelled" else "D-Cube", "method_id": method,
                "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "layers": out["layers"],
                "data_config": cfg.to_dict()["data"]}

@@ -87,10 +87,10 @@ def stability_run(seed: int, samples=(0, 1, 2, 3, 4)) -> dict:
     from dcube.config import from_dict
     from dcube.features import extract, select_layers
     from dcube.features.ks import select_ks_map
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     d = step1_dir(DATASET, "con", seed)
-    r = Run(from_dict(_base(DATASET, seed, d, "con")))
+    r = DCube(from_dict(_base(DATASET, seed, d, "con")))
     model, dcfg = r.denoiser()
     fc, data = r.cfg.features, r.data
     out = {"ks": [], "ks_map": [], "effects": []}
@@ -111,11 +111,11 @@ def val_probs_of(run_dir) -> list:
 
     from dcube.classify.trainer import BEST, build_head, predict
     from dcube.config import from_dict
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
     from dcube.utils.io import load_checkpoint
 
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    r = Run(cfg)
+    r = DCube(cfg)
     names = r.select_layers()
     model, dcfg = r.denoiser()
     val = r.feature_split("val", names, model, dcfg)

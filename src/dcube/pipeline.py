@@ -1,4 +1,6 @@
-"""The whole D-Cube pipeline, one run directory, each stage skipped when its output exists.
+"""The pixel-space D-Cube method, a plug-in of the one orchestrator (:class:`dcube.run.Run`: the run
+directory, its lock and staleness checks, run.json, the data, resume). Each stage is skipped when its
+output exists.
 
 run_dir/
   config.yaml            resolved configuration
@@ -22,57 +24,31 @@ from pathlib import Path
 import torch
 
 from dcube.config import RunConfig
+from dcube.run import Method
 from dcube.utils.io import read_json, sha256_file, write_json
-from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
 
 
-class Run:
-    """State shared by the stages of one run (config, device, data, directory)."""
+class DCube(Method):
+    """The pixel-space D-Cube method: its stages on the run directory of :class:`dcube.run.Run`."""
 
+    STAGES = {"diffusion": "train_diffusion", "select": "select_layers", "classify": "train_classifier",
+              "evaluate": "evaluate_and_report"}
     # which output each config section produced: a section may change until its output exists
     MADE = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
             "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
 
-    def __init__(self, cfg: RunConfig):
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
         from dcube.preflight import check_run
-        from dcube.rundir import open_run_dir
 
-        check_run(cfg)  # config-level mistakes: before anything is written
-        self.cfg = cfg
-        self.dir = open_run_dir(cfg, self.MADE)  # made, locked, checked against its saved config
-        self.device = pick_device(cfg.device)
-        configure_torch(cfg.threads)
-        self._data = None
+        check_run(cfg)
+
+    def __init__(self, cfg: RunConfig, report_heatmaps: int = 0):
+        super().__init__(cfg)
         self._train = None  # training split with synthetic images, when configured
-        self.info = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
-        self.info.setdefault("timings_s", {})
-
-    @property
-    def data(self):
-        if self._data is None:
-            from dcube.data import load_data
-
-            self._data = load_data(self.cfg.data, self.cfg.seed, self.dir)
-            self.info["data"] = self._data.info
-            self.save_info()
-        return self._data
-
-    def save_info(self):
-        from dcube.utils import dist
-
-        self.info.update(seed=self.cfg.seed, versions=package_versions(), device=str(self.device),
-                         processes=dist.world_size())
-        write_json(self.dir / "run.json", self.info)
-
-    def timed(self, name, fn):
-        seed_everything(self.cfg.seed)
-        t0 = time.time()
-        out = fn()
-        self.info["timings_s"][name] = round(time.time() - t0, 2)
-        self.save_info()
-        return out
+        self.report_heatmaps = report_heatmaps  # heat maps of this many test images in report.html
 
     # -- step 1 ---------------------------------------------------------------------------
     @property
@@ -83,20 +59,19 @@ class Run:
         from dcube.data.store import cat_images
         from dcube.diffusion.trainer import train_diffusion
 
-        if self.denoiser_path.exists():
-            print(f"[step 1] done already: {self.denoiser_path}")
-            return self.denoiser_path
-        d = self.data
-        probe = self._step1_probe() if self.cfg.diffusion.epochs == "auto" else None
-        images, labels = d.train.images, d.train.labels
-        if d.unlabelled is not None:  # step 1 only: the null class (label -1), never step 2 / val / test
-            images = cat_images([images, d.unlabelled])
-            labels = torch.cat([labels, torch.full((len(d.unlabelled),), -1, dtype=labels.dtype)])
-            print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
-        return self.timed("diffusion", lambda: train_diffusion(
-            self.cfg.diffusion, images, labels, len(d.class_names), self.dir / "diffusion",
-            seed=self.cfg.seed, device=self.device, class_names=d.class_names, compute=self.cfg.compute,
-            eval_fn=probe))
+        def work():
+            d = self.data
+            probe = self._step1_probe() if self.cfg.diffusion.epochs == "auto" else None
+            images, labels = d.train.images, d.train.labels
+            if d.unlabelled is not None:  # step 1 only: the null class (label -1), never step 2 / val / test
+                images = cat_images([images, d.unlabelled])
+                labels = torch.cat([labels, torch.full((len(d.unlabelled),), -1, dtype=labels.dtype)])
+                print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
+            return train_diffusion(self.cfg.diffusion, images, labels, len(d.class_names), self.dir / "diffusion",
+                                   seed=self.cfg.seed, device=self.device, class_names=d.class_names,
+                                   compute=self.cfg.compute, eval_fn=probe)
+
+        return self.run.stage("diffusion", self.denoiser_path, work, label="step 1")
 
     def _step1_probe(self):
         """diffusion.epochs=auto: the validation probe of an EMA denoiser (every block's pooled features,
@@ -281,19 +256,19 @@ class Run:
         on the training labels; cached in features/ like the feature maps."""
         from dcube.classify.losses import calibrate_posterior
         from dcube.config import LatentConfig
-        from dcube.features.cache import load_features, save_features
         from dcube.latent.zeroshot import classify_zero_shot
 
         cc, tr = self.cfg.classifier, self.split("train")
         key = {"model": sha256_file(self.denoiser_path), "trials": cc.cycle_trials, "data": self.data.info.get("sha256"),
                "n": len(tr), "synthetic": self.synthetic_key(), "seed": self.cfg.seed}
         path = self.dir / "features" / "posterior_train.safetensors"
-        cached = load_features(path, ["errors"], key)
-        if cached is None:
+
+        def errors():
             zs = LatentConfig(zs_trials=cc.cycle_trials, zs_batch_size=256)
-            errors = classify_zero_shot(model, self._scheduler(dcfg), tr.images, zs, self.cfg.seed, self.device).errors
-            save_features(path, {"errors": errors}, key)
-            cached = load_features(path, ["errors"], key)
+            return {"errors": classify_zero_shot(model, self._scheduler(dcfg), tr.images, zs, self.cfg.seed,
+                                                 self.device).errors}
+
+        cached = self.run.cached(path, key, errors, dtype=torch.float16)
         probs, info = calibrate_posterior(cached["errors"], tr.labels)
         self.info["cycle_posterior"] = info
         self.save_info()
@@ -318,10 +293,8 @@ class Run:
                                     scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device,
                                     compute=self.cfg.compute, timesteps=len(self.cfg.features.timesteps or [0]))
 
-        if (cdir / "history.json").exists() and (cdir / BEST).exists():
-            print(f"[step 2] done already: {cdir / BEST}")
-            return None
-        return self.timed("classifier", work)
+        return self.run.stage("classifier", [cdir / "history.json", cdir / BEST], work, done=lambda: None,
+                              label="step 2")
 
     def _val_score(self, y_true, probs):
         from dcube.evaluate import compute_metrics, select_score
@@ -382,28 +355,15 @@ class Run:
         return full
 
 
+    def evaluate_and_report(self) -> dict:
+        from dcube.report import write_report
+
+        out = self.evaluate()
+        print(f"report: {write_report(self.dir, self.report_heatmaps)}")
+        return out
+
+
 def run(cfg: RunConfig, stages=STAGES, report_heatmaps: int = 0) -> dict | None:
     """Run the stages; after `evaluate`, write report.html (with heat maps of `report_heatmaps` test
-    images: `dcube run` asks for 2)."""
-    from dcube.utils.lock import unlock_run_dir
-
-    r = Run(cfg)
-    try:
-        t0 = time.time()
-        out = None
-        if "diffusion" in stages:
-            r.train_diffusion()
-        if "select" in stages:
-            r.select_layers()
-        if "classify" in stages:
-            r.train_classifier()
-        if "evaluate" in stages:
-            from dcube.report import write_report
-
-            out = r.evaluate()
-            print(f"report: {write_report(r.dir, report_heatmaps)}")
-        r.info["timings_s"]["total_this_call"] = round(time.time() - t0, 2)
-        r.save_info()
-        return out
-    finally:
-        unlock_run_dir(r.dir)
+    images: `dcube run` asks for 2). -> the test metrics (evaluate), else None."""
+    return DCube(cfg, report_heatmaps).run.execute(stages).get("evaluate")

@@ -4,7 +4,7 @@
 what to do. It checks what the config alone can tell: the device, the backbone and preset against the image size, ``features.layers``
 against the backbone's feature names, and the sub-feature weights file (present, safetensors, not
 a pickle); ``check_run_dir`` (a file, under a file, not writable) runs where the directory is opened
-(:func:`dcube.rundir.open_run_dir`). Numeric ranges are ``config.validate``'s; the data's own checks (every unreadable file,
+(:func:`dcube.run.open_run_dir`). Numeric ranges are ``config.validate``'s; the data's own checks (every unreadable file,
 class sizes, splits) are the data stage's and also run before step 1.
 """
 
@@ -74,7 +74,7 @@ def check_paths(cfg: RunConfig) -> None:
 
 def check_run(cfg: RunConfig) -> None:
     """Every config-level check, in the order a user would fix them (the run directory is checked where it
-    is opened, dcube.rundir.open_run_dir)."""
+    is opened, dcube.run.open_run_dir)."""
     check_device(cfg.device)
     check_backbone(cfg)
     check_subfeature(cfg)

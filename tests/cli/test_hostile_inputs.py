@@ -277,7 +277,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatc
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.Run, "train_diffusion", interrupted)
+    monkeypatch.setattr(pipeline.DCube, "train_diffusion", interrupted)
     assert main(["run", str(cfg), "--set", "seed=0"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [f"dcube: interrupted; every finished step and checkpoint is kept. Resume with: "
@@ -293,7 +293,7 @@ def test_a_bug_is_one_line_and_a_log_file_with_the_traceback(tmp_path, capsys, m
     def broken(self):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline.Run, "train_diffusion", broken)
+    monkeypatch.setattr(pipeline.DCube, "train_diffusion", broken)
     assert main(["run", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "ZeroDivisionError" in err

@@ -123,7 +123,7 @@ def test_auto_stop_keeps_the_argmax_of_the_validation_curve(tmp_path):
 
 def test_auto_stop_in_the_pipeline_never_reads_the_test_split(shared_data, tmp_path):
     from dcube.config import from_dict
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     class NoTest:
         def __getattr__(self, name):
@@ -137,7 +137,7 @@ def test_auto_stop_in_the_pipeline_never_reads_the_test_split(shared_data, tmp_p
         "diffusion": {"backbone": "unet", "preset": "micro", "epochs": "auto", "eval_every": 2, "patience": 1,
                       "auto_max_epochs": 3, "batch_size": 32, "sample_grid": False, "probe_images": 64},
         "features": {"batch_size": 64}})
-    r = Run(cfg)
+    r = DCube(cfg)
     r.data.test = NoTest()
     r.train_diffusion()
     hist = read_json(tmp_path / "run" / "diffusion" / "history.json")

@@ -60,10 +60,10 @@ def two_procs(tmp_path_factory):
 
 
 def _run(work):
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     torch.set_num_threads(1)
-    return Run(from_dict(_config(work)))
+    return DCube(from_dict(_config(work)))
 
 
 def test_two_process_pipeline_writes_its_outputs(two_procs):

@@ -39,7 +39,7 @@ if RANK == 1:
 from dcube.cli import main  # noqa: E402
 from dcube.config import LatentConfig, from_dict  # noqa: E402
 from dcube.features import extract  # noqa: E402
-from dcube.pipeline import Run  # noqa: E402
+from dcube.pipeline import DCube  # noqa: E402
 from dcube.utils import dist  # noqa: E402
 from dcube.utils.io import save_tensors  # noqa: E402
 
@@ -49,7 +49,7 @@ assert dist.world_size() == 2 and dist.rank() == RANK
 
 assert main(["run", str(WORK / "config.yaml")]) == 0  # the CLI, as `torchrun ... -m dcube.cli run` runs it
 
-r = Run(from_dict(CONFIG))
+r = DCube(from_dict(CONFIG))
 model, dcfg = r.denoiser()
 fc = r.cfg.features
 images = r.data.train.images

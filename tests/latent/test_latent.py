@@ -289,17 +289,17 @@ def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
     """The latent path opens its run directory like Run: a changed autoencoder key after the autoencoder
     exists, or a changed seed, is a one-line ConfigError; a zero-shot key may change freely."""
     from dcube.config import ConfigError
-    from dcube.latent.run import LatentRun
+    from dcube.latent.run import Latent
 
     def cfg(**latent):
         return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent})
 
-    LatentRun(cfg(ae_lr=1e-3))
+    Latent(cfg(ae_lr=1e-3))
     ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
     ae.parent.mkdir(parents=True)
     ae.write_bytes(b"x")  # as if trained
-    LatentRun(cfg(ae_lr=1e-3, zs_trials=4))  # not an autoencoder key
+    Latent(cfg(ae_lr=1e-3, zs_trials=4))  # not an autoencoder key
     with pytest.raises(ConfigError, match="latent.ae_lr differs"):
-        LatentRun(cfg(ae_lr=2e-3))
+        Latent(cfg(ae_lr=2e-3))
     with pytest.raises(ConfigError, match="seed 1 differs"):
-        LatentRun(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_lr": 1e-3}}))
+        Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_lr": 1e-3}}))

@@ -99,10 +99,10 @@ def test_dcube_head_trains_on_real_plus_synthetic(shared_data, tmp_path):
     training-feature cache is keyed by it; a set from another training split is refused."""
     from dcube.generate import synthesize
     from dcube.generate.synthetic import train_fingerprint
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     cfg = _cfg(shared_data, tmp_path / "run")
-    r = Run(cfg)
+    r = DCube(cfg)
     r.train_diffusion()
     synthesize(r.denoiser_path, [5, 3], tmp_path / "syn", r.data.class_names, train_fingerprint(r.data.train),
                steps=2, seed=0, progress=False)
@@ -122,16 +122,16 @@ def test_dcube_head_trains_on_real_plus_synthetic(shared_data, tmp_path):
     assert out["test"] != real["test"]  # the extra images changed the classifier
     # half the ratio: 0.025 * 160 = 4 synthetic images, stratified
     with pytest.raises(ConfigError, match="classifier.synthetic_ratio differs"):
-        Run(_cfg(shared_data, tmp_path / "run2", classifier={"synthetic_dir": str(tmp_path / "syn"),
+        DCube(_cfg(shared_data, tmp_path / "run2", classifier={"synthetic_dir": str(tmp_path / "syn"),
                                                               "synthetic_ratio": 0.025}))
-    r3 = Run(_cfg(shared_data, tmp_path / "run4", classifier={"synthetic_dir": str(tmp_path / "syn"),
+    r3 = DCube(_cfg(shared_data, tmp_path / "run4", classifier={"synthetic_dir": str(tmp_path / "syn"),
                                                                "synthetic_ratio": 0.025}))
     assert len(r3.split("train")) == 164 and len(r3.split("val")) == 64
     # a set made from a different training split is refused
     other = _cfg(shared_data, tmp_path / "run3", data={"max_train": 120},
                  classifier={"synthetic_dir": str(tmp_path / "syn")})
     with pytest.raises(ValueError, match="different training split"):
-        Run(other).split("train")
+        DCube(other).split("train")
 
 
 def test_probe_layer_selection_and_old_configs_resume(shared_data, tmp_path):
@@ -190,7 +190,7 @@ def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_ne
     refuses today's default instead of loading its weights into a head that behaves differently."""
     import yaml
 
-    from dcube.pipeline import Run
+    from dcube.pipeline import DCube
 
     cfg = _cfg(shared_data, tmp_path / "run")
     run(cfg)
@@ -199,10 +199,10 @@ def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_ne
     del old["classifier"]["score_norm"]
     path.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="classifier.score_norm differs"):
-        Run(cfg)
+        DCube(cfg)
     old["classifier"]["score_norm"] = "none"  # saved with the key: the same run, accepted
     path.write_text(yaml.safe_dump(old))
-    Run(cfg)
+    DCube(cfg)
 
 
 def test_a_run_on_disk_equals_the_run_in_ram(shared_data, tmp_path):

@@ -15,55 +15,57 @@ from dcube.cli.common import Formatter, add_config_args, config_from_args, guard
 
 
 def _run(args):
-    from dcube.latent.run import LatentRun
+    from dcube.latent.run import Latent
 
-    return LatentRun(config_from_args(args), getattr(args, "model", None))
+    return Latent(config_from_args(args), getattr(args, "model", None))
 
 
 @guard
 def cmd_train_autoencoder(args) -> int:
-    recon = _run(args).train_autoencoder()
+    with _run(args) as r:
+        recon = r.train_autoencoder()
     print(f"autoencoder reconstruction (held-out): PSNR {recon.get('psnr', float('nan')):.2f} dB, "
           f"SSIM {recon.get('ssim', float('nan')):.3f}")
 
 
 @guard
 def cmd_train_latent_diffusion(args) -> int:
-    r = _run(args)
-    r.train_autoencoder()
-    print(f"latent step-1 model: {r.train_diffusion()}")
+    with _run(args) as r:
+        r.train_autoencoder()
+        print(f"latent step-1 model: {r.train_diffusion()}")
 
 
 @guard
 def cmd_classify_zero_shot(args) -> int:
     from dcube.evaluate import format_table
 
-    out = _run(args).zero_shot(args.split, True if args.adaptive else None, args.max_images, args.error_maps)
+    with _run(args) as r:
+        out = r.zero_shot(args.split, True if args.adaptive else None, args.max_images, args.error_maps)
     print(format_table(out["metrics"], title=f"zero-shot, {args.split} ({out['n_images']} images)"))
     print(f"{out['images_per_s']:.2f} images/s, {out['evaluations_per_image']:.1f} denoiser inputs per image")
 
 
 @guard
 def cmd_analyze(args) -> int:
-    r = _run(args)
-    res = r.analyze()
+    with _run(args) as r:
+        res = r.analyze()
     rec = res["recommended"]
     print(f"recommended: t={rec['timestep']}, layers={rec['layers']} "
           f"(best cell {res['best']['layer']}@{res['best']['timestep']}: balanced acc "
-          f"{res['best']['balanced_accuracy']:.3f}); {r.dir / 'analysis' / 'analysis.png'}")
+          f"{res['best']['balanced_accuracy']:.3f}); {r.ldir / 'analysis' / 'analysis.png'}")
     print("use with the D-Cube feature pipeline: " + " ".join(f"--set {o}" for o in res["feature_overrides"]))
 
 
 @guard
 def cmd_train_latent_head(args) -> int:
-    r = _run(args)
-    out = r.head()
-    for k in ("linear_probe", "mlp_head"):
-        t = out[k]["test"]
-        print(f"{k}: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
-    if args.finetune:
-        t = r.finetune()["test"]
-        print(f"fine-tuned: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
+    with _run(args) as r:
+        out = r.head()
+        for k in ("linear_probe", "mlp_head"):
+            t = out[k]["test"]
+            print(f"{k}: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
+        if args.finetune:
+            t = r.finetune()["test"]
+            print(f"fine-tuned: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
 
 
 def _common(sp, model: bool = False):

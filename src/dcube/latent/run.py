@@ -1,4 +1,6 @@
-"""The latent-diffusion method's steps on one run directory (each skipped when its output exists).
+"""The latent-diffusion method, a plug-in of the one orchestrator (:class:`dcube.run.Run`: the run
+directory, its lock and staleness checks, run.json, the data, resume, cached tensors). Each stage is
+skipped when its output exists.
 
 run_dir/latent/
   config.yaml                      the resolved configuration
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 
 from dcube.config import RunConfig
+from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from dcube.utils.runtime import pick_device, seed_everything
 
 _POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
              "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "analysis_images", "analysis_zs_images",
@@ -46,52 +48,50 @@ def check_latent_config(lc) -> None:
             raise ConfigError(f"latent.{name}: must be > 0 or null, got {v}")
 
 
-class LatentRun:
-    # which output each part of the config produced (relative to run_dir; see dcube.rundir)
+class Latent(Method):
+    """The latent-diffusion method's stages (the CLI calls them one by one, with their options)."""
+
+    STAGES = {"autoencoder": "train_autoencoder", "diffusion": "train_diffusion", "zero_shot": "zero_shot",
+              "analyze": "analyze", "head": "head", "finetune": "finetune"}
+    CONFIG_FILE = "latent/config.yaml"
+    # which output each part of the config produced (relative to run_dir; see dcube.run)
     MADE = {"data": "latent/autoencoder/autoencoder.safetensors", "latent.ae_": "latent/autoencoder/autoencoder.safetensors",
             "latent.autoencoder": "latent/autoencoder/autoencoder.safetensors",
             "diffusion": "latent/diffusion/ema.safetensors", "latent.contrastive": "latent/diffusion/ema.safetensors"}
 
-    def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
         from dcube.preflight import check_device
-        from dcube.rundir import open_run_dir
 
         check_latent_config(cfg.latent)
         check_device(cfg.device)
-        self.cfg, self.lc = cfg, cfg.latent
-        self.root = open_run_dir(cfg, self.MADE, "latent/config.yaml")  # made, locked, checked like Run's
-        self.dir = self.root / "latent"
-        self.device = pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.model_path = Path(model_path) if model_path else self.dir / "diffusion" / "ema.safetensors"
-        self._data = self._codec = self._model = None
+
+    def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
+        super().__init__(cfg)
+        self.lc = cfg.latent
+        self.ldir = self.dir / "latent"
+        self.model_path = Path(model_path) if model_path else self.ldir / "diffusion" / "ema.safetensors"
+        self._codec = self._model = None
 
     # ------------------------------------------------------------------ inputs
     @property
-    def data(self):
-        if self._data is None:
-            from dcube.data import load_data
-
-            self._data = load_data(self.cfg.data, self.cfg.seed, self.root)
-        return self._data
-
-    @property
     def ae_path(self) -> Path:
-        return self.dir / "autoencoder" / "autoencoder.safetensors"
+        return self.ldir / "autoencoder" / "autoencoder.safetensors"
 
     def train_autoencoder(self) -> dict:
         """Train (or import ``latent.autoencoder``) once; returns the reconstruction metrics."""
         from dcube.latent.autoencoder import import_autoencoder, train_autoencoder
 
-        if not self.ae_path.exists():
-            seed_everything(self.cfg.seed)
+        def work():
             d = self.data
             heldout = d.val.images if len(d.val.images) else d.test.images
             if self.lc.autoencoder:
                 import_autoencoder(self.lc, self.lc.autoencoder, d.train.images, self.ae_path.parent, self.device, heldout)
             else:
                 train_autoencoder(self.lc, d.train.images, self.ae_path.parent, self.cfg.seed, self.device, heldout)
+
+        if not self.ae_path.exists():
+            self.timed("latent_autoencoder", work)
         return load_tensors(self.ae_path)[1].get("recon", {})
 
     def codec(self):
@@ -105,29 +105,22 @@ class LatentRun:
 
     def latents(self, split: str) -> torch.Tensor:
         """Scaled latents of a split, cached on disk (recomputed when the autoencoder changes)."""
-        path = self.dir / "latents" / f"{split}.safetensors"
-        key = sha256_file(self.ae_path)
         images = getattr(self.data, split).images
-        if path.exists():
-            tensors, meta = load_tensors(path)
-            if meta.get("autoencoder") == key and meta.get("n") == len(images):
-                return tensors["z"]
-        z = self.codec().encode_all(images, device=self.device, desc=f"encoding {split}")
-        save_tensors(path, {"z": z}, {"autoencoder": key, "n": len(images)})
-        return z
+        key = {"autoencoder": sha256_file(self.ae_path), "n": len(images)}
+        return self.run.cached(self.ldir / "latents" / f"{split}.safetensors", key, lambda: {
+            "z": self.codec().encode_all(images, device=self.device, desc=f"encoding {split}")})["z"]
 
     # ------------------------------------------------------------------ step 1 in latent space
     def train_diffusion(self) -> Path:
         from dcube.latent.diffusion import train_latent_diffusion
 
-        if self.model_path.exists():
-            print(f"[latent diffusion] done already: {self.model_path}")
-            return self.model_path
-        seed_everything(self.cfg.seed)
-        d = self.data
-        return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
-                                      len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
-                                      d.class_names, contrastive=self.cfg.latent.contrastive)
+        def work():
+            d = self.data
+            return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
+                                          len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
+                                          d.class_names, contrastive=self.cfg.latent.contrastive)
+
+        return self.run.stage("latent_diffusion", self.model_path, work, label="latent diffusion")
 
     def model(self):
         """(denoiser, diffusion config, codec, scheduler) of the step-1 model (latent or pixel)."""
@@ -164,7 +157,7 @@ class LatentRun:
         x, y = self.inputs(split)[idx], s.labels[idx]
         res = classify_zero_shot(model, sched, x, self.lc, self.cfg.seed, self.device, adaptive)
         metrics = compute_metrics(y.numpy(), res.probs.numpy(), names)
-        out_dir = self.dir / "zeroshot"
+        out_dir = self.ldir / "zeroshot"
         out = {"split": split, "adaptive": adaptive, "n_images": len(idx), "trials": self.lc.zs_trials,
                "first_round": self.lc.zs_first_round if adaptive else None, "weighting": self.lc.zs_weighting,
                "seconds": res.seconds, "images_per_s": res.images_per_s, "evaluations": res.evaluations,
@@ -186,25 +179,30 @@ class LatentRun:
     def analyze(self) -> dict:
         from dcube.latent.analysis import analyze, plot_analysis
 
-        path = self.dir / "analysis" / "analysis.json"
-        if path.exists():
-            return read_json(path)
-        model, _, _, sched = self.model()
-        t0 = time.time()
-        res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, self.cfg.seed, self.device)
-        res["seconds"] = time.time() - t0
-        plot_analysis(res, path.parent / "analysis.png")
-        write_json(path, res)
-        return res
+        path = self.ldir / "analysis" / "analysis.json"
+
+        def work():
+            model, _, _, sched = self.model()
+            t0 = time.time()
+            res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, self.cfg.seed,
+                          self.device)
+            res["seconds"] = time.time() - t0
+            plot_analysis(res, path.parent / "analysis.png")
+            write_json(path, res)
+            return res
+
+        return self.run.stage("latent_analysis", path, work, done=lambda: read_json(path), label="analysis")
 
     def head(self) -> dict:
         """Linear probe and MLP head on the recommended (layers, t); test + validation metrics."""
+        path = self.ldir / "head" / "head.json"
+        return self.run.stage("latent_head", path, lambda: self._head(path), done=lambda: read_json(path),
+                              label="latent head")
+
+    def _head(self, path: Path) -> dict:
         from dcube.evaluate import compute_metrics
         from dcube.latent.head import features, linear_probe, train_mlp_head
 
-        path = self.dir / "head" / "head.json"
-        if path.exists():
-            return read_json(path)
         rec = self.analyze()["recommended"]
         model, _, _, sched = self.model()
         d, names = self.data, self.data.class_names
@@ -225,22 +223,25 @@ class LatentRun:
 
     def finetune(self, tag: str = "") -> dict:
         """End-to-end fine-tuning from the MLP head; `tag` suffixes the output directory."""
+        path = self.ldir / f"finetune{tag}" / "finetune.json"
+        return self.run.stage(f"latent_finetune{tag}", path, lambda: self._finetune(path), done=lambda: read_json(path),
+                              label="fine-tune")
+
+    def _finetune(self, path: Path) -> dict:
         from dcube.diffusion.schedule import ddpm_scheduler
         from dcube.evaluate import compute_metrics
         from dcube.latent.diffusion import load_model
         from dcube.latent.head import FineTuneModel, MLPHead, finetune
+        from dcube.utils.runtime import seed_everything
 
-        path = self.dir / f"finetune{tag}" / "finetune.json"
-        if path.exists():
-            return read_json(path)
         self.head()
-        tensors, meta = load_tensors(self.dir / "head" / "mlp.safetensors")
+        tensors, meta = load_tensors(self.ldir / "head" / "mlp.safetensors")
         model, dcfg, _ = load_model(self.model_path, self.device)  # a fresh copy: this one is trained
         mlp = MLPHead(meta["dim"], model.num_classes, self.lc.head_hidden)
         mlp.load_state_dict(tensors)
         ft = FineTuneModel(model, mlp, meta["layers"], meta["timestep"], ddpm_scheduler(dcfg))
         d = self.data
-        seed_everything(self.cfg.seed)
+        seed_everything(self.cfg.seed)  # here, after the modules above drew their initial weights
         t0 = time.time()
         info = finetune(ft, self.inputs("train"), d.train.labels, self.inputs("val"), d.val.labels, self.lc,
                         self.cfg.seed, self.device)

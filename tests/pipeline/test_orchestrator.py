@@ -1,0 +1,146 @@
+"""One orchestrator (dcube.run.Run), two methods plugged into it: the same final numbers as before.
+
+The reference numbers in ``orchestrator_reference.json`` were written by the code before the two
+orchestrators were merged (commit 260e7a1, ``pipeline.Run`` and ``latent.run.LatentRun`` each with
+its own run directory, caches and resume), by this file's ``capture`` function::
+
+    PYTHONPATH=src .venv/bin/python tests/pipeline/test_orchestrator.py --capture
+
+Both paths go through the command line, which the merge left as it was. A stage that read another
+split, another cache, another seed or another checkpoint would change these numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REFERENCE = Path(__file__).with_name("orchestrator_reference.json")
+TOL = 1e-5  # probabilities are rounded to 6 decimals in metrics.json
+
+
+def _dcube_argv(data: Path, run_dir: Path) -> list[str]:
+    sets = {"data.source": "medmnist", "data.name": "pneumoniamnist", "data.download": "false",
+            "data.path": str(data / "medmnist" / "pneumoniamnist.npz"), "data.max_train": 120,
+            "data.max_val": 48, "data.max_test": 48, "diffusion.preset": "micro", "diffusion.max_steps": 3,
+            "diffusion.batch_size": 32, "diffusion.sample_grid": "false", "features.ks_images": 48,
+            "features.batch_size": 64, "classifier.subfeature": "none", "classifier.epochs": 1,
+            "classifier.batch_size": 32, "threads": 1}
+    return ["--run-dir", str(run_dir)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def _latent_argv(folder: Path, run_dir: Path) -> list[str]:
+    sets = {"data.source": "folder", "data.path": str(folder), "data.image_size": 16, "diffusion.preset": "micro",
+            "diffusion.max_steps": 2, "diffusion.batch_size": 8, "diffusion.sample_steps": 2,
+            "diffusion.sample_grid": "false", "latent.ae_max_steps": 2, "latent.ae_channels": "[8,16]",
+            "latent.ae_crop": "null", "latent.zs_trials": 3, "latent.zs_first_round": 2,
+            "latent.analysis_images": 16, "latent.analysis_zs_images": 8, "latent.analysis_zs_trials": 2,
+            "latent.analysis_folds": 2, "latent.analysis_timesteps": "[10,500]", "latent.head_epochs": 2,
+            "latent.finetune_epochs": 1, "threads": 1}
+    return ["--run-dir", str(run_dir)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def _folder(root: Path) -> Path:
+    """24 labelled 16-px PNGs in two class folders (bright blob left / right)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(36):
+        lab = i % 2
+        img = rng.normal(0, 0.15, (16, 16))
+        img[4:12, (2 if lab == 0 else 9):(2 if lab == 0 else 9) + 5] += 0.8
+        d = root / ("left" if lab == 0 else "right")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(img, -1, 1) * 127.5 + 127.5).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _outputs(data: Path, tmp: Path) -> dict:
+    """The final numbers of a micro D-Cube run and a micro latent run, through the command line."""
+    from dcube.cli import main
+
+    out = {}
+    run = tmp / "dcube"
+    assert main(["run"] + _dcube_argv(data, run)) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    out["dcube"] = {"test_probs": m["test_probs"], "val_probs": m["val_probs"], "layers": m["layers"],
+                    "best_epoch": m["best_epoch"]["epoch"], "temperature": m["calibration"]["temperature"]}
+    lat_run = tmp / "latent"
+    argv = _latent_argv(_folder(tmp / "folder"), lat_run)
+    for cmd in (["train-latent-diffusion"], ["classify-zero-shot", "--adaptive"], ["classify-zero-shot"],
+                ["analyze"], ["train-latent-head", "--finetune"]):
+        assert main(cmd + argv) == 0, cmd
+    lat = lat_run / "latent"
+    zs = json.loads((lat / "zeroshot" / "test.json").read_text())
+    zsa = json.loads((lat / "zeroshot" / "test_adaptive.json").read_text())
+    head = json.loads((lat / "head" / "head.json").read_text())
+    ft = json.loads((lat / "finetune" / "finetune.json").read_text())
+    ana = json.loads((lat / "analysis" / "analysis.json").read_text())
+    recon = json.loads((lat / "autoencoder" / "recon.json").read_text())
+    out["latent"] = {"zero_shot_probs": zs["probs"], "zero_shot_adaptive_probs": zsa["probs"],
+                     "ids": [str(Path(i).relative_to(tmp / "folder")) for i in zs["ids"]], "recommended": ana["recommended"], "recon": recon,
+                     "mlp_auc": head["mlp_head"]["test"]["auc"], "linear_auc": head["linear_probe"]["test"]["auc"],
+                     "finetune_auc": ft["test"]["auc"], "finetune_acc": ft["test"]["accuracy"],
+                     "mlp_history": head["mlp_head"]["history"], "finetune_history": ft["history"]}
+    return out
+
+
+def _close(a, b, path="") -> list[str]:
+    """Where two JSON-like values differ (numbers within TOL)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in _close(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return [] if abs(a - b) <= TOL else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.slow
+def test_both_methods_give_the_numbers_of_the_two_old_orchestrators(shared_data, tmp_path):
+    new = _outputs(shared_data, tmp_path)
+    ref = json.loads(REFERENCE.read_text())
+    diff = _close(ref["outputs"], new)
+    assert not diff, diff[:10]
+    # and the reference itself is not degenerate: the probabilities vary across images
+    assert len({round(p[1], 4) for p in ref["outputs"]["dcube"]["test_probs"]}) > 10
+
+
+def test_one_orchestrator_owns_the_run_directory():
+    """Both methods are plug-ins of dcube.run.Run: neither opens, locks or checks a run directory itself."""
+    import inspect
+
+    from dcube import pipeline, run
+    from dcube.latent import run as latent_run
+
+    assert issubclass(pipeline.DCube, run.Method) and issubclass(latent_run.Latent, run.Method)
+    for mod in (pipeline, latent_run):
+        src = inspect.getsource(mod)
+        for owned in ("open_run_dir", "lock_run_dir", "unlock_run_dir", "check_saved_config", "load_data(",
+                      "configure_torch", "pick_device"):
+            assert owned not in src, (mod.__name__, owned)
+
+
+def capture(data: Path) -> None:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = _outputs(data, Path(tmp))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    REFERENCE.write_text(json.dumps({"captured_at_commit": commit, "outputs": outputs}, indent=1) + "\n")
+    print(f"wrote {REFERENCE}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--capture"]:
+        capture(Path(__file__).resolve().parents[2].parent / "shared" / "data")
