@@ -27,7 +27,18 @@ from pathlib import Path
 from bench.common import RESULTS, THREADS, machine, run_study, shared_data
 
 STUDY = "scaling_data"
-STEP1_STEPS = 100
+STEP1_STEPS = {28: 100, 128: 200}
+# per image size: what differs from dcube's defaults. 128 px on one CPU thread (the micro UNet reads
+# about 19 images/s there) keeps the 50k row to about an hour: step-1 batch 16; two 32x32 layers named
+# (the KS choice could keep the 128x128 up_1, 512 KB per image in float16: 25 GB at 50k); no flipped
+# features (flips, flip consistency) and no cycle loss, whose denoiser passes would double step 2.
+SETTINGS = {
+    28: {"diffusion": {"batch_size": 64}, "features": {"ks_images": 256, "batch_size": 256},
+         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64}},
+    128: {"diffusion": {"batch_size": 16}, "features": {"layers": ["down_1", "mid"], "batch_size": 128},
+          "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64, "flip_augment": False,
+                         "consistency_weight": 0.0, "cycle_weight": 0.0}},
+}
 WORK = Path("/tmp/dcube-scaling")
 
 
@@ -100,14 +111,15 @@ def measure(size: int, n: int, mode: str) -> dict:
         import shutil
 
         shutil.rmtree(run_dir)
+    st = SETTINGS[size]
     cfg = {
         "run_dir": str(run_dir), "seed": 0, "threads": THREADS, "_threads": THREADS,
         "data": {"source": "csv", "path": str(d / f"manifest-{n}.csv"), "image_size": size,
                  "in_memory_mb": 0 if mode == "disk" else None},
-        "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": STEP1_STEPS, "batch_size": 64,
-                      "sample_grid": False, "checkpoint_every": 1000},
-        "features": {"ks_images": 256, "batch_size": 256},
-        "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64},
+        "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": STEP1_STEPS[size],
+                      "sample_grid": False, "checkpoint_every": 1000, **st["diffusion"]},
+        "features": st["features"],
+        "classifier": st["classifier"],
     }
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True)
@@ -115,7 +127,7 @@ def measure(size: int, n: int, mode: str) -> dict:
         raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
     res = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
     disk_mb = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 2 ** 20
-    return {"study": STUDY, "size": size, "n": n, "mode": mode, "step1_steps": STEP1_STEPS, **res,
+    return {"study": STUDY, "size": size, "n": n, "mode": mode, "step1_steps": STEP1_STEPS[size], "settings": st, **res,
             "child_wall_s": round(time.time() - t0, 1), "run_dir_mb": round(disk_mb, 1), "threads": THREADS}
 
 
@@ -125,11 +137,15 @@ def table() -> str:
     rows = sorted(load_results(STUDY), key=lambda r: (r["size"], r["mode"], r["n"]))
     lines = [f"## Memory and time as the dataset grows\n\nCommand: `python -m bench.scaling_data`. Machine: "
              f"{machine()}, {rows[0]['threads'] if rows else 1} torch thread. The whole pipeline in a fresh process "
-             f"per row: step 1 for {STEP1_STEPS} optimiser steps (`unet` micro, batch 64: its seconds are per "
-             "100 steps, not per epoch), KS selection, features of every split, one step-2 epoch (no ImageNet "
+             "per row: step 1 for a fixed number of optimiser steps (`unet` micro; its seconds are per run of "
+             "steps, not per epoch), KS selection, features of every split, one step-2 epoch (no ImageNet "
              "CNN). *disk*: `data.in_memory_mb: 0` (uint8 image store, features written and read by rows); "
              "*ram*: `in_memory_mb: null` (float32 splits in RAM). Peak RSS = the process's VmHWM. N is split "
-             "70/10/20.\n",
+             "70/10/20. Settings per image size (the rest are dcube's defaults; why: `bench/scaling_data.py`, "
+             "SETTINGS):\n\n" + "\n".join(
+                 f"- {size} px: step 1 {STEP1_STEPS[size]} steps; " + "; ".join(
+                     f"{sec}.{k}={v}" for sec, kv in SETTINGS[size].items() for k, v in kv.items())
+                 for size in sorted({r["size"] for r in rows})) + "\n",
              "| size | mode | N | peak RSS MB | step 1 s | features s | step 2 s | total s | s per 1k images "
              "(features + step 2) | run dir MB | test AUC | date |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
