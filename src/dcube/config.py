@@ -96,6 +96,7 @@ class FeatureConfig:
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
     ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
     batch_size: int = 128
+    map_size: Optional[int] = None  # the head's maps stored at most this size (antialiased); None = as the layer gives them
 
 
 @dataclass
@@ -327,7 +328,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     optional_positive = {"threads": cfg.threads, "diffusion.max_steps": cfg.diffusion.max_steps,
-                         "data.max_pixels": cfg.data.max_pixels,
+                         "data.max_pixels": cfg.data.max_pixels, "features.map_size": cfg.features.map_size,
                          "diffusion.epochs": None if cfg.diffusion.epochs == "auto" else cfg.diffusion.epochs}
     for key, v in optional_positive.items():
         if v is not None and v <= 0:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dcube.features.extract import shrink_map
+
 FORMATS = ("torchscript", "onnx")
 
 
@@ -40,13 +42,14 @@ class ExportedModel(torch.nn.Module):
         self.num_classes = len(pred.class_names)
         self.register_buffer("temperature", torch.tensor(float(pred.calibration["temperature"])))
         self._maps: dict[str, torch.Tensor] = {}
+        self.map_size = fc.map_size
         mods = self.denoiser.feature_modules()
         for name in self.layers:
             mods[name].register_forward_hook(self._hook(name))
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self._maps[name] = self.denoiser.to_map(name, output)
+            self._maps[name] = shrink_map(self.denoiser.to_map(name, output), self.map_size)
         return hook
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

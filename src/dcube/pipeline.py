@@ -195,12 +195,13 @@ class DCube(Method):
                 desc = f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}"
                 if dist.world_size() > 1:  # gathered from the ranks, written by rank 0 (save_features)
                     save_features(path, extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg),
-                                                self.device, workers=self.cfg.data.workers, desc=desc), key)
+                                                self.device, workers=self.cfg.data.workers, desc=desc,
+                                                size=fc.map_size), key)
                 else:
                     sink = FeatureWriter(path, len(images), key)
                     try:
                         extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
-                                sink=sink, workers=self.cfg.data.workers, desc=desc)
+                                sink=sink, workers=self.cfg.data.workers, desc=desc, size=fc.map_size)
                         sink.close()
                     except BaseException:
                         sink.abort()

@@ -187,7 +187,7 @@ class Predictor:
             ft = fc if t is None else dataclasses.replace(fc, timestep=t)
             # xt mode: one noise draw for every file, so a prediction never depends on the batch it came in
             out[t] = extract(self.model, images, self.layers, ft, self.cfg.seed, self.scheduler, self.device,
-                             progress=False, noise_index=torch.zeros(len(images), dtype=torch.long))
+                             progress=False, noise_index=torch.zeros(len(images), dtype=torch.long), size=fc.map_size)
         # as the training cache stores them (float16), so a file and its cached split agree
         return [out[t][n].half().float() for n in self.layers for t in self.timesteps]
 

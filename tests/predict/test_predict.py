@@ -208,3 +208,33 @@ def test_xt_mode_predictions_do_not_depend_on_the_batch(shared_data, tmp_path):
     assert np.abs(in_batch[3] - alone[0]).max() < 1e-4  # float rounding of another batch size only
     other, _ = pred(x[1:2])
     assert np.abs(other[0] - alone[0]).max() > 1e-6  # the noise is fixed, the image still matters
+
+
+def test_maps_stored_at_map_size_are_what_predict_and_export_compute(shared_data, tmp_path):
+    """features.map_size: the cached maps have no side above it (the 28x28 and 14x14 layers shrunk to
+    8x8), and predict and export shrink the same way: their probabilities equal the evaluate step's."""
+    import torch
+    from safetensors import safe_open
+
+    from dcube.data import load_data
+    from dcube.predict import Predictor
+
+    cfg = from_dict({
+        "run_dir": str(tmp_path / "run"), "seed": 0,
+        "data": {"source": "medmnist", "name": "pneumoniamnist", "download": False,
+                 "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
+                 "max_train": 96, "max_val": 32, "max_test": 32},
+        "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
+        "features": {"layers": ["down_0", "mid", "up_2"], "batch_size": 64, "map_size": 8},
+        "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32}})
+    out = run(cfg)
+    with safe_open(str(tmp_path / "run" / "features" / "test.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert shapes == {"down_0": [32, 8, 8, 8], "mid": [32, 16, 7, 7], "up_2": [32, 8, 8, 8]}, shapes
+    x = load_data(cfg.data, cfg.seed).test.images
+    raw, calibrated = Predictor(tmp_path / "run")(x)
+    assert np.abs(raw - np.array(out["test_probs"])).max() < 1e-5
+    assert main(["export", str(tmp_path / "run"), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "m.pt"))(x).numpy()
+    assert np.abs(got - calibrated).max() < 1e-4
