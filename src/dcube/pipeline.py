@@ -69,7 +69,7 @@ class DCube(Method):
                 print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
             return train_diffusion(self.cfg.diffusion, images, labels, len(d.class_names), self.dir / "diffusion",
                                    seed=self.cfg.seed, device=self.device, class_names=d.class_names,
-                                   compute=self.cfg.compute, eval_fn=probe)
+                                   compute=self.cfg.compute, eval_fn=probe, workers=self.cfg.data.workers)
 
         return self.run.stage("diffusion", self.denoiser_path, work, label="step 1")
 

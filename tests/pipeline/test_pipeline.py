@@ -207,7 +207,7 @@ def test_a_run_made_before_a_behaviour_key_existed_is_not_evaluated_under_the_ne
 
 def test_a_run_on_disk_equals_the_run_in_ram(shared_data, tmp_path):
     """data.in_memory_mb=0 (every split decoded to the uint8 store, read by rows; features written batch by
-    batch; extraction through 2 DataLoader workers) gives the same probabilities as the in-RAM run."""
+    batch; step-1 batches and extraction read through 2 DataLoader workers) gives the same probabilities as the in-RAM run."""
     import torch
 
     ram = run(_cfg(shared_data, tmp_path / "ram"))

@@ -14,6 +14,7 @@ processes resumes with M (the model is saved unwrapped).
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
+from dcube.utils.rows import batches
 from dcube.utils.runtime import EMA
 
 LAST = "last.safetensors"
@@ -179,8 +181,11 @@ def plot_probe_curve(probe: dict, path: Path) -> Path:
 def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     out_dir: str | Path, seed: int = 0, device: torch.device | str = "cpu",
                     class_names: list[str] | None = None, on_step=None,
-                    compute: ComputeConfig | None = None, eval_fn=None) -> Path:
+                    compute: ComputeConfig | None = None, eval_fn=None, workers: int = 0) -> Path:
     """Train (or resume) step 1 on `images` in [-1, 1]; returns the path of the EMA weights.
+
+    `images` may be an on-disk split (:mod:`dcube.utils.rows`); `workers` > 0 reads its batches ahead in
+    that many DataLoader processes (``data.workers``): the same batches, in the same order.
 
     `compute`: mixed precision, gradient accumulation (each rank's rows of a batch in
     ``grad_accum`` micro-batches: less memory, the same optimiser steps), torch.compile and
@@ -231,15 +236,25 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
 
     bar = tqdm(total=total, initial=step, desc="step 1: diffusion", unit="step", disable=not main)
     t0 = time.time()
-    while step < total and not probe["stopped"]:
+    planned = collections.deque()  # the batches whose rows the reader has been given, oldest first
+
+    def plan():
+        """Each step's batch, drawn from the epoch's order and the step's own generator (so the same for
+        any resume point or number of reader workers); yields its rows for the reader."""
+        for s in range(step, total):
+            epoch, k = divmod(s, steps_per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + s)
+            planned.append(make_batch(cfg, labels, idx, g, num_classes, mid is not None, tuple(images.shape[1:])))
+            yield planned[-1][0]
+
+    # an on-disk split is read ahead in `workers` DataLoader processes (dcube.utils.rows.batches)
+    for x in batches(images, plan(), workers):
+        if probe["stopped"]:
+            break
         t_step = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        rows_used, y, t, noise, cond, q = make_batch(cfg, labels, idx, g, num_classes, mid is not None,
-                                                     tuple(images.shape[1:]))
-        x = images[rows_used]
+        rows_used, y, t, noise, cond, q = planned.popleft()
         model.train()
         opt.zero_grad(set_to_none=True)
         logged = torch.zeros(2)  # this rank's share of the batch's mse and contrastive loss

@@ -146,25 +146,24 @@ def is_on_disk(x) -> bool:
     return isinstance(x, (DiskRows, Concat))
 
 
-class _Batches(torch.utils.data.Dataset):
-    def __init__(self, images, index: list):
-        self.images, self.index = images, index
+class _Rows(torch.utils.data.Dataset):
+    """images[key] for a key the sampler yields (a batch of row indices or a slice)."""
 
-    def __len__(self):
-        return len(self.index)
+    def __init__(self, images):
+        self.images = images
 
-    def __getitem__(self, k):
-        return self.images[self.index[k]]
+    def __getitem__(self, idx):
+        return self.images[idx]
 
 
 def batches(images, index: Iterable, workers: int = 0) -> Iterator[torch.Tensor]:
     """``images[idx]`` for each index batch in `index`, in order; with ``workers`` > 0 the reads run ahead in
-    that many DataLoader processes (the same tensors, in the same order)."""
-    index = list(index)
+    that many DataLoader processes (the same tensors, in the same order). `index` is consumed lazily, at
+    most ``2 * workers`` batches ahead of the caller (a generator of the training steps' rows works)."""
     if workers <= 0 or not is_on_disk(images):
         for idx in index:
             yield images[idx]
         return
-    loader = torch.utils.data.DataLoader(_Batches(images, index), batch_size=None, shuffle=False,
+    loader = torch.utils.data.DataLoader(_Rows(images), sampler=index, batch_size=None, shuffle=False,
                                          num_workers=workers, prefetch_factor=2, persistent_workers=False)
     yield from loader
