@@ -63,14 +63,19 @@ def _outputs(data: Path, tmp: Path) -> dict:
     """The final numbers of a micro D-Cube run and a micro latent run, through the command line."""
     from dcube.cli import main
 
-    out = {}
     run = tmp / "dcube"
     assert main(["run"] + _dcube_argv(data, run)) == 0
     m = json.loads((run / "metrics.json").read_text())
-    out["dcube"] = {"test_probs": m["test_probs"], "val_probs": m["val_probs"], "layers": m["layers"],
-                    "best_epoch": m["best_epoch"]["epoch"], "temperature": m["calibration"]["temperature"]}
+    return {"dcube": {"test_probs": m["test_probs"], "val_probs": m["val_probs"], "layers": m["layers"],
+                      "best_epoch": m["best_epoch"]["epoch"], "temperature": m["calibration"]["temperature"]},
+            "latent": _latent_outputs(tmp)}
+
+
+def _latent_outputs(tmp: Path, extra: tuple = ()) -> dict:
+    from dcube.cli import main
+
     lat_run = tmp / "latent"
-    argv = _latent_argv(_folder(tmp / "folder"), lat_run)
+    argv = _latent_argv(_folder(tmp / "folder"), lat_run) + list(extra)
     for cmd in (["train-latent-diffusion"], ["classify-zero-shot", "--adaptive"], ["classify-zero-shot"],
                 ["analyze"], ["train-latent-head", "--finetune"]):
         assert main(cmd + argv) == 0, cmd
@@ -81,12 +86,11 @@ def _outputs(data: Path, tmp: Path) -> dict:
     ft = json.loads((lat / "finetune" / "finetune.json").read_text())
     ana = json.loads((lat / "analysis" / "analysis.json").read_text())
     recon = json.loads((lat / "autoencoder" / "recon.json").read_text())
-    out["latent"] = {"zero_shot_probs": zs["probs"], "zero_shot_adaptive_probs": zsa["probs"],
-                     "ids": [str(Path(i).relative_to(tmp / "folder")) for i in zs["ids"]], "recommended": ana["recommended"], "recon": recon,
-                     "mlp_auc": head["mlp_head"]["test"]["auc"], "linear_auc": head["linear_probe"]["test"]["auc"],
-                     "finetune_auc": ft["test"]["auc"], "finetune_acc": ft["test"]["accuracy"],
-                     "mlp_history": head["mlp_head"]["history"], "finetune_history": ft["history"]}
-    return out
+    return {"zero_shot_probs": zs["probs"], "zero_shot_adaptive_probs": zsa["probs"],
+            "ids": [str(Path(i).relative_to(tmp / "folder")) for i in zs["ids"]], "recommended": ana["recommended"],
+            "recon": recon, "mlp_auc": head["mlp_head"]["test"]["auc"], "linear_auc": head["linear_probe"]["test"]["auc"],
+            "finetune_auc": ft["test"]["auc"], "finetune_acc": ft["test"]["accuracy"],
+            "mlp_history": head["mlp_head"]["history"], "finetune_history": ft["history"]}
 
 
 def _close(a, b, path="") -> list[str]:
@@ -112,6 +116,15 @@ def test_both_methods_give_the_numbers_of_the_two_old_orchestrators(shared_data,
     assert not diff, diff[:10]
     # and the reference itself is not degenerate: the probabilities vary across images
     assert len({round(p[1], 4) for p in ref["outputs"]["dcube"]["test_probs"]}) > 10
+
+
+def test_the_latent_method_on_the_on_disk_store_gives_the_in_ram_numbers(tmp_path):
+    """data.in_memory_mb=0: the latent method's splits are the uint8 store read by rows (autoencoder
+    crops, encoding, zero-shot, heads); its numbers equal the in-RAM reference's."""
+    new = _latent_outputs(tmp_path, ("--set", "data.in_memory_mb=0"))
+    assert len(list((tmp_path / "latent" / "cache" / "images").glob("*.u8"))) == 3
+    diff = _close(json.loads(REFERENCE.read_text())["outputs"]["latent"], new)
+    assert not diff, diff[:10]
 
 
 def test_one_orchestrator_owns_the_run_directory():
