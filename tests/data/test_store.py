@@ -8,7 +8,7 @@ from dcube.config import DataConfig
 from dcube.data import load_data
 from dcube.data.store import ImageWriter, open_images
 from dcube.features.cache import FeatureWriter, load_features, save_features
-from dcube.utils.rows import Concat, DiskRows, batches
+from dcube.utils.rows import Concat, DiskRows, batches, is_on_disk
 
 
 def _bmnist(shared_data, **kw):
@@ -51,6 +51,31 @@ def test_streamed_folder_split_equals_in_memory_and_a_bad_file_leaves_no_store(t
     with pytest.raises(DataError, match="bad.png"):
         load_data(DataConfig(**cfg, in_memory_mb=0), 0, tmp_path / "r3")
     assert not list((tmp_path / "r3").rglob("*.u8*"))  # nothing half-written
+
+
+def test_unlabelled_images_stream_too_and_a_bad_one_leaves_no_store(shared_data, tmp_path):
+    """data.unlabelled (a folder and an .npz) goes to the store like the splits: the same pixels as in RAM;
+    an unreadable unlabelled file stops the load with its name and leaves no store."""
+    from PIL import Image
+
+    from dcube.data.bundle import DataError
+
+    g = np.random.default_rng(1)
+    (tmp_path / "unl").mkdir()
+    for i in range(10):
+        Image.fromarray(g.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "unl" / f"{i}.png")
+    np.savez(tmp_path / "unl.npz", images=g.integers(0, 256, (9, 28, 28), dtype=np.uint8))
+    for src, n in ((tmp_path / "unl", 10), (tmp_path / "unl.npz", 9)):
+        kw = dict(max_train=40, max_val=10, max_test=10, unlabelled=str(src))
+        ram = load_data(_bmnist(shared_data, **kw), 0, tmp_path / f"r-{src.name}")
+        disk = load_data(_bmnist(shared_data, in_memory_mb=0, **kw), 0, tmp_path / f"d-{src.name}")
+        assert isinstance(ram.unlabelled, torch.Tensor) and is_on_disk(disk.unlabelled)
+        assert len(disk.unlabelled) == n and torch.equal(ram.unlabelled, disk.unlabelled[:])
+        assert list((tmp_path / f"d-{src.name}" / "cache" / "images").glob("unlabelled-extra-*.u8"))
+    (tmp_path / "unl" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        load_data(_bmnist(shared_data, in_memory_mb=0, unlabelled=str(tmp_path / "unl")), 0, tmp_path / "bad")
+    assert not list((tmp_path / "bad").rglob("unlabelled-extra-*"))
 
 
 def test_a_store_with_another_key_is_not_reused_and_a_killed_write_is_invisible(tmp_path):

@@ -136,32 +136,26 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
     save_plan(file, entries, splits, root, reused)  # only now: a rerun after removing bad files just works
     info = {"source": cfg.source, "path": str(absolute(path)), "layout": layout, "sha256": sha,
             "split_file": str(file) if file else None, "split_reused": reused, "grouping": grouping or None}
-    return _with_unlabelled(_bundle(out, classes, cfg, info, before), cfg, rest)
+    return _with_unlabelled(_bundle(out, classes, cfg, info, before), cfg, rest, run_dir)
 
 
 def _array_split(images: np.ndarray, labels: np.ndarray, keep: np.ndarray, cfg: DataConfig, split: str,
                  path: Path, run_dir: Optional[Path], sha: str) -> Split:
     """Rows `keep` of an in-memory array as a Split: a float32 tensor, or the on-disk store (converted
     in chunks, so no float32 copy of the split is ever made)."""
-    from dcube.data.store import ImageWriter, open_images
+    from dcube.data.store import decode
 
     ids = [f"{path.name}:{split if split != 'unlabelled' else 'train'}:{int(i)}" for i in keep]
     y = torch.from_numpy(labels[keep]).to(torch.int64)
     cache = _cache(cfg, run_dir, split, ids, sha)
     if cache is None:
         return Split(array_to_tensor(images[keep], cfg.image_size, cfg.channels), y, ids)
-    shape = (len(keep), cfg.channels, cfg.image_size, cfg.image_size)
-    done = open_images(*cache)
-    if done is None or tuple(done.shape) != shape:
-        writer = ImageWriter(cache[0], shape, cache[1])
-        try:
-            for a in range(0, len(keep), 1024):
-                writer.write(a, array_to_tensor(images[keep[a:a + 1024]], cfg.image_size, cfg.channels))
-        except BaseException:
-            writer.abort()
-            raise
-        done = writer.close()
-    return Split(done, y, ids)
+
+    def fill(write):
+        for a in range(0, len(keep), 1024):
+            write(a, array_to_tensor(images[keep[a:a + 1024]], cfg.image_size, cfg.channels))
+
+    return Split(decode((len(keep), cfg.channels, cfg.image_size, cfg.image_size), cache, fill), y, ids)
 
 
 def _load_medmnist(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:
@@ -185,10 +179,11 @@ def _load_medmnist(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -
             rest = _array_split(images, labels, left, cfg, "unlabelled", path, run_dir, sha) if len(left) else None
     meta = {"source": "medmnist", "name": info.name, "path": str(absolute(path)),
             "file_image_size": int(arrays["train"][0].shape[1]), "sha256": sha}
-    return _with_unlabelled(_bundle(out, list(info.labels), cfg, meta, before), cfg, rest)
+    return _with_unlabelled(_bundle(out, list(info.labels), cfg, meta, before), cfg, rest, run_dir)
 
 
-def _with_unlabelled(bundle: DataBundle, cfg: DataConfig, rest: Split | None) -> DataBundle:
+def _with_unlabelled(bundle: DataBundle, cfg: DataConfig, rest: Split | None,
+                     run_dir: Optional[Path] = None) -> DataBundle:
     """Attach the step-1-only unlabelled images: the training rest (labels dropped) and data.unlabelled."""
     from dcube.data.unlabelled import load_unlabelled
 
@@ -198,7 +193,8 @@ def _with_unlabelled(bundle: DataBundle, cfg: DataConfig, rest: Split | None) ->
         ids += rest.ids
         info["training_rest"] = len(rest)
     if cfg.unlabelled:
-        images, more = load_unlabelled(cfg.unlabelled, cfg.image_size, cfg.channels)
+        images, more = load_unlabelled(cfg.unlabelled, cfg.image_size, cfg.channels,
+                                       lambda members, sha: _cache(cfg, run_dir, "unlabelled-extra", members, sha))
         parts.append(images)
         ids += more
         info["source"] = {"path": str(Path(cfg.unlabelled).expanduser().resolve()), "n": len(more)}

@@ -256,52 +256,38 @@ def read_split(entries: list[Entry], classes: list[str], cfg: DataConfig, desc: 
     an unreadable file is appended to it (and its row left zero) instead of stopping the pass.
     With `cache` = (path, key) the images go to an on-disk uint8 store instead (dcube.data.store), reused
     when its key matches; a pass with an unreadable file leaves no store behind."""
-    from dcube.data.store import ImageWriter, open_images
+    from tqdm.auto import tqdm
+
+    from dcube.data.store import decode
 
     n = len(entries)
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([index[e.label] for e in entries], dtype=torch.int64)
     shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
-    if cache is not None:
-        done = open_images(*cache)
-        if done is not None and tuple(done.shape) == shape:
-            return Split(done, labels, [str(e.path) for e in entries])
-    writer = ImageWriter(cache[0], shape, cache[1]) if cache is not None else None
-    images = torch.empty(shape, dtype=torch.float32) if writer is None else None
     failed: list[tuple[int, DataError]] = []
 
-    def load(i):
-        try:
-            x = read_image(entries[i].path, cfg.image_size, cfg.channels, cfg.max_pixels, cfg.dicom_window)
-        except DataError as exc:
-            if errors is None:
-                raise
-            x = np.zeros(shape[1:], dtype=np.float32)
-            failed.append((i, exc))
-        if writer is None:
-            images[i] = torch.from_numpy(x)
-        else:
-            writer.write(i, x[None])
+    def fill(write) -> bool:
+        def load(i):
+            try:
+                x = read_image(entries[i].path, cfg.image_size, cfg.channels, cfg.max_pixels, cfg.dicom_window)
+            except DataError as exc:
+                if errors is None:
+                    raise
+                x = np.zeros(shape[1:], dtype=np.float32)
+                failed.append((i, exc))
+            write(i, x[None])
 
-    from tqdm.auto import tqdm
-
-    try:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
                 tqdm(total=n, desc=f"reading {desc} images", disable=n <= PROGRESS_ABOVE) as bar:
             for _ in pool.map(load, range(n)):
                 bar.update(1)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        return not failed  # a pass that ends in an error (raise_unreadable) leaves no store that looks finished
+
+    images = decode(shape, cache, fill)
     if errors is not None:
         errors += [e for _, e in sorted(failed, key=lambda t: t[0])]
-    if writer is not None:
-        if failed:  # the pass ends in an error (raise_unreadable): no store that looks finished
-            writer.abort()
-            images = torch.zeros((0, *shape[1:]))
-        else:
-            images = writer.close()
+    if images is None:
+        images = torch.zeros((0, *shape[1:]))
     return Split(images, labels, [str(e.path) for e in entries])
 
 

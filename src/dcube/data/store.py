@@ -74,3 +74,35 @@ def open_images(path: str | Path, key: dict) -> DiskRows | None:
     return DiskRows(path, meta["shape"], "uint8", image=True)
 
 
+
+
+def decode(shape: Sequence[int], cache: tuple[Path, dict] | None, fill) -> torch.Tensor | DiskRows | None:
+    """The images of one split, (N, C, S, S) in [-1, 1], decoded once by ``fill(write)``: it calls
+    ``write(row, images)`` for each chunk (float32 rows starting at `row`, in any order, from any thread).
+
+    With `cache` = (path, key) the rows go to the uint8 store at `path`, which is reused without
+    decoding when its key and shape match; a fill that raises, or returns False (a pass whose failures
+    the caller reports), leaves no store behind (-> None for False). Without `cache`: one float32 tensor.
+    The one read-or-decode path of every image source (files, arrays, data.unlabelled)."""
+    shape = tuple(int(s) for s in shape)
+    if cache is None:
+        images = torch.empty(shape, dtype=torch.float32)
+
+        def into(row: int, x) -> None:
+            images[row:row + len(x)] = torch.as_tensor(x)
+
+        fill(into)
+        return images
+    done = open_images(*cache)
+    if done is not None and tuple(done.shape) == shape:
+        return done
+    writer = ImageWriter(cache[0], shape, cache[1])
+    try:
+        ok = fill(writer.write)
+    except BaseException:
+        writer.abort()
+        raise
+    if ok is False:
+        writer.abort()
+        return None
+    return writer.close()

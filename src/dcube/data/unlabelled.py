@@ -15,6 +15,7 @@ They only ever reach step 1: :class:`dcube.data.DataBundle` keeps them apart fro
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,22 @@ def _csv_files(path: Path) -> list[Path]:
     return files
 
 
-def load_unlabelled(path: str | Path, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
-    """(images (N, C, S, S) in [-1, 1], ids) of an unlabelled source; DataError naming it on a problem."""
+def _digest(files: list[Path]) -> str:
+    """sha256 over (path, size, mtime) of the files: what the store of their decoded pixels is keyed by."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_unlabelled(path: str | Path, image_size: int, channels: int, store=None) -> tuple[torch.Tensor, list[str]]:
+    """(images (N, C, S, S) in [-1, 1], ids) of an unlabelled source; DataError naming it on a problem.
+
+    `store(ids, digest) -> (path, key) | None`: where the decoded images go on disk (the on-disk store of
+    ``data.in_memory_mb``, :func:`dcube.data.store.decode`); None keeps them in RAM."""
+    from dcube.data.store import decode
+
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data.unlabelled: {path} does not exist")
@@ -71,9 +86,20 @@ def load_unlabelled(path: str | Path, image_size: int, channels: int) -> tuple[t
             raise DataError(f"data.unlabelled: {path}: '{key}' must be (N, H, W) or (N, H, W, 3), got {arr.shape}")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise DataError(f"data.unlabelled: {path}: '{key}' holds NaN/inf values")
-        return array_to_tensor(arr, image_size, channels), [f"{path.name}:{key}:{i}" for i in range(len(arr))]
+        ids = [f"{path.name}:{key}:{i}" for i in range(len(arr))]
+        cache = store(ids, _digest([path])) if store else None
+
+        def fill_arrays(write):
+            for a in range(0, len(arr), 1024):
+                write(a, array_to_tensor(arr[a:a + 1024], image_size, channels))
+
+        return decode((len(arr), channels, image_size, image_size), cache, fill_arrays), ids
     files = _folder_files(path) if path.is_dir() else _csv_files(path)
-    out = torch.empty((len(files), channels, image_size, image_size), dtype=torch.float32)
-    for i, f in enumerate(files):
-        out[i] = torch.from_numpy(read_image(f, image_size, channels))
-    return out, [str(f) for f in files]
+    ids = [str(f) for f in files]
+    cache = store(ids, _digest(files)) if store else None
+
+    def fill_files(write):
+        for i, f in enumerate(files):
+            write(i, read_image(f, image_size, channels)[None])
+
+    return decode((len(files), channels, image_size, image_size), cache, fill_files), ids
