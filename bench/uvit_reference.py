@@ -105,11 +105,24 @@ def measure(reference: Path, rounds: int, steps: int) -> dict:
                 steps_fn[v]()
             per[v].append(steps * BATCH / (time.perf_counter() - t0))
     med = {v: statistics.median(s) for v, s in per.items()}
-    return {"study": STUDY, "model": MODEL, "image_size": SIZE, "batch": BATCH, "patch": PATCH, "rounds": rounds,
+    return {"profile_dcube_eager": _profile(steps_fn["dcube"]), "study": STUDY, "model": MODEL, "image_size": SIZE, "batch": BATCH, "patch": PATCH, "rounds": rounds,
             "steps_per_round": steps, "threads": THREADS, "load_avg_1min": load, "parameters": params,
             "images_per_s": per, "median_images_per_s": med,
             "ratio_to_reference": {v: med[v] / med["reference"] for v in VARIANTS},
             "torch": torch.__version__}
+
+
+def _profile(step) -> dict:
+    """Shares of self CPU time of one eager dcube step (torch.profiler): where an fp32 speed-up could come from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(ops.values())
+    groups = {"matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+              "attention (scaled_dot_product)": tuple(k for k in ops if "scaled_dot_product" in k)}
+    return {g: sum(ops.get(k, 0) for k in keys) / total for g, keys in groups.items()}
 
 
 def table() -> str:
@@ -127,6 +140,10 @@ def table() -> str:
             lines.append(f"| {v} | {r['median_images_per_s'][v]:.1f} | {min(s):.1f}-{max(s):.1f} | "
                          f"{r['ratio_to_reference'][v]:.2f} | {p:,} | {r['rounds']} x {r['steps_per_round']} | "
                          f"{r['threads']} | {r['load_avg_1min']} | {r['date']} |")
+    for r in rows[-1:]:
+        if "profile_dcube_eager" in r:
+            lines.append("\nWhere dcube's eager fp32 step spends its time (torch.profiler, self CPU time, the latest row): "
+                         + ", ".join(f"{g} {v:.0%}" for g, v in r["profile_dcube_eager"].items()) + ".")
     lines.append("\nParameters differ by the reference's bias-free qkv projections and its label embedding table "
                  "(dcube: a soft class embedding, which also takes class mixtures).")
     return "\n".join(lines)
