@@ -199,6 +199,11 @@ def _plot(rows: list[dict]) -> None:
     ax[0].set(xlabel="images N", ylabel="peak RSS (MB)", title="peak memory", ylim=(0, None))
     ax[1].set(xlabel="images N", ylabel="seconds", title="all but step 1 (log-log: linear = slope 1)",
               xscale="log", yscale="log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for axis in (ax[1].xaxis, ax[1].yaxis):  # plain numbers: the literal-text style has no mathtext powers
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        axis.set_minor_formatter(NullFormatter())
     for a in ax:
         a.grid(alpha=0.3)
         a.legend()
