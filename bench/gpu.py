@@ -46,7 +46,9 @@ DCUBE = {
                        "classifier": {"epochs": 50, "batch_size": 128}},
     "covid": {"diffusion": {"epochs": "auto", "auto_max_epochs": 150, "patience": 6, "eval_every": 210,
                             "batch_size": 64, "preset": "small"},
-              "classifier": {"epochs": 30, "batch_size": 64}},
+              "classifier": {"epochs": 30, "batch_size": 64},
+              # 128 px: the head's maps stored at the fuse size (16), not as 128x128 layers (64x the disk)
+              "features": {"map_size": 16}},
 }
 GPU_COMPUTE = {"mixed_precision": "bf16", "channels_last": True}
 
