@@ -48,6 +48,21 @@ def enrichment(m, mask) -> float:
     return float((m[mask].sum() / (m.sum() + 1e-12)) / mask.float().mean())
 
 
+NOISE_VARIANTS = (2, 8)
+
+
+def _evidence(pred, x, probs, noises: int):
+    """Predictor.diffusion_map with `noises` noise draws per timestep instead of the run's."""
+    import numpy as np
+
+    from dcube.latent.autoencoder import LatentCodec
+    from dcube.latent.errormaps import error_map
+
+    order = np.argsort(-probs)
+    return error_map(pred.model, pred.scheduler, LatentCodec(None), x, (int(order[0]), int(order[1])),
+                     list(pred.cfg.latent.errormap_timesteps), noises, pred.cfg.seed, pred.device)
+
+
 def measure(run_dir: str, n: int) -> dict:
     import numpy as np
     import torch
@@ -112,6 +127,11 @@ def measure(run_dir: str, n: int) -> dict:
                "HiResCAM head.to_one": hirescam("head.to_one"),
                "occlusion (MONAI)": occlusion,
                "diffusion evidence map": lambda x, c: pred.diffusion_map(x, raw_i)}
+    lc = pred.cfg.latent
+    for noises in NOISE_VARIANTS:  # the same map averaged over more noise draws (latent.errormap_noises)
+        if noises != lc.errormap_noises:
+            methods[f"diffusion evidence map, {noises} noise draws"] = (
+                lambda x, c, k=noises: _evidence(pred, x, raw_i, k))
     if pred.head.cnn is not None:
         methods["Grad-CAM head.cnn_proj"] = gradcam("head.cnn_proj")
     scores = {k: {"lung": [], "border": [], "field": []} for k in methods}
