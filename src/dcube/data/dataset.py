@@ -14,7 +14,6 @@ from dcube.data.bundle import SPLITS, DataBundle, DataError, Split
 from dcube.data.fetch import resolve_npz
 from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, save_plan
 from dcube.data.folder import absolute, read_manifest, scan_folder
-from dcube.data.images import array_to_tensor
 from dcube.data.medmnist import file_size_for, get_info
 from dcube.data.npz import load_npz
 from dcube.data.splits import stratified_subsample
@@ -143,19 +142,11 @@ def _array_split(images: np.ndarray, labels: np.ndarray, keep: np.ndarray, cfg: 
                  path: Path, run_dir: Optional[Path], sha: str) -> Split:
     """Rows `keep` of an in-memory array as a Split: a float32 tensor, or the on-disk store (converted
     in chunks, so no float32 copy of the split is ever made)."""
-    from dcube.data.store import decode
+    from dcube.data.store import decode_array
 
     ids = [f"{path.name}:{split if split != 'unlabelled' else 'train'}:{int(i)}" for i in keep]
     y = torch.from_numpy(labels[keep]).to(torch.int64)
-    cache = _cache(cfg, run_dir, split, ids, sha)
-    if cache is None:
-        return Split(array_to_tensor(images[keep], cfg.image_size, cfg.channels), y, ids)
-
-    def fill(write):
-        for a in range(0, len(keep), 1024):
-            write(a, array_to_tensor(images[keep[a:a + 1024]], cfg.image_size, cfg.channels))
-
-    return Split(decode((len(keep), cfg.channels, cfg.image_size, cfg.image_size), cache, fill), y, ids)
+    return Split(decode_array(images, keep, cfg.image_size, cfg.channels, _cache(cfg, run_dir, split, ids, sha)), y, ids)
 
 
 def _load_medmnist(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:

@@ -106,3 +106,19 @@ def decode(shape: Sequence[int], cache: tuple[Path, dict] | None, fill) -> torch
         writer.abort()
         return None
     return writer.close()
+
+
+def decode_array(arr: np.ndarray, rows: np.ndarray, image_size: int, channels: int,
+                 cache: tuple[Path, dict] | None) -> torch.Tensor | DiskRows:
+    """Rows `rows` of an in-memory image array (N, H, W[, 3]) as float32 in RAM, or through :func:`decode`
+    into the store at `cache`, 1,024 rows at a time (no float32 copy of the whole split)."""
+    from dcube.data.images import array_to_tensor
+
+    if cache is None:
+        return array_to_tensor(arr[rows], image_size, channels)
+
+    def fill(write):
+        for a in range(0, len(rows), 1024):
+            write(a, array_to_tensor(arr[rows[a:a + 1024]], image_size, channels))
+
+    return decode((len(rows), channels, image_size, image_size), cache, fill)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dcube.data.bundle import DataError
-from dcube.data.images import IMAGE_SUFFIXES, array_to_tensor, read_image
+from dcube.data.images import IMAGE_SUFFIXES, read_image
 
 
 def _folder_files(root: Path) -> list[Path]:
@@ -65,7 +65,7 @@ def load_unlabelled(path: str | Path, image_size: int, channels: int, store=None
 
     `store(ids, digest) -> (path, key) | None`: where the decoded images go on disk (the on-disk store of
     ``data.in_memory_mb``, :func:`dcube.data.store.decode`); None keeps them in RAM."""
-    from dcube.data.store import decode
+    from dcube.data.store import decode, decode_array
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -88,12 +88,7 @@ def load_unlabelled(path: str | Path, image_size: int, channels: int, store=None
             raise DataError(f"data.unlabelled: {path}: '{key}' holds NaN/inf values")
         ids = [f"{path.name}:{key}:{i}" for i in range(len(arr))]
         cache = store(ids, _digest([path])) if store else None
-
-        def fill_arrays(write):
-            for a in range(0, len(arr), 1024):
-                write(a, array_to_tensor(arr[a:a + 1024], image_size, channels))
-
-        return decode((len(arr), channels, image_size, image_size), cache, fill_arrays), ids
+        return decode_array(arr, np.arange(len(arr)), image_size, channels, cache), ids
     files = _folder_files(path) if path.is_dir() else _csv_files(path)
     ids = [str(f) for f in files]
     cache = store(ids, _digest(files)) if store else None
