@@ -21,7 +21,7 @@ def _score(class_names):
 
 
 def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None = None,
-                 threads: int = 1, device: str = "cpu") -> dict:
+                 threads: int = 1, device: str = "cpu", min_steps: int = 0) -> dict:
     """Train/select/test one baseline on a loaded DataBundle -> JSON-able result."""
     import torch
 
@@ -45,11 +45,12 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
         from dcube.classify.baseline import BaselineConfig, train_baseline
 
         cfg = BaselineConfig(model=method, epochs=epochs, batch_size=128, lr=DEFAULT_LR[method],
-                             lr_milestones=(0.5, 0.75))
+                             lr_milestones=(0.5, 0.75), min_steps=min_steps)
         res = train_baseline(cfg, data, run_dir, score, seed=seed, device=device)
         val_p, test_p = res["val_probs"], res["test_probs"]
         extra = {"best_epoch": res["best_epoch"], "history": res["history"]}
-        schedule = {"epochs": epochs, "batch_size": 128, "lr": cfg.lr, "lr_milestones": [0.5, 0.75]}
+        schedule = {"epochs": cfg.epochs_for(len(data.train)), "batch_size": 128, "lr": cfg.lr,
+                    "lr_milestones": [0.5, 0.75], **({"min_steps": min_steps} if min_steps else {})}
     return {"method": NAMES[method], "method_id": method, "seed": seed, "schedule": schedule,
             "test": compute_metrics(data.test.labels, test_p, data.class_names),
             "test_probs": [[round(float(v), 6) for v in row] for row in torch.as_tensor(test_p).tolist()],

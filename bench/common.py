@@ -51,6 +51,10 @@ def smoke_epochs(epochs: int | None) -> int | None:
     return 1 if SMOKE and epochs else epochs
 
 
+# the "long" step-2 / baseline schedule: at least this many optimiser steps (classifier.min_steps)
+LONG_STEPS = 2 if SMOKE else 400
+
+
 def shared_data() -> Path:
     """The real data: $DCUBE_SHARED_DATA, else <repo>/../shared/data."""
     return Path(os.environ.get("DCUBE_SHARED_DATA", ROOT.parent / "shared" / "data"))

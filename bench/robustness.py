@@ -18,15 +18,18 @@ from functools import partial
 
 from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, data_path
 from bench.baselines import NAMES, run_baseline
-from bench.common import (RESULTS, THREADS, load_results, machine, mean_std, paired_cell, run_study, shrink,
-                          smoke_epochs)
+from bench.common import (LONG_STEPS, RESULTS, THREADS, load_results, machine, mean_std, paired_cell, run_study,
+                          shrink, smoke_epochs)
 
 STUDY = "robustness"
 TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
 SETTINGS = {"labels10": "10% of the training labels", "labels25": "25% of the training labels",
             "minority1to10": "minority class cut to 1:10"}
-METHODS = ("dcube", "dcube-unlabelled", "resnet18", "efficientnet-lite0")
+METHODS = ("dcube", "dcube-unlabelled", "resnet18", "efficientnet-lite0", "dcube-unlabelled-long", "resnet18-long")
 UNLABELLED = "D-Cube + the dropped-label images unlabelled in step 1"
+# "-long": step 2 / the baseline trains at least LONG_STEPS optimiser steps (classifier.min_steps); the plain
+# schedule gives 55 images in batches of 64 one step per epoch, 15 steps in all
+LONG = f", >= {LONG_STEPS} training steps"
 
 
 def data_overrides(dataset: str, setting: str) -> dict:
@@ -49,24 +52,32 @@ def one_run(dataset: str, setting: str, method: str, seed: int) -> dict:
 
     run_dir = RESULTS / STUDY / "runs" / f"{dataset}-{setting}-{method}-s{seed}"
     dd = _data_dict(dataset, setting)
-    if method == "dcube-unlabelled" and not setting.startswith("labels"):
+    long = method.endswith("-long")
+    base = method.removesuffix("-long")
+    if base == "dcube-unlabelled" and not setting.startswith("labels"):
         raise SystemExit(f"bench.robustness: dcube-unlabelled needs a label-fraction setting, not {setting!r}")
-    if method in ("dcube", "dcube-unlabelled"):
+    if base in ("dcube", "dcube-unlabelled"):
         from dcube.pipeline import DCube, run
 
-        if method == "dcube-unlabelled":  # the training images whose labels were dropped join step 1
+        if base == "dcube-unlabelled":  # the training images whose labels were dropped join step 1
             dd = {**dd, "unlabelled_rest": True}
-        cfg = from_dict({**shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, **SCHEDULES[dataset]}),
-                         "data": dd})  # dd: already shrunk, with this setting's caps
+        c = shrink({"run_dir": str(run_dir), "seed": seed, "threads": THREADS, **SCHEDULES[dataset]})
+        if long:
+            c["classifier"] = {**c["classifier"], "min_steps": LONG_STEPS}
+        cfg = from_dict({**c, "data": dd})  # dd: already shrunk, with this setting's caps
         out = run(cfg)
         data = DCube(cfg).data
-        res = {"method": UNLABELLED if method == "dcube-unlabelled" else "D-Cube", "method_id": method,
+        res = {"method": (UNLABELLED if base == "dcube-unlabelled" else "D-Cube") + (LONG if long else ""),
+               "method_id": method,
                "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "layers": out["layers"],
                "data_config": cfg.to_dict()["data"]}
     else:
         data = load_data(DataConfig(**dd), seed)
-        res = run_baseline(method, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[dataset][method]), THREADS)
+        res = run_baseline(base, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[dataset][base]), THREADS,
+                           min_steps=LONG_STEPS if long else 0)
         res["data_config"] = dd
+        if long:
+            res.update(method=res["method"] + LONG, method_id=method)
     counts = data.info["class_counts"]["train"]
     return {"study": STUDY, "dataset": dataset, "setting": setting, "seed": seed, "train_counts": counts,
             "minority": min(counts, key=counts.get), **res}
@@ -87,14 +98,18 @@ def table() -> str:
         lines += [f"\n### {ds}\n", "| setting | training images | model | seeds | macro-F1 | minority recall | AUC | "
                   "minus ResNet-18: Δ macro-F1 [95 % CI], p |", "|---|---|---|---|---|---|---|---|"]
         for setting, label in SETTINGS.items():
-            for method in ("D-Cube", UNLABELLED) + tuple(NAMES[m] for m in METHODS[2:]):
+            for method in ("D-Cube", UNLABELLED, NAMES["resnet18"], NAMES["efficientnet-lite0"], UNLABELLED + LONG,
+                           NAMES["resnet18"] + LONG):
                 rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
                 if not rs:
                     continue
-                ref = [r for r in runs if r["setting"] == setting and r.get("method_id") == "resnet18"]
+                # the reference: ResNet-18 trained for as many steps (the same min_steps) as the row
+                ref_id = "resnet18-long" if method.endswith(LONG) else "resnet18"
+                ref = [r for r in runs if r["setting"] == setting and r.get("method_id") == ref_id]
                 seeds = {r["seed"] for r in rs}
                 ref = [r for r in ref if r["seed"] in seeds]
-                vs = paired_cell(rs, ref, "f1_macro") if method != NAMES["resnet18"] and len(ref) == len(rs) else "-"
+                vs = paired_cell(rs, ref, "f1_macro") if not method.startswith(NAMES["resnet18"]) and len(ref) == len(rs) \
+                    else "-"
                 counts = ", ".join(f"{c}: {n}" for c, n in rs[0]["train_counts"].items())
                 lines.append(f"| {label} | {counts} | {method} | {len(rs)} | "
                              f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
@@ -113,7 +128,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     jobs = ((f"{ds}-{setting}-{m}-s{seed}", partial(one_run, ds, setting, m, seed))
             for ds in a.datasets for setting in a.settings for seed in a.seeds for m in a.methods
-            if not (m == "dcube-unlabelled" and not setting.startswith("labels")))
+            if not (m.startswith("dcube-unlabelled") and not setting.startswith("labels")))
     return run_study(STUDY, jobs, table, a.table_only)
 
 

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from bench.ablations import _base, step1_dir
-from bench.common import RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, run_study, split_labels
+from bench.common import LONG_STEPS, RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, run_study, split_labels
 
 STUDY = "step2"
 DATASET = "breastmnist"
@@ -52,6 +52,9 @@ VARIANTS = {  # key -> (label, features + classifier overrides)
     "bn_off": ("new, no batch-norm recalibration before validation", _with(classifier={"bn_recalibration": 0})),
     "head_v01": ("new, the dcube 0.1 head (softmax scores, fuse 8, no flips)",
                  _with(classifier={"score_norm": "softmax", "fuse_size": 8, "flip_augment": False})),
+    # 15 epochs of 546 images in batches of 64 are 135 steps, and most runs chose their last epoch
+    "steps_long": (f"new, the soft cycle loss x10, step 2 >= {LONG_STEPS} optimiser steps (classifier.min_steps)",
+                   _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "min_steps": LONG_STEPS})),
 }
 
 
@@ -170,6 +173,7 @@ FACTORS = {
     "head": ["new", "head_v01"],
     "several timesteps": ["new", "multi_t"],
     "BN recalibration": ["new", "bn_off"],
+    "step-2 length": ["cyc_soft10", "steps_long"],
 }
 
 

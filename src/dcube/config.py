@@ -107,6 +107,7 @@ class ClassifierConfig:
     score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
     epochs: int = 10
+    min_steps: int = 0  # at least this many optimiser steps: more epochs on a small training set
     batch_size: int = 64
     lr: float = 1e-3
     cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
@@ -338,6 +339,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.ce_weight": cfg.classifier.ce_weight,
+        "classifier.min_steps": cfg.classifier.min_steps,
         "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
     }.items():

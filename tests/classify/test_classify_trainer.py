@@ -48,3 +48,14 @@ def test_interrupted_classifier_resumes_to_identical_result(tmp_path):
     resumed, _ = train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path / "b", _score)
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_min_steps_trains_a_small_split_for_more_epochs(tmp_path):
+    from dataclasses import replace
+
+    from dcube.utils.io import read_json
+
+    cfg = replace(CFG, epochs=2, min_steps=9)  # 20 images in batches of 16: 2 steps per epoch -> 5 epochs
+    train_classifier(cfg, _split(20, 0), _split(16, 1), ["a", "b"], tmp_path, _score)
+    hist = read_json(tmp_path / "history.json")["history"]
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]

@@ -26,7 +26,7 @@ from dcube.classify.subfeatures import PLAIN_NAMES, build_plain_classifier
 from dcube.data import DataBundle
 from dcube.generate import SyntheticSet, assert_real, augment_train
 from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, write_json
-from dcube.utils.runtime import EMA
+from dcube.utils.runtime import EMA, epochs_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -35,6 +35,7 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 class BaselineConfig:
     model: str = "resnet18"  # resnet18 | resnet50 | efficientnet-lite0 (build_plain_classifier)
     epochs: int = 20
+    min_steps: int = 0  # at least this many optimiser steps (more epochs on a small training set)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -50,15 +51,21 @@ class BaselineConfig:
         for k in ("epochs", "batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"baseline.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.min_steps < 0:
+            raise ValueError(f"baseline.min_steps: must be >= 0, got {self.min_steps}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"baseline.ema_decay: must lie in [0, 1), got {self.ema_decay}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"baseline.lr_milestones: fractions in (0, 1), got {self.lr_milestones}")
 
-    def milestone_epochs(self) -> list[int]:
+    def epochs_for(self, n: int) -> int:
+        """The epochs a run over `n` training images takes (`epochs`, raised to reach `min_steps`)."""
+        return epochs_for(self.epochs, self.min_steps, n, self.batch_size)
+
+    def milestone_epochs(self, n: int) -> list[int]:
         """Epochs (0-based) after which the LR drops: MedMNIST's 50%/75% of 100 -> [50, 75]."""
-        return sorted({int(round(m * self.epochs)) for m in self.lr_milestones})
+        return sorted({int(round(m * self.epochs_for(n))) for m in self.lr_milestones})
 
 
 # The MedMNIST v2 training protocol (Adam 1e-3, batch 128, 100 epochs, LR x0.1 at 50% and 75%).
@@ -94,8 +101,9 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
     judged = ema.module if ema is not None else model
     best_model = copy.deepcopy(judged)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(), cfg.lr_gamma)
     n = len(train)
+    epochs = cfg.epochs_for(n)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(n), cfg.lr_gamma)
     steps_per_epoch = -(-n // cfg.batch_size)
     modules = {"model": model, "opt": opt, "best": best_model, **({"ema": ema.module} if ema else {})}
     state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": [], "seconds": 0.0}
@@ -107,10 +115,10 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                                f"use a new output directory")
         state = load_checkpoint(out_dir / LAST, modules)["state"]
         sched.last_epoch = state["epoch"]  # the optimiser state restored the current LR already
-        print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{cfg.epochs} ({out_dir})")
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
+        print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{epochs} ({out_dir})")
+    bar = tqdm(total=epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
                desc=f"baseline {cfg.model}", unit="step", disable=not progress)
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], epochs):
         t0 = time.time()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not

@@ -28,7 +28,7 @@ from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
-from dcube.utils.runtime import EMA
+from dcube.utils.runtime import EMA, epochs_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -164,7 +164,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
     n = len(train.labels)
-    for epoch in range(epoch, cfg.epochs):
+    epochs = epochs_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    for epoch in range(epoch, epochs):
         head.train()
         # dropout draws: the same whether resumed or not (and different on every rank)
         torch.manual_seed(seed * 7919 + epoch + 1_000_003 * dist.rank())
@@ -172,7 +173,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
         batches = range(0, n, cfg.batch_size)
         grad_ratio = None
-        for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not main):
+        for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{epochs}", leave=False, disable=not main):
             idx = order[s:s + cfg.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue

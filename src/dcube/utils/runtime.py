@@ -52,6 +52,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def epochs_for(epochs: int, min_steps: int, n: int, batch_size: int) -> int:
+    """`epochs`, raised so that a run over `n` images in batches of `batch_size` takes at least
+    `min_steps` optimiser steps: without it a small training set gets a handful of steps (55
+    images in batches of 64: one step per epoch)."""
+    per_epoch = max(1, -(-n // batch_size))
+    return max(epochs, -(-min_steps // per_epoch))
+
+
 class EMA:
     """Exponential moving average of a module's parameters and buffers.
 
