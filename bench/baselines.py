@@ -49,7 +49,7 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
         res = train_baseline(cfg, data, run_dir, score, seed=seed, device=device)
         val_p, test_p = res["val_probs"], res["test_probs"]
         extra = {"best_epoch": res["best_epoch"], "history": res["history"]}
-        schedule = {"epochs": cfg.epochs_for(len(data.train)), "batch_size": 128, "lr": cfg.lr,
+        schedule = {"epochs": epochs, "passes_per_epoch": cfg.passes_for(len(data.train)), "batch_size": 128, "lr": cfg.lr,
                     "lr_milestones": [0.5, 0.75], **({"min_steps": min_steps} if min_steps else {})}
     return {"method": NAMES[method], "method_id": method, "seed": seed, "schedule": schedule,
             "test": compute_metrics(data.test.labels, test_p, data.class_names),

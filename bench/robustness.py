@@ -27,9 +27,10 @@ SETTINGS = {"labels10": "10% of the training labels", "labels25": "25% of the tr
             "minority1to10": "minority class cut to 1:10"}
 METHODS = ("dcube", "dcube-unlabelled", "resnet18", "efficientnet-lite0", "dcube-unlabelled-long", "resnet18-long")
 UNLABELLED = "D-Cube + the dropped-label images unlabelled in step 1"
-# "-long": step 2 / the baseline trains at least LONG_STEPS optimiser steps (classifier.min_steps); the plain
+# "-long": step 2 / the baseline trains at least LONG_STEPS optimiser steps (classifier.min_steps: passes
+# repeated within each epoch, validation once per epoch as before); the plain
 # schedule gives 55 images in batches of 64 one step per epoch, 15 steps in all
-LONG = f", >= {LONG_STEPS} training steps"
+LONG = f", >= {LONG_STEPS} training steps"  # (repeated passes within each epoch)
 
 
 def data_overrides(dataset: str, setting: str) -> dict:

@@ -45,20 +45,30 @@ def test_bad_config_is_named():
         BaselineConfig(min_steps=-1)
 
 
-def test_min_steps_adds_epochs_to_a_small_training_set_and_moves_the_milestones(tmp_path):
-    data = _bundle()  # 16 training images, batches of 8: 2 steps per epoch
-    cfg = BaselineConfig(epochs=2, batch_size=8, min_steps=7, lr_milestones=(0.5,))
-    assert cfg.epochs_for(16) == 4 and cfg.milestone_epochs(16) == [2]  # ceil(7 / 2) epochs
-    assert BaselineConfig(epochs=5, batch_size=8, min_steps=7).epochs_for(16) == 5  # already enough steps
-    res = train_baseline(cfg, data, tmp_path, lambda y, p: 0.0, progress=False)
-    assert len(res["history"]) == 4
+def test_min_steps_repeats_a_small_training_set_within_each_epoch(tmp_path):
+    data = _bundle()  # 16 training images, batches of 8: 2 steps per pass
+    cfg = BaselineConfig(epochs=2, batch_size=8, min_steps=7)
+    assert cfg.passes_for(16) == 2  # 2 epochs x 2 passes x 2 batches = 8 >= 7 steps
+    assert BaselineConfig(epochs=4, batch_size=8, min_steps=7).passes_for(16) == 1  # already enough steps
+    import dcube.classify.baseline as mod
+
+    seen = []
+    real = mod.epoch_batches
+    mod.epoch_batches = lambda *a: seen.append(real(*a)) or seen[-1]
+    try:
+        res = train_baseline(cfg, data, tmp_path, lambda y, p: 0.0, progress=False)
+    finally:
+        mod.epoch_batches = real
+    assert len(res["history"]) == 2  # validation once per epoch
+    assert [len(b) for b in seen] == [4, 4]  # 4 optimiser steps per epoch
+    assert all(sorted(torch.cat(b).tolist()) == sorted(list(range(16)) * 2) for b in seen)  # every image twice
 
 
 def test_lr_drops_at_the_milestones_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     data = _bundle()
     score = lambda y, p: float(p[:, 1][y == 1].mean() - p[:, 1][y == 0].mean())  # noqa: E731
     cfg = BaselineConfig(epochs=4, batch_size=8, lr_milestones=(0.5, 0.75), ema_decay=0.5)
-    assert cfg.milestone_epochs(len(data.train)) == [2, 3]
+    assert cfg.milestone_epochs() == [2, 3]
     full = train_baseline(cfg, data, tmp_path / "full", score, seed=1, progress=False)
     assert [h["lr"] for h in full["history"]] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-5])
 

@@ -50,12 +50,18 @@ def test_interrupted_classifier_resumes_to_identical_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_min_steps_trains_a_small_split_for_more_epochs(tmp_path):
+def test_min_steps_repeats_a_small_split_within_each_epoch(tmp_path, monkeypatch):
     from dataclasses import replace
 
+    import dcube.classify.trainer as mod
     from dcube.utils.io import read_json
 
-    cfg = replace(CFG, epochs=2, min_steps=9)  # 20 images in batches of 16: 2 steps per epoch -> 5 epochs
+    seen = []
+    real = mod.epoch_batches
+    monkeypatch.setattr(mod, "epoch_batches", lambda *a: seen.append(real(*a)) or seen[-1])
+    cfg = replace(CFG, epochs=2, min_steps=9)  # 20 images in batches of 16: 2 steps per pass -> 3 passes
     train_classifier(cfg, _split(20, 0), _split(16, 1), ["a", "b"], tmp_path, _score)
-    hist = read_json(tmp_path / "history.json")["history"]
-    assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in read_json(tmp_path / "history.json")["history"]] == [1, 2]
+    assert [len(b) for b in seen] == [6, 6]  # 12 optimiser steps >= 9
+    assert all(sorted(torch.cat(b).tolist()) == sorted(list(range(20)) * 3) for b in seen)
+    assert torch.equal(real(20, 16, 0, 1, 1)[0], torch.randperm(20, generator=torch.Generator().manual_seed(1))[:16])

@@ -26,7 +26,7 @@ from dcube.classify.subfeatures import PLAIN_NAMES, build_plain_classifier
 from dcube.data import DataBundle
 from dcube.generate import SyntheticSet, assert_real, augment_train
 from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, write_json
-from dcube.utils.runtime import EMA, epochs_for
+from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -59,13 +59,13 @@ class BaselineConfig:
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"baseline.lr_milestones: fractions in (0, 1), got {self.lr_milestones}")
 
-    def epochs_for(self, n: int) -> int:
-        """The epochs a run over `n` training images takes (`epochs`, raised to reach `min_steps`)."""
-        return epochs_for(self.epochs, self.min_steps, n, self.batch_size)
+    def passes_for(self, n: int) -> int:
+        """Passes over `n` training images per epoch (more than one to reach `min_steps`)."""
+        return passes_for(self.epochs, self.min_steps, n, self.batch_size)
 
-    def milestone_epochs(self, n: int) -> list[int]:
+    def milestone_epochs(self) -> list[int]:
         """Epochs (0-based) after which the LR drops: MedMNIST's 50%/75% of 100 -> [50, 75]."""
-        return sorted({int(round(m * self.epochs_for(n))) for m in self.lr_milestones})
+        return sorted({int(round(m * self.epochs)) for m in self.lr_milestones})
 
 
 # The MedMNIST v2 training protocol (Adam 1e-3, batch 128, 100 epochs, LR x0.1 at 50% and 75%).
@@ -101,10 +101,10 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
     judged = ema.module if ema is not None else model
     best_model = copy.deepcopy(judged)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(), cfg.lr_gamma)
     n = len(train)
-    epochs = cfg.epochs_for(n)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(n), cfg.lr_gamma)
-    steps_per_epoch = -(-n // cfg.batch_size)
+    passes = cfg.passes_for(n)
+    steps_per_epoch = -(-n // cfg.batch_size) * passes
     modules = {"model": model, "opt": opt, "best": best_model, **({"ema": ema.module} if ema else {})}
     state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": [], "seconds": 0.0}
     if (out_dir / LAST).exists():
@@ -115,23 +115,21 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                                f"use a new output directory")
         state = load_checkpoint(out_dir / LAST, modules)["state"]
         sched.last_epoch = state["epoch"]  # the optimiser state restored the current LR already
-        print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{epochs} ({out_dir})")
-    bar = tqdm(total=epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
+        print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{cfg.epochs} ({out_dir})")
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
                desc=f"baseline {cfg.model}", unit="step", disable=not progress)
-    for epoch in range(state["epoch"], epochs):
+    for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.time()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not
         model.train()
         losses = []
-        for s in range(0, n, cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
+        for b, idx in enumerate(epoch_batches(n, cfg.batch_size, seed, epoch, passes)):
             loss = F.cross_entropy(model(train.images[idx].to(device)), train.labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if ema is not None:
-                ema.update(model, epoch * steps_per_epoch + s // cfg.batch_size + 1)
+                ema.update(model, epoch * steps_per_epoch + b + 1)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")

@@ -28,7 +28,7 @@ from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
-from dcube.utils.runtime import EMA, epochs_for
+from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -164,20 +164,19 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
     n = len(train.labels)
-    epochs = epochs_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
-    for epoch in range(epoch, epochs):
+    passes = passes_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    for epoch in range(epoch, cfg.epochs):
         head.train()
         # dropout draws: the same whether resumed or not (and different on every rank)
         torch.manual_seed(seed * 7919 + epoch + 1_000_003 * dist.rank())
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
-        batches = range(0, n, cfg.batch_size)
+        batches = epoch_batches(n, cfg.batch_size, seed, epoch, passes)
         grad_ratio = None
-        for s in tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{epochs}", leave=False, disable=not main):
-            idx = order[s:s + cfg.batch_size]
+        for b, idx in enumerate(tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                                     disable=not main)):
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            first_batch = s == 0
+            first_batch = b == 0
             mine, every = micro_batches(len(idx), compute.grad_accum)
             if every == []:  # every share too small for batch norm
                 continue

@@ -52,12 +52,22 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def epochs_for(epochs: int, min_steps: int, n: int, batch_size: int) -> int:
-    """`epochs`, raised so that a run over `n` images in batches of `batch_size` takes at least
-    `min_steps` optimiser steps: without it a small training set gets a handful of steps (55
-    images in batches of 64: one step per epoch)."""
+def passes_for(epochs: int, min_steps: int, n: int, batch_size: int) -> int:
+    """Passes over the `n` training images per epoch, so that `epochs` epochs in batches of `batch_size`
+    take at least `min_steps` optimiser steps. A small training set otherwise gets a handful of steps
+    (55 images in batches of 64: one per epoch); validation and checkpoints stay once per epoch."""
     per_epoch = max(1, -(-n // batch_size))
-    return max(epochs, -(-min_steps // per_epoch))
+    return max(1, -(-min_steps // (epochs * per_epoch)))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, passes: int = 1) -> list[torch.Tensor]:
+    """The row batches of one epoch: `passes` seeded permutations of range(n), each cut into batches.
+    With one pass it is the plain epoch (the permutation seeded by seed * 100_003 + epoch)."""
+    out = []
+    for j in range(passes):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch * passes + j))
+        out += [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    return out
 
 
 class EMA:
