@@ -133,6 +133,33 @@ def part_finetune(variant: str | None = None) -> dict:
                                                                   "head_lr", "epochs", "best_epoch", "history")}}
 
 
+def part_denoiser_training(contrastive: bool) -> dict:
+    """Issue 11 item 5, before / after: the latent denoiser trained with dcube 0.1's contrastive pairs
+    (a quarter of each batch, twice, under the uniform condition) or purely class-conditional (the
+    default), each in its own run directory on the SAME autoencoder (part 1's), then the plain
+    zero-shot classifier on the same stratified test subset."""
+    from dcube.config import from_dict
+    from dcube.latent.run import Latent
+    from dcube.utils.io import read_json
+
+    ae = _run()
+    ae.train_autoencoder()  # part 1's run directory (trained here if it is gone)
+    cfg = setup()
+    cfg["run_dir"] = str(RESULTS / STUDY / "runs" / f"covid128-s0-{'contrastive' if contrastive else 'classcond'}")
+    cfg["latent"].update(contrastive=contrastive, autoencoder=str(ae.ae_path))
+    with Latent(from_dict(cfg)) as r:
+        r.train_autoencoder()  # imports part 1's weights (latent.autoencoder) into this run directory
+        path = r.train_diffusion()
+        hist = read_json(path.parent / "history.json")
+        out = r.zero_shot("test", adaptive=False, max_images=ZS_IMAGES)
+    return {"contrastive": contrastive, "metrics": _summary(out["metrics"]), "steps": hist["steps"],
+            "train_seconds": hist["seconds_this_session"],
+            "final_mse": sum(h["mse"] for h in hist["history"][-20:]) / max(1, len(hist["history"][-20:])),
+            "autoencoder_sha256": read_json(path.parent / "latent.json").get("autoencoder_sha256"),
+            **{k: out[k] for k in ("n_images", "trials", "weighting", "evaluations_per_image", "ids", "probs",
+                                    "labels")}}
+
+
 PARTS = {
     "1_autoencoder": part_autoencoder,
     "2_diffusion": part_diffusion,
@@ -143,6 +170,8 @@ PARTS = {
     "7_finetune": part_finetune,
     "8_zeroshot_t100-600": lambda: part_zeroshot(False, "8_zeroshot_t100-600"),
     "9_finetune_head_lr1e-4": lambda: part_finetune("9_finetune_head_lr1e-4"),
+    "10_denoiser_contrastive": lambda: part_denoiser_training(True),
+    "11_denoiser_class_conditional": lambda: part_denoiser_training(False),
 }
 
 
@@ -225,6 +254,7 @@ def table() -> str:
         for n in a["layers"]:
             lines.append(f"| {n} | " + " | ".join(_f(a["probe_balanced_accuracy"][n][str(t)]) for t in ts) + " |")
         lines.append("| *zero-shot acc* | " + " | ".join(_f(a["zero_shot_accuracy"][str(t)]) for t in ts) + " |")
+    lines += _before_after(res)
     z = res.get("3_zeroshot_plain")
     if z and z.get("error_maps"):
         lines += ["", "Error-map overlays (how to read them: `docs/latent.md`), in the run directory: "
@@ -234,6 +264,32 @@ def table() -> str:
     if missing:
         lines += ["", f"Not finished yet: {', '.join(missing)}."]
     return "\n".join(lines)
+
+
+def _before_after(res: dict) -> list[str]:
+    import numpy as np
+
+    from dcube.evaluate.stats import paired_bootstrap
+
+    b, a = res.get("10_denoiser_contrastive"), res.get("11_denoiser_class_conditional")
+    if not (a or b):
+        return []
+    out = ["", "Zero-shot before / after the latent denoiser's training change (issue 11): the same autoencoder, "
+           "the same steps and seed, the plain zero-shot classifier on the same stratified test subset; one "
+           "denoiser seed, so the paired column covers the test images, not training seeds.\n",
+           "| latent denoiser training | steps | final noise MSE | test images | ACC | balanced ACC | AUC | "
+           "macro-F1 | minus the contrastive row: ΔAUC [95 % CI], p |", "|---|---|---|---|---|---|---|---|---|"]
+    for r, name in ((b, "contrastive pairs under the uniform condition (dcube 0.1)"),
+                    (a, "purely class-conditional, label dropout only (today's default)")):
+        if not r:
+            continue
+        m, vs = r["metrics"], "-"
+        if r is a and b and a["ids"] == b["ids"]:
+            pb = paired_bootstrap(np.array(a["labels"]), [np.array(a["probs"])], [np.array(b["probs"])], "auc")
+            vs = f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}"
+        out.append(f"| {name} | {r['steps']} | {r['final_mse']:.3f} | {r['n_images']} | {_f(m['accuracy'])} | "
+                   f"{_f(m['balanced_accuracy'])} | {_f(m['auc'])} | {_f(m['f1_macro'])} | {vs} |")
+    return out
 
 
 def main(argv=None):

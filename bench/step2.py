@@ -210,10 +210,19 @@ def _decisions(rows: list[dict]) -> list[str]:
     return out
 
 
-def _probe_runs():
-    rows = [r for r in load_results("accuracy") if r["dataset"] == DATASET and r.get("method_id") == "linear-probe"
+def _probe_runs(method: str = "linear-probe"):
+    rows = [r for r in load_results("accuracy") if r["dataset"] == DATASET and r.get("method_id") == method
             if "test_probs" in r] if (RESULTS / "accuracy").exists() else []
-    return rows
+    return sorted(rows, key=lambda r: r["seed"])
+
+
+def _short(rs: list[dict], ref: list[dict]) -> str:
+    """'ΔAUC, p; ΔACC, p' of the seed-mean against `ref` on the same test images (paired bootstrap)."""
+    cells = [paired_cell(rs, ref, m) for m in ("auc", "accuracy")]
+    if "-" in cells:
+        return "-"
+    parts = [c.split(" [")[0] + ", p = " + c.split("p = ")[1].split(":")[0] for c in cells]
+    return f"{parts[0]}; {parts[1]}"
 
 
 def table() -> str:
@@ -223,15 +232,17 @@ def table() -> str:
              "every variant (30 epochs, contrastive); step 2: 15 epochs, best epoch on validation AUC. "
              "Mean ± std over seeds; *test AUC 95 % CI*: stratified bootstrap (2,000 resamples) of the seed-mean "
              "over test images; *vs probe*: seed-mean test-AUC difference to the frozen EfficientNet-Lite0 linear "
-             "probe on the same 156 test images, paired bootstrap, and the verdict at p < 0.05; *cycle grad / CE "
+             "probe on the same 156 test images, paired bootstrap, and the verdict at p < 0.05; *vs ResNet-18*: the "
+             "same against `bench.accuracy`'s ResNet-18 (3 seeds, 30 epochs), AUC and accuracy; *cycle grad / CE "
              "grad*: median over epochs of the ratio of the weighted cycle term's gradient norm to the weighted "
              "cross-entropy's on the head's parameters (first batch of each epoch); *step-2 s*: wall seconds of "
              "step 2 with its feature extraction and posterior (one thread; two jobs share the 2 cores). Defaults "
              "are chosen on the validation column only.\n",
              "| variant | seeds | val AUC | val AUC minus `new`'s (paired, same seeds) | test ACC | test AUC | "
-             "test AUC 95 % CI | vs probe: ΔAUC [95 % CI], p | cycle grad / CE grad | step-2 s | layers (seed 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    probe = _probe_runs()
+             "test AUC 95 % CI | vs probe: ΔAUC [95 % CI], p | vs ResNet-18: ΔAUC, p; ΔACC, p | cycle grad / CE grad | "
+             "step-2 s | layers (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    probe, resnet = _probe_runs(), _probe_runs("resnet18")
     for key, (label, _) in VARIANTS.items():
         rs = sorted([r for r in rows if r["variant"] == key], key=lambda r: r["seed"])
         if not rs:
@@ -242,12 +253,13 @@ def table() -> str:
         vs_new = "-" if key == "new" else _val_paired(rs, ref)
         lines.append(f"| {label} | {len(rs)} | {mean_std([r['val']['auc'] for r in rs])} | {vs_new} | "
                      f"{mean_std([r['test']['accuracy'] for r in rs])} | {mean_std([r['test']['auc'] for r in rs])} | "
-                     f"{ci_cell(rs)} | {paired_cell(rs, probe[:1])} | {ratio} | "
+                     f"{ci_cell(rs)} | {paired_cell(rs, probe[:1])} | {_short(rs, resnet)} | {ratio} | "
                      f"{np.mean([r['stage_seconds'].get('classifier', np.nan) for r in rs]):.0f} | {', '.join(rs[0]['layers'])} |")
-    if probe:
-        lines.append(f"| frozen EfficientNet-Lite0 linear probe (`bench.accuracy`) | {len(probe)} | "
-                     f"{mean_std([r['val']['auc'] for r in probe])} | {mean_std([r['test']['accuracy'] for r in probe])} | "
-                     f"{mean_std([r['test']['auc'] for r in probe])} | - | - | - | - | - | - |")
+    for ref, name in ((probe, "frozen EfficientNet-Lite0 linear probe"), (resnet, "ResNet-18, 30 epochs")):
+        if ref:
+            lines.append(f"| {name} (`bench.accuracy`) | {len(ref)} | {mean_std([r['val']['auc'] for r in ref])} | - | "
+                         f"{mean_std([r['test']['accuracy'] for r in ref])} | "
+                         f"{mean_std([r['test']['auc'] for r in ref])} | {ci_cell(ref)} | - | - | - | - | - |")
     lines += _decisions(rows)
     stab = sorted([r for r in load_results(STUDY) if r.get("kind") == "stability"], key=lambda r: r["seed"])
     if stab:

@@ -107,7 +107,7 @@ class ClassifierConfig:
     score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
     epochs: int = 10
-    min_steps: int = 0  # at least this many optimiser steps: more epochs on a small training set
+    min_steps: int = 0  # at least this many optimiser steps: repeated passes per epoch on a small training set
     batch_size: int = 64
     lr: float = 1e-3
     cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN

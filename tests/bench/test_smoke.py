@@ -23,7 +23,8 @@ STUDIES = {
     "rebalance": ["--seeds", "0"],
     "gpu": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "resnet18", "--device", "cpu"],
     "big_image": ["--size", "3000"],
-    "latent_covid": ["--parts", "1_autoencoder", "2_diffusion", "3_zeroshot_plain", "5_analysis", "6_heads"],
+    "latent_covid": ["--parts", "1_autoencoder", "2_diffusion", "3_zeroshot_plain", "5_analysis", "6_heads",
+                     "10_denoiser_contrastive", "11_denoiser_class_conditional"],
 }
 
 

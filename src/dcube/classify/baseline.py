@@ -35,7 +35,7 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 class BaselineConfig:
     model: str = "resnet18"  # resnet18 | resnet50 | efficientnet-lite0 (build_plain_classifier)
     epochs: int = 20
-    min_steps: int = 0  # at least this many optimiser steps (more epochs on a small training set)
+    min_steps: int = 0  # at least this many optimiser steps (repeated passes per epoch on a small training set)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
