@@ -65,3 +65,12 @@ def test_min_steps_repeats_a_small_split_within_each_epoch(tmp_path, monkeypatch
     assert [len(b) for b in seen] == [6, 6]  # 12 optimiser steps >= 9
     assert all(sorted(torch.cat(b).tolist()) == sorted(list(range(20)) * 3) for b in seen)
     assert torch.equal(real(20, 16, 0, 1, 1)[0], torch.randperm(20, generator=torch.Generator().manual_seed(1))[:16])
+
+
+def test_a_run_of_few_steps_names_min_steps(tmp_path, capsys):
+    train_classifier(CFG, _split(20, 0), _split(16, 1), ["a", "b"], tmp_path / "few", _score)  # 3 epochs x 2 steps
+    assert "6 optimiser steps in all" in capsys.readouterr().out
+    from dataclasses import replace
+
+    train_classifier(replace(CFG, min_steps=6), _split(20, 0), _split(16, 1), ["a", "b"], tmp_path / "set", _score)
+    assert "classifier.min_steps" not in capsys.readouterr().out

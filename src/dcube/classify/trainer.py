@@ -31,6 +31,7 @@ from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
 from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
+FEW_STEPS = 200  # fewer optimiser steps in a whole run than this: say so, and name classifier.min_steps
 
 
 @dataclass
@@ -165,6 +166,11 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
     n = len(train.labels)
     passes = passes_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    total = cfg.epochs * passes * -(-n // cfg.batch_size)
+    if main and total < FEW_STEPS and not cfg.min_steps:
+        print(f"[step 2] note: {total} optimiser steps in all ({n} training images, batch {cfg.batch_size}, "
+              f"{cfg.epochs} epochs); a small training set may need classifier.min_steps (400 raised 10%-label "
+              "BreastMNIST validation AUC, BENCHMARKS.md robustness)")
     for epoch in range(epoch, cfg.epochs):
         head.train()
         # dropout draws: the same whether resumed or not (and different on every rank)
