@@ -258,12 +258,21 @@ def table() -> str:
     z = res.get("3_zeroshot_plain")
     if z and z.get("error_maps"):
         lines += ["", "Error-map overlays (how to read them: `docs/latent.md`), in the run directory: "
-                  + ", ".join(f"`{Path(e['path']).relative_to(RESULTS.parent.parent)}` (true {e['true']}, "
+                  + ", ".join(f"`{_repo_path(e['path'])}` (true {e['true']}, "
                               f"predicted {e['pred']})" for e in z["error_maps"]) + "."]
     missing = [k for k in PARTS if k not in res]
     if missing:
         lines += ["", f"Not finished yet: {', '.join(missing)}."]
     return "\n".join(lines)
+
+
+def _repo_path(path: str) -> str:
+    """`path` relative to the repository when it lies under ``bench/results`` (wherever the run was made)."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == ("bench", "results"):
+            return str(Path(*parts[i:]))
+    return path
 
 
 def _before_after(res: dict) -> list[str]:
