@@ -182,17 +182,26 @@ def ci_cell(runs: list[dict], metric: str = "auc") -> str:
 
 def paired_cell(runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
     """Seed-mean difference runs - ref on the same test images, its 95 % CI, p and the verdict."""
+    from dcube.evaluate.stats import verdict
+
+    pb = paired_test(runs, ref, metric)
+    if pb is None:
+        return "-"
+    return (f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}: "
+            f"{verdict(pb['diff'], pb['p'])}")
+
+
+def paired_test(runs: list[dict], ref: list[dict], metric: str = "auc") -> dict | None:
+    """`dcube.evaluate.stats.paired_bootstrap` of runs - ref on their common test images (None without them)."""
     import numpy as np
 
-    from dcube.evaluate.stats import paired_bootstrap, verdict
+    from dcube.evaluate.stats import paired_bootstrap
 
     y = _paired_labels(runs + ref)
     if y is None:
-        return "-"
-    pb = paired_bootstrap(y, [np.array(r["test_probs"]) for r in runs], [np.array(r["test_probs"]) for r in ref],
-                          metric)
-    return (f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}: "
-            f"{verdict(pb['diff'], pb['p'])}")
+        return None
+    return paired_bootstrap(y, [np.array(r["test_probs"]) for r in runs], [np.array(r["test_probs"]) for r in ref],
+                            metric)
 
 
 @functools.lru_cache(maxsize=16)

@@ -30,7 +30,7 @@ UNLABELLED = "D-Cube + the dropped-label images unlabelled in step 1"
 # "-long": step 2 / the baseline trains at least LONG_STEPS optimiser steps (classifier.min_steps: passes
 # repeated within each epoch, validation once per epoch as before); the plain
 # schedule gives 55 images in batches of 64 one step per epoch, 15 steps in all
-LONG = f", >= {LONG_STEPS} training steps"  # (repeated passes within each epoch)
+LONG = f", >= {LONG_STEPS} training steps"
 
 
 def data_overrides(dataset: str, setting: str) -> dict:
@@ -107,12 +107,13 @@ def table() -> str:
                 if not rs:
                     continue
                 # the reference: ResNet-18 trained for as many steps (the same min_steps) as the row
-                ref_id = "resnet18-long" if method.endswith(LONG) else "resnet18"
-                ref = [r for r in runs if r["setting"] == setting and r.get("method_id") == ref_id]
+                long = rs[0]["method_id"].endswith("-long")
+                ref = [r for r in runs if r["setting"] == setting
+                       and r.get("method_id") == ("resnet18-long" if long else "resnet18")]
                 seeds = {r["seed"] for r in rs}
                 ref = [r for r in ref if r["seed"] in seeds]
-                vs = paired_cell(rs, ref, "f1_macro") if not method.startswith(NAMES["resnet18"]) and len(ref) == len(rs) \
-                    else "-"
+                is_ref = rs[0]["method_id"].removesuffix("-long") == "resnet18"
+                vs = paired_cell(rs, ref, "f1_macro") if not is_ref and len(ref) == len(rs) else "-"
                 counts = ", ".join(f"{c}: {n}" for c, n in rs[0]["train_counts"].items())
                 lines.append(f"| {label} | {counts} | {method} | {len(rs)} | "
                              f"{mean_std([r['test']['f1_macro'] for r in rs])} | "

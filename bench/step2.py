@@ -21,7 +21,8 @@ from functools import partial
 import numpy as np
 
 from bench.ablations import _base, step1_dir
-from bench.common import LONG_STEPS, RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, run_study, split_labels
+from bench.common import (LONG_STEPS, RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, paired_test,
+                          run_study, split_labels)
 
 STUDY = "step2"
 DATASET = "breastmnist"
@@ -218,11 +219,10 @@ def _probe_runs(method: str = "linear-probe"):
 
 def _short(rs: list[dict], ref: list[dict]) -> str:
     """'ΔAUC, p; ΔACC, p' of the seed-mean against `ref` on the same test images (paired bootstrap)."""
-    cells = [paired_cell(rs, ref, m) for m in ("auc", "accuracy")]
-    if "-" in cells:
+    tests = [paired_test(rs, ref, m) for m in ("auc", "accuracy")]
+    if None in tests:
         return "-"
-    parts = [c.split(" [")[0] + ", p = " + c.split("p = ")[1].split(":")[0] for c in cells]
-    return f"{parts[0]}; {parts[1]}"
+    return "; ".join(f"{t['diff']:+.3f}, p = {t['p']:.3f}" for t in tests)
 
 
 def table() -> str:

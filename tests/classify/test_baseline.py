@@ -45,7 +45,7 @@ def test_bad_config_is_named():
         BaselineConfig(min_steps=-1)
 
 
-def test_min_steps_repeats_a_small_training_set_within_each_epoch(tmp_path):
+def test_min_steps_repeats_a_small_training_set_within_each_epoch(tmp_path, monkeypatch):
     data = _bundle()  # 16 training images, batches of 8: 2 steps per pass
     cfg = BaselineConfig(epochs=2, batch_size=8, min_steps=7)
     assert cfg.passes_for(16) == 2  # 2 epochs x 2 passes x 2 batches = 8 >= 7 steps
@@ -54,11 +54,8 @@ def test_min_steps_repeats_a_small_training_set_within_each_epoch(tmp_path):
 
     seen = []
     real = mod.epoch_batches
-    mod.epoch_batches = lambda *a: seen.append(real(*a)) or seen[-1]
-    try:
-        res = train_baseline(cfg, data, tmp_path, lambda y, p: 0.0, progress=False)
-    finally:
-        mod.epoch_batches = real
+    monkeypatch.setattr(mod, "epoch_batches", lambda *a: seen.append(real(*a)) or seen[-1])
+    res = train_baseline(cfg, data, tmp_path, lambda y, p: 0.0, progress=False)
     assert len(res["history"]) == 2  # validation once per epoch
     assert [len(b) for b in seen] == [4, 4]  # 4 optimiser steps per epoch
     assert all(sorted(torch.cat(b).tolist()) == sorted(list(range(16)) * 2) for b in seen)  # every image twice
