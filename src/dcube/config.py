@@ -111,6 +111,7 @@ class ClassifierConfig:
     batch_size: int = 64
     lr: float = 1e-3
     cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
+    cnn_frozen_blocks: int = 0  # the sub-feature CNN's stem + first k blocks stay frozen; their output is cached once
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     ce_weight: float = 1.0
@@ -386,6 +387,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         v = getattr(getattr(cfg, sec), name)
         if not 0 <= v < 1:
             raise ConfigError(f"{key}: must lie in [0, 1), got {v}")
+    frozen_max = {"efficientnet-lite0": 11, "resnet18": 3, "none": 0}[cfg.classifier.subfeature]  # blocks / layers
+    if not 0 <= cfg.classifier.cnn_frozen_blocks <= frozen_max:
+        raise ConfigError(f"classifier.cnn_frozen_blocks: must lie in [0, {frozen_max}] for classifier.subfeature "
+                          f"{cfg.classifier.subfeature!r}, got {cfg.classifier.cnn_frozen_blocks}")
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
     return cfg

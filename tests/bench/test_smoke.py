@@ -18,7 +18,7 @@ STUDIES = {
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
     "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "labels10",
                    "--methods", "dcube", "dcube-unlabelled", "resnet18", "dcube-unlabelled-long", "resnet18-long"],
-    "speed": ["--parts", "step1-unet-28", "step2-epoch"],
+    "speed": ["--parts", "step1-unet-28", "step2-vs-step1"],
     "scaling": ["--procs", "1", "2", "--images", "32"],
     "rebalance": ["--seeds", "0"],
     "gpu": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "resnet18", "--device", "cpu"],

@@ -26,15 +26,17 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recalibrate_bn(module: nn.Module, batches) -> int:
     """Reset every batch norm's running statistics and re-estimate them as the plain average over
     `batches` (an iterable of argument tuples for ``module(*args)``); returns the number of
-    batch-norm layers. The module is left in eval mode with its momenta unchanged."""
-    bns = batch_norms(module)
+    batch-norm layers recomputed. Those the module keeps in eval mode in training (a frozen part)
+    are left as they are. The module is left in eval mode with its momenta unchanged."""
+    module.train()
+    bns = [m for m in batch_norms(module) if m.training]  # frozen parts stay in eval mode, statistics kept
     if not bns:
+        module.eval()
         return 0
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
-    module.train()
     for args in batches:
         module(*args)
     for m, mom in zip(bns, momenta):

@@ -53,6 +53,8 @@ class DCubeHead(nn.Module):
         fused_in = width
         if cfg.subfeature != "none":
             self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights)
+            # a fallback CNN (efficientnet packages missing) may have fewer units than were asked for
+            self.cnn.freeze(min(cfg.cnn_frozen_blocks, self.cnn.body.num_units))
             self.cnn_proj = nn.Conv2d(self.cnn.out_channels, width, 1)
             self.class_map = nn.Conv2d(self.cnn.out_channels, num_classes, 1)
             fused_in += width
@@ -69,9 +71,9 @@ class DCubeHead(nn.Module):
         shrink = x.shape[-1] > self.size or x.shape[-2] > self.size
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrink)
 
-    def class_scores(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    def class_scores(self, feats: list[torch.Tensor], image: torch.Tensor, frozen=None) -> torch.Tensor:
         """The per-class weights that enter the fused channel (N, num_classes), after `score_norm`."""
-        return self._fused(feats, image)[1]
+        return self._fused(feats, image, frozen)[1]
 
     def _mixed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """One map per layer: the layer's timesteps mixed by softmax(mix) (one timestep: as given)."""
@@ -81,14 +83,14 @@ class DCubeHead(nn.Module):
         normed = [n(x) for n, x in zip(self.norms_t, feats)]
         return [sum(w[i, k] * normed[i * T + k] for k in range(T)) for i in range(len(self.norms))]
 
-    def _fused(self, feats, image):
+    def _fused(self, feats, image, frozen=None):
         if self.mix is not None and len(feats) != len(self.norms) * self.timesteps:
             raise ValueError(f"expected {len(self.norms)} layers x {self.timesteps} timesteps = "
                              f"{len(self.norms) * self.timesteps} feature maps, got {len(feats)}")
         f = torch.cat([self._resize(n(x)) for n, x in zip(self.norms, self._mixed(feats))], dim=1)
         f = self.proj(f)
         if self.cnn is not None:
-            g = self._resize(self.cnn(image))
+            g = self._resize(self.cnn(image, frozen))
             score = self.class_map(g).sum(dim=(2, 3))  # global sum pooling -> per-class score
             f = torch.cat([f, self.cnn_proj(g)], dim=1)
         else:
@@ -97,8 +99,10 @@ class DCubeHead(nn.Module):
             score = score.softmax(dim=1)
         return f, score
 
-    def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-        f, score = self._fused(feats, image)
+    def forward(self, feats: list[torch.Tensor], image: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """`frozen`: the sub-feature CNN's frozen part's output for `image`, computed earlier
+        (``cnn.frozen_features``; classifier.cnn_frozen_blocks > 0): the same logits, faster."""
+        f, score = self._fused(feats, image, frozen)
         x = self.to_one(f)  # (N, 1, S, S)
         x = x + x * score[:, :, None, None]  # (N, C, S, S)
         return self.fc(self.stages(x))

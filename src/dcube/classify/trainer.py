@@ -32,6 +32,7 @@ from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 FEW_STEPS = 200  # fewer optimiser steps in a whole run than this: say so, and name classifier.min_steps
+FROZEN_CACHE_BYTES = 2 ** 31  # a split's frozen-CNN outputs are kept when they fit in this (float32), else recomputed
 
 
 @dataclass
@@ -51,6 +52,29 @@ def rows_of(maps: list[torch.Tensor], rows, device) -> list[torch.Tensor]:
     return [f[rows].to(device, torch.float32) for f in maps]
 
 
+class FrozenPart:
+    """The sub-feature CNN's frozen part's output for one split's images (classifier.cnn_frozen_blocks):
+    computed once and kept (on the CPU), or recomputed per batch when the split's would exceed
+    FROZEN_CACHE_BYTES. Either way no backward pass goes through it; `rows` is None without a frozen part."""
+
+    def __init__(self, head, images: torch.Tensor, device="cpu", batch_size: int = 256):
+        cnn = head.cnn if head.cnn is not None and head.cnn.frozen_blocks > 0 else None
+        self.cnn, self.images, self.device, self.cache = cnn, images, device, None
+        if cnn is None or not len(images):
+            return
+        per_image = cnn.frozen_features(images[:1].to(device)).numel() * 4
+        if per_image * len(images) <= FROZEN_CACHE_BYTES:
+            self.cache = torch.cat([cnn.frozen_features(images[s:s + batch_size].to(device)).cpu()
+                                    for s in range(0, len(images), batch_size)])
+
+    def rows(self, idx) -> torch.Tensor | None:
+        if self.cnn is None:
+            return None
+        if self.cache is not None:
+            return self.cache[idx].to(self.device)
+        return self.cnn.frozen_features(self.images[idx].to(self.device))
+
+
 def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, timesteps: int = 1) -> DCubeHead:
     """`timesteps`: each layer's maps come that many times in a row (features.timesteps), mixed by the head."""
     c, h = split.images.shape[1], split.images.shape[2]
@@ -58,9 +82,11 @@ def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, tim
 
 
 @torch.no_grad()
-def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu") -> torch.Tensor:
+def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu",
+            frozen: FrozenPart | None = None) -> torch.Tensor:
     """Class probabilities (N, C); deterministic (eval mode, fixed features). With several
-    processes each rank predicts every world-th batch and all get every row, in order."""
+    processes each rank predicts every world-th batch and all get every row, in order.
+    `frozen`: the split's cached frozen-CNN outputs (the same probabilities, faster)."""
     head.eval()
     n = len(split.labels)
     mine = dist.shard_indices(n, block=batch_size)
@@ -68,7 +94,8 @@ def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu") -> t
     for s in range(0, len(mine), batch_size):
         rows = mine[s:s + batch_size] if dist.world_size() > 1 else slice(s, s + batch_size)
         feats = rows_of(split.feats, rows, device)
-        out.append(head(feats, split.images[rows].to(device)).softmax(1).cpu())
+        fz = frozen.rows(rows) if frozen is not None else None
+        out.append(head(feats, split.images[rows].to(device), fz).softmax(1).cpu())
     probs = torch.cat(out) if out else torch.empty(0, head.num_classes)
     return dist.gather_ordered(probs, n, block=batch_size)
 
@@ -85,13 +112,15 @@ def micro_batches(n: int, accum: int = 1) -> tuple[list, list | None]:
     return shares[dist.rank()], [c for share in shares for c in share]
 
 
-def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="cpu"):
-    """(feature maps, images) batches of a fixed seeded sample of k training rows."""
+def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="cpu",
+               frozen: FrozenPart | None = None):
+    """(feature maps, images, frozen-CNN outputs or None) batches of a fixed seeded sample of k training rows."""
     rows = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:k]
     for s in range(0, len(rows), batch_size):
         r = rows[s:s + batch_size]
         if len(r) >= 2:
-            yield rows_of(split.feats, r, device), split.images[r].to(device)
+            yield rows_of(split.feats, r, device), split.images[r].to(device), \
+                frozen.rows(r) if frozen is not None else None
 
 
 def gradient_ratio(module: torch.nn.Module, ce: torch.Tensor, other: torch.Tensor) -> float:
@@ -164,6 +193,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         if main:
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
+    # the frozen part of the sub-feature CNN (classifier.cnn_frozen_blocks): its outputs once per split
+    fz_train, fz_val = FrozenPart(head, train.images, device), FrozenPart(head, val.images, device)
+    fz_flip = FrozenPart(head, train.images.flip(-1), device) if use_cons or use_flip else None
     n = len(train.labels)
     passes = passes_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
     total = cfg.epochs * passes * -(-n // cfg.batch_size)
@@ -208,6 +240,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 feats = rows_of(train.feats, bidx, device)
                 other = rows_of(train.feats_flipped, bidx[:lf], device) if use_cons and lf else None
                 x_other = x[:lf].flip(-1)
+                fz = fz_train.rows(bidx)  # None without a frozen CNN part
+                fz_other = fz_flip.rows(bidx[:lf]) if fz is not None and other is not None else None
                 if fl is not None:  # flipped rows swap their two views
                     m = fl.to(device)[:, None, None, None]
                     fflip = rows_of(train.feats_flipped, bidx, device)
@@ -215,11 +249,16 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
                     x_other = torch.where(m[:lf], x[:lf], x_other)
                     x = torch.where(m, x.flip(-1), x)
+                    if fz is not None:
+                        fzf = fz_flip.rows(bidx)
+                        fz_other = torch.where(m[:lf], fz[:lf], fzf[:lf]) if other is not None else None
+                        fz = torch.where(m, fzf, fz)
                 with amp.autocast():
-                    logits = net([memory_format(f, compute) for f in feats], memory_format(x, compute))
+                    logits = net([memory_format(f, compute) for f in feats], memory_format(x, compute), fz)
                     logits_f = None
                     if other is not None:
-                        logits_f = net([memory_format(f, compute) for f in other], memory_format(x_other, compute))
+                        logits_f = net([memory_format(f, compute) for f in other], memory_format(x_other, compute),
+                                       fz_other)
                 logits = logits.float()
                 ce = F.cross_entropy(logits, y, weight=weight)
                 loss = cfg.ce_weight * ce
@@ -260,8 +299,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 sums["consistency"] += con_s
         nb = max(1, len(batches))
         if cfg.bn_recalibration > 0:  # statistics of the EMA weights themselves (dcube.classify.bn)
-            recalibrate_bn(ema.module, bn_batches(train, cfg.bn_recalibration, cfg.batch_size, seed, device))
-        probs = predict(ema.module, val, device=device)
+            recalibrate_bn(ema.module, bn_batches(train, cfg.bn_recalibration, cfg.batch_size, seed, device, fz_train))
+        probs = predict(ema.module, val, device=device, frozen=fz_val)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
