@@ -253,7 +253,7 @@ def table() -> str:
              "same against `bench.accuracy`'s ResNet-18 (3 seeds, 30 epochs), AUC and accuracy; *cycle grad / CE "
              "grad*: median over epochs of the ratio of the weighted cycle term's gradient norm to the weighted "
              "cross-entropy's on the head's parameters (first batch of each epoch); *step-2 s*: wall seconds of "
-             "step 2 with its feature extraction and posterior (one thread; two jobs share the 2 cores). Defaults "
+             "step 2 with its feature extraction and posterior (one thread; other jobs shared the 2 cores for some runs, so it is a rough cost). Defaults "
              "are chosen on the validation column only.\n",
              "| variant | seeds | val AUC | val AUC minus `new`'s (paired, same seeds) | test ACC | test AUC | "
              "test AUC 95 % CI | vs probe: ΔAUC [95 % CI], p | vs ResNet-18: ΔAUC, p; ΔACC, p | cycle grad / CE grad | "
