@@ -238,20 +238,24 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 fl = None if flip is None else (flip if rows is None else flip[rows])
                 x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
                 feats = rows_of(train.feats, bidx, device)
-                other = rows_of(train.feats_flipped, bidx[:lf], device) if use_cons and lf else None
-                x_other = x[:lf].flip(-1)
                 fz = fz_train.rows(bidx)  # None without a frozen CNN part
-                fz_other = fz_flip.rows(bidx[:lf]) if fz is not None and other is not None else None
-                if fl is not None:  # flipped rows swap their two views
+                cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
+                fz_other = None
+                if fl is None:
+                    other = rows_of(train.feats_flipped, bidx[:lf], device) if cons else None
+                    x_other = x[:lf].flip(-1)
+                    if fz is not None and cons:
+                        fz_other = fz_flip.rows(bidx[:lf])
+                else:  # flipped rows swap their two views
                     m = fl.to(device)[:, None, None, None]
                     fflip = rows_of(train.feats_flipped, bidx, device)
-                    other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if use_cons and lf else None
+                    other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if cons else None
                     feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
-                    x_other = torch.where(m[:lf], x[:lf], x_other)
+                    x_other = torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
                     x = torch.where(m, x.flip(-1), x)
                     if fz is not None:
                         fzf = fz_flip.rows(bidx)
-                        fz_other = torch.where(m[:lf], fz[:lf], fzf[:lf]) if other is not None else None
+                        fz_other = torch.where(m[:lf], fz[:lf], fzf[:lf]) if cons else None
                         fz = torch.where(m, fzf, fz)
                 with amp.autocast():
                     logits = net([memory_format(f, compute) for f in feats], memory_format(x, compute), fz)
