@@ -26,6 +26,7 @@ import time
 from functools import partial
 
 from bench.accuracy import SCHEDULES, data_path
+from bench.step2 import LEAN
 from bench.common import SMOKE, load_results, machine, peak_rss_mb, run_study
 
 STUDY = "speed"
@@ -101,7 +102,16 @@ def extraction(size: int = 28) -> dict:
 
 
 STEP2_EPOCHS = 2 if SMOKE else 3  # timed step-2 runs: epochs 2.. are the steady state, the first pays one-offs
-FROZEN = (0, 6, 11)  # classifier.cnn_frozen_blocks measured (0: the whole CNN fine-tuned, dcube <= 0.2)
+V01 = {"score_norm": "softmax", "fuse_size": 8, "flip_augment": False, "cycle_form": "soft", "cycle_weight": 0.1}
+STEP2_ROWS = {  # key -> (label, classifier overrides of the accuracy study's BreastMNIST settings)
+    "frozen0": ("sub-feature CNN fine-tuned whole (`cnn_frozen_blocks: 0`, the default)", {"cnn_frozen_blocks": 0}),
+    "frozen6": ("stem + blocks 0-5 frozen and cached (`cnn_frozen_blocks: 6`)", {"cnn_frozen_blocks": 6}),
+    "frozen11": ("the CNN frozen, its sub-features cached (`cnn_frozen_blocks: 11`)", {"cnn_frozen_blocks": 11}),
+    "lean": ("8 cycle + 16 flip-consistency images per step, BN recalibration on 256 (`bench.step2` lean)", LEAN),
+    "in32": ("EfficientNet at 32 px instead of 64 (`classifier.cnn_input_size: 32`)", {"cnn_input_size": 32}),
+    "fast": ("both: EfficientNet at 32 px and the lean batches (`bench.step2` fast)", {**LEAN, "cnn_input_size": 32}),
+    "v01": ("dcube 0.1's step 2 (softmax scores, fuse 8, no flips, soft cycle x0.1)", V01),
+}
 
 
 def _step1_epoch(data) -> float:
@@ -141,8 +151,7 @@ def step2_epoch() -> dict:
     train = FeatureSplit([feats[n] for n in names], data.train.images, data.train.labels, [flipped[n] for n in names])
     vsplit = FeatureSplit([val[n] for n in names], data.val.images, data.val.labels)
     score = lambda y, p: (0.0, 0.0)  # noqa: E731  (timing only)
-    v01 = {"score_norm": "softmax", "fuse_size": 8, "flip_augment": False, "cycle_form": "soft", "cycle_weight": 0.1}
-    runs = [("warm-up", v01), *((f"frozen{k}", {"cnn_frozen_blocks": k}) for k in FROZEN), ("v01", v01)]
+    runs = [("warm-up", V01), *((k, over) for k, (_, over) in STEP2_ROWS.items())]
     epoch_s, oneoff_s = {}, {}
     for name, over in runs:
         cc = ClassifierConfig(**{**SCHEDULES["breastmnist"]["classifier"], **over})
@@ -193,11 +202,7 @@ def table() -> str:
                   f"and val). Peak RSS {s['peak_rss_mb']:.0f} MB.\n",
                   "| step 2 | seconds per epoch | / step-1 epoch | once per run (s) |", "|---|---|---|---|",
                   f"| step 1 (reference) | {one:.1f} | 1.00 | - |"]
-        labels = {"frozen0": "sub-feature CNN fine-tuned whole (`cnn_frozen_blocks: 0`, the default)",
-                  "frozen6": "stem + blocks 0-5 frozen and cached (`cnn_frozen_blocks: 6`)",
-                  "frozen11": "the CNN frozen, its sub-features cached (`cnn_frozen_blocks: 11`)",
-                  "v01": "dcube 0.1's step 2 (softmax scores, fuse 8, no flips, soft cycle x0.1)"}
-        for k, label in labels.items():
+        for k, (label, _) in STEP2_ROWS.items():
             if k in e:
                 lines.append(f"| {label} | {e[k]:.1f} | {e[k] / one:.2f} | {o[k]:.1f} |")
         lines.append(f"| features recomputed every epoch (the published code), fine-tuned CNN | "

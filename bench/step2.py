@@ -35,6 +35,9 @@ V01 = {"features": {"select": "ks"},
                       "cycle_weight": 0.1}}
 
 
+LEAN = {"cycle_batch": 8, "consistency_batch": 16, "bn_recalibration": 256}
+
+
 def _with(**sections) -> dict:
     return {s: {**NEW.get(s, {}), **sections.get(s, {})} for s in ("features", "classifier")}
 
@@ -62,6 +65,14 @@ VARIANTS = {  # key -> (label, features + classifier overrides)
                     _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "cnn_frozen_blocks": 6})),
     "cnn_frozen11": ("new, the soft cycle loss x10, EfficientNet frozen (all 11 blocks cached)",
                      _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "cnn_frozen_blocks": 11})),
+    # issue 12 item 6, the other levers (bench.speed): fewer images per step through the frozen denoiser and
+    # the flipped view, fewer BN-recalibration images, a smaller EfficientNet working size (64 -> 32 px)
+    "lean": ("new, the soft cycle loss x10, 8 cycle + 16 flip-consistency images per step, BN recalibration "
+             "on 256", _with(classifier={**LEAN, "cycle_form": "soft", "cycle_weight": 10.0})),
+    "cnn_in32": ("new, the soft cycle loss x10, EfficientNet at 32 px (28 px images upsampled to 32, not 64)",
+                 _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "cnn_input_size": 32})),
+    "fast": ("new, the soft cycle loss x10, both: EfficientNet at 32 px and the lean batches",
+             _with(classifier={**LEAN, "cycle_form": "soft", "cycle_weight": 10.0, "cnn_input_size": 32})),
 }
 
 
@@ -182,11 +193,12 @@ FACTORS = {
     "BN recalibration": ["new", "bn_off"],
     "step-2 length": ["cyc_soft10", "steps_long"],
     "sub-feature CNN frozen (speed)": ["cyc_soft10", "cnn_frozen6", "cnn_frozen11"],
+    "step-2 batches and CNN size (speed)": ["cyc_soft10", "lean", "cnn_in32", "fast"],
 }
 # parts that only make step 2 cheaper: an option replaces the reference when it loses no validation AUC, i.e.
 # its paired seed-mean validation ΔAUC is >= -SPEED_MARGIN (fixed before any of these runs); the last such
 # option (the parts list them slowest first) is chosen
-SPEED_FACTORS = {"sub-feature CNN frozen (speed)"}
+SPEED_FACTORS = {"sub-feature CNN frozen (speed)", "step-2 batches and CNN size (speed)"}
 SPEED_MARGIN = 0.01
 
 

@@ -112,6 +112,7 @@ class ClassifierConfig:
     lr: float = 1e-3
     cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
     cnn_frozen_blocks: int = 0  # the sub-feature CNN's stem + first k blocks stay frozen; their output is cached once
+    cnn_input_size: int = 64  # efficientnet-lite0: smaller images are upsampled to this size first (its cost ~ size^2)
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     ce_weight: float = 1.0
@@ -388,6 +389,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not 0 <= v < 1:
             raise ConfigError(f"{key}: must lie in [0, 1), got {v}")
     frozen_max = {"efficientnet-lite0": 11, "resnet18": 3, "none": 0}[cfg.classifier.subfeature]  # blocks / layers
+    if not isinstance(cfg.classifier.cnn_input_size, int) or not 16 <= cfg.classifier.cnn_input_size <= 512:
+        raise ConfigError(f"classifier.cnn_input_size: must be an integer in [16, 512], got "
+                          f"{cfg.classifier.cnn_input_size!r}")
     if not 0 <= cfg.classifier.cnn_frozen_blocks <= frozen_max:
         raise ConfigError(f"classifier.cnn_frozen_blocks: must lie in [0, {frozen_max}] for classifier.subfeature "
                           f"{cfg.classifier.subfeature!r}, got {cfg.classifier.cnn_frozen_blocks}")

@@ -52,7 +52,8 @@ class DCubeHead(nn.Module):
         self.cnn = None
         fused_in = width
         if cfg.subfeature != "none":
-            self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights)
+            self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights,
+                                            min_input_size=cfg.cnn_input_size)
             # a fallback CNN (efficientnet packages missing) may have fewer units than were asked for
             self.cnn.freeze(min(cfg.cnn_frozen_blocks, self.cnn.body.num_units))
             self.cnn_proj = nn.Conv2d(self.cnn.out_channels, width, 1)
