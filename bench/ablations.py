@@ -59,7 +59,8 @@ def step1_dir(dataset: str, step1: str, seed: int):
     from dcube.pipeline import DCube
 
     d = RESULTS / STUDY / "runs" / f"{dataset}-step1-{step1}-s{seed}"
-    DCube(from_dict(_base(dataset, seed, d, step1))).train_diffusion()
+    with DCube(from_dict(_base(dataset, seed, d, step1))) as r:  # releases the run-dir lock for other jobs
+        r.train_diffusion()
     return d
 
 

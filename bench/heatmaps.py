@@ -123,10 +123,14 @@ def measure(run_dir: str, n: int) -> dict:
 
     methods = {"Grad-CAM head.stages.2 (predict's)": gradcam("head.stages.2"),
                "Grad-CAM head.stages.0": gradcam("head.stages.0"),
+               "Grad-CAM head.proj (the diffusion features)": gradcam("head.proj"),
                "HiResCAM head.stages.2": hirescam("head.stages.2"),
                "HiResCAM head.to_one": hirescam("head.to_one"),
                "occlusion (MONAI)": occlusion,
                "diffusion evidence map": lambda x, c: pred.diffusion_map(x, raw_i)}
+    if pred.head.mix is None:  # each diffusion layer's map at its own resolution, before the fusion resizes it
+        for i, name in enumerate(pred.layers):
+            methods[f"Grad-CAM head.norms.{i} (diffusion layer {name})"] = gradcam(f"head.norms.{i}")
     lc = pred.cfg.latent
     for noises in NOISE_VARIANTS:  # the same map averaged over more noise draws (latent.errormap_noises)
         if noises != lc.errormap_noises:

@@ -118,3 +118,23 @@ def test_plain_classifier(name):
         assert m.eval()(torch.rand(2, 1, 16, 16) * 2 - 1).shape == (2, 3)
     with pytest.raises(ValueError, match="num_classes"):
         build_plain_classifier(name, 1, 1, 16)
+
+
+@pytest.mark.parametrize("size,work,out", [(32, 32, 2), (64, 64, 4), (96, 96, 6)])
+def test_head_cnn_input_size(size, work, out):
+    """classifier.cnn_input_size sets the EfficientNet working size of the D-Cube head's sub-feature CNN."""
+    from dcube.classify.head import DCubeHead
+    from dcube.config import ClassifierConfig
+
+    head = DCubeHead([4], 2, 1, 28, ClassifierConfig(fuse_size=4, cnn_input_size=size))
+    assert head.cnn.work_size == work and head.cnn.out_size == out
+    with torch.no_grad():
+        assert head.cnn.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 112, out, out)
+
+
+@pytest.mark.parametrize("bad", [8, 1024, "64"])
+def test_cnn_input_size_refused(bad):
+    from dcube.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="classifier.cnn_input_size"):
+        from_dict({"classifier": {"cnn_input_size": bad}})
