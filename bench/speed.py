@@ -26,8 +26,8 @@ import time
 from functools import partial
 
 from bench.accuracy import SCHEDULES, data_path
-from bench.step2 import LEAN
 from bench.common import SMOKE, load_results, machine, peak_rss_mb, run_study
+from bench.step2 import LEAN
 
 STUDY = "speed"
 STEPS = 3 if SMOKE else 12  # timed optimiser steps (after one warm-up step)

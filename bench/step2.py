@@ -65,11 +65,11 @@ VARIANTS = {  # key -> (label, features + classifier overrides)
                     _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "cnn_frozen_blocks": 6})),
     "cnn_frozen11": ("new, the soft cycle loss x10, EfficientNet frozen (all 11 blocks cached)",
                      _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0, "cnn_frozen_blocks": 11})),
-    # issue 12 item 6, the other levers (bench.speed): fewer images per step through the frozen denoiser and
-    # the flipped view, fewer BN-recalibration images, a smaller EfficientNet working size (64 -> 32 px)
     # the reference (today's default) trained again on today's code: how far the stored reference has drifted
     "ref_now": ("new, the soft cycle loss x10 (the paper's weight), trained again on today's code",
                 _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0})),
+    # issue 12 item 6, the other levers (bench.speed): fewer images per step through the frozen denoiser and
+    # the flipped view, fewer BN-recalibration images, a smaller EfficientNet working size (64 -> 32 px)
     "lean": ("new, the soft cycle loss x10, 8 cycle + 16 flip-consistency images per step, BN recalibration "
              "on 256", _with(classifier={**LEAN, "cycle_form": "soft", "cycle_weight": 10.0})),
     "cnn_in32": ("new, the soft cycle loss x10, EfficientNet at 32 px (28 px images upsampled to 32, not 64)",
