@@ -2,7 +2,10 @@
 
 The reference numbers in ``orchestrator_reference.json`` were written by the code before the two
 orchestrators were merged (commit 260e7a1, ``pipeline.Run`` and ``latent.run.LatentRun`` each with
-its own run directory, caches and resume), by this file's ``capture`` function::
+its own run directory, caches and resume), by this file's ``capture`` function. The D-Cube part was
+written again at 3edccc9 with the CPU kernels pinned (``PINNED``): on an AVX-512 machine the unpinned
+micro step 2 differed from the capturing machine's by up to 0.03, and the code at 678b229, which had
+matched 260e7a1 there, differed in the same way. Capture::
 
     PYTHONPATH=src .venv/bin/python tests/pipeline/test_orchestrator.py --capture
 
@@ -59,16 +62,39 @@ def _folder(root: Path) -> Path:
     return root
 
 
-def _outputs(data: Path, tmp: Path) -> dict:
-    """The final numbers of a micro D-Cube run and a micro latent run, through the command line."""
+# The D-Cube micro run's step 2 comes out up to 0.03 apart on CPUs with other vector units (AVX-512 against
+# the capturing machine), so it runs in a child process with the CPU kernels pinned to one portable path:
+# ATen's scalar kernels, oneDNN at SSE4.1, MKL in its reproducible mode. The latent numbers need no pinning.
+PINNED = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE",
+          "OMP_NUM_THREADS": "1"}
+
+
+def _dcube_outputs(data: Path, tmp: Path) -> dict:
     from dcube.cli import main
 
     run = tmp / "dcube"
     assert main(["run"] + _dcube_argv(data, run)) == 0
     m = json.loads((run / "metrics.json").read_text())
-    return {"dcube": {"test_probs": m["test_probs"], "val_probs": m["val_probs"], "layers": m["layers"],
-                      "best_epoch": m["best_epoch"]["epoch"], "temperature": m["calibration"]["temperature"]},
-            "latent": _latent_outputs(tmp)}
+    return {"test_probs": m["test_probs"], "val_probs": m["val_probs"], "layers": m["layers"],
+            "best_epoch": m["best_epoch"]["epoch"], "temperature": m["calibration"]["temperature"]}
+
+
+def _dcube_pinned(data: Path, tmp: Path) -> dict:
+    import os
+    import subprocess
+
+    out = tmp / "dcube.json"
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, **PINNED, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "--dcube-outputs", str(data), str(tmp), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _outputs(data: Path, tmp: Path) -> dict:
+    """The final numbers of a micro D-Cube run and a micro latent run, through the command line."""
+    return {"dcube": _dcube_pinned(data, tmp), "latent": _latent_outputs(tmp)}
 
 
 def _latent_outputs(tmp: Path, extra: tuple = ()) -> dict:
@@ -155,5 +181,7 @@ def capture(data: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--capture"]:
+    if sys.argv[1:2] == ["--dcube-outputs"]:
+        Path(sys.argv[4]).write_text(json.dumps(_dcube_outputs(Path(sys.argv[2]), Path(sys.argv[3]))))
+    elif sys.argv[1:] == ["--capture"]:
         capture(Path(__file__).resolve().parents[2].parent / "shared" / "data")

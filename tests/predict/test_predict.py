@@ -67,7 +67,11 @@ def test_predict_reads_every_real_dicom(trained, shared_data, capsys):
                "--out", str(d / "one")])
     one = json.loads((d / "one" / "predictions.json").read_text())["predictions"]
     assert rc == 0 and [r["frame"] for r in one] == [3]
-    assert one[0]["raw_prob_" + out["class_names"][1]] == pytest.approx(multi[3]["raw_prob_" + out["class_names"][1]])
+    # frame 3 alone = frame 3 of the whole file, up to the batch-size-dependent rounding of the CPU's
+    # kernels (8e-7 on an AVX-512 machine), and nearer to it than to any other frame
+    key = "raw_prob_" + out["class_names"][1]
+    gaps = [abs(one[0][key] - r[key]) for r in multi]
+    assert gaps[3] < 1e-5 and gaps[3] == min(gaps)
 
 
 def test_nifti_volumes_are_predicted_slice_by_slice_like_the_same_pngs(trained, tmp_path):
