@@ -111,19 +111,28 @@ STEP2_ROWS = {  # key -> (label, classifier overrides of the accuracy study's Br
     "in32": ("EfficientNet at 32 px instead of 64 (`classifier.cnn_input_size: 32`)", {"cnn_input_size": 32}),
     "fast": ("both: EfficientNet at 32 px and the lean batches (`bench.step2` fast)", {**LEAN, "cnn_input_size": 32}),
     "v01": ("dcube 0.1's step 2 (softmax scores, fuse 8, no flips, soft cycle x0.1)", V01),
+    # "_": what is not a ClassifierConfig key. The default measures the cycle term's gradient share on the first
+    # batch of epochs 1, 2, 4, 8, ... and the last, so all 3 timed epochs here pay it, and 10 of 15 in BreastMNIST do not
+    "frozen0_noratio": ("the default, an epoch that does not measure the cycle term's gradient share",
+                        {"_no_ratio": True}),
+    "cl": ("the default in channels-last memory format (`compute.channels_last: true`)", {"_channels_last": True}),
+    "cl_noratio": ("channels-last, an epoch that does not measure the gradient share",
+                   {"_channels_last": True, "_no_ratio": True}),
 }
+RATIO_EPOCHS = 15  # the accuracy study's BreastMNIST step 2: its epochs 1, 2, 4, 8, 15 measure the gradient share
 
 
-def _step1_epoch(data) -> float:
+def _step1_epoch(data, channels_last: bool = False) -> float:
     """Seconds of one step-1 epoch on these training images (dcube's defaults: unet `tiny`, batch 64,
     contrastive), the steady state of a 3-epoch run (its first epoch pays one-off costs)."""
-    from dcube.config import DiffusionConfig
+    from dcube.config import ComputeConfig, DiffusionConfig
     from dcube.diffusion.trainer import train_diffusion
 
     stamps = []
     with tempfile.TemporaryDirectory() as d:
         cfg = DiffusionConfig(preset="micro" if SMOKE else "tiny", epochs=3, sample_grid=False)
-        train_diffusion(cfg, data.train.images, data.train.labels, 2, d, on_step=lambda s: stamps.append(time.perf_counter()))
+        train_diffusion(cfg, data.train.images, data.train.labels, 2, d, compute=ComputeConfig(channels_last=channels_last),
+                        on_step=lambda s: stamps.append(time.perf_counter()))
     per = len(stamps) // 3
     return (stamps[-1] - stamps[per - 1]) / 2
 
@@ -132,8 +141,9 @@ def step2_epoch() -> dict:
     """A step-2 epoch on BreastMNIST against a step-1 epoch on the same images (issue 12 item 6), for
     today's default, the frozen sub-feature CNN options and dcube 0.1's step 2; and the extraction that
     recomputing the features every epoch (the published code) would add."""
+    from dcube.classify import trainer
     from dcube.classify.trainer import FeatureSplit, train_classifier
-    from dcube.config import ClassifierConfig, DiffusionConfig, FeatureConfig
+    from dcube.config import ClassifierConfig, ComputeConfig, DiffusionConfig, FeatureConfig
     from dcube.diffusion import build_denoiser
     from dcube.diffusion.schedule import ddpm_scheduler
     from dcube.features import extract
@@ -151,21 +161,27 @@ def step2_epoch() -> dict:
     train = FeatureSplit([feats[n] for n in names], data.train.images, data.train.labels, [flipped[n] for n in names])
     vsplit = FeatureSplit([val[n] for n in names], data.val.images, data.val.labels)
     score = lambda y, p: (0.0, 0.0)  # noqa: E731  (timing only)
-    keys = ("frozen0", "frozen6", "fast") if SMOKE else tuple(STEP2_ROWS)  # the smoke test: a frozen and a lean row
+    keys = ("frozen0", "frozen6", "fast", "cl_noratio") if SMOKE else tuple(STEP2_ROWS)  # smoke: a few rows
     runs = [("warm-up", V01), *((k, STEP2_ROWS[k][1]) for k in keys)]
     epoch_s, oneoff_s = {}, {}
+    measured = trainer.ratio_epoch
     for name, over in runs:
-        cc = ClassifierConfig(**{**SCHEDULES["breastmnist"]["classifier"], **over})
+        cc = ClassifierConfig(**{**SCHEDULES["breastmnist"]["classifier"],
+                                 **{k: v for k, v in over.items() if not k.startswith("_")}})
         cc.epochs = STEP2_EPOCHS
+        trainer.ratio_epoch = (lambda epoch, epochs: False) if over.get("_no_ratio") else measured
         stamps = []
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             train_classifier(cc, train, vsplit, data.class_names, d, score, denoiser=model,
-                             scheduler=ddpm_scheduler(dcfg), device="cpu", on_epoch=lambda e: stamps.append(time.perf_counter()))
+                             scheduler=ddpm_scheduler(dcfg), device="cpu",
+                             compute=ComputeConfig(channels_last=bool(over.get("_channels_last"))),
+                             on_epoch=lambda e: stamps.append(time.perf_counter()))
         epoch_s[name] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         oneoff_s[name] = stamps[0] - t0 - epoch_s[name]
     return {"train_images": len(data.train), "val_images": len(data.val), "layers": names, "extract_s": t_extract,
-            "step1_epoch_s": _step1_epoch(data), "step2_epoch_s": epoch_s, "step2_oneoff_s": oneoff_s,
+            "step1_epoch_s": _step1_epoch(data), "step1_epoch_cl_s": _step1_epoch(data, channels_last=True),
+            "step2_epoch_s": epoch_s, "step2_oneoff_s": oneoff_s,
             "timed_epochs": STEP2_EPOCHS}
 
 
@@ -208,6 +224,20 @@ def table() -> str:
                 lines.append(f"| {label} | {e[k]:.1f} | {e[k] / one:.2f} | {o[k]:.1f} |")
         lines.append(f"| features recomputed every epoch (the published code), fine-tuned CNN | "
                      f"{e['frozen0'] + s['extract_s']:.1f} | {(e['frozen0'] + s['extract_s']) / one:.2f} | - |")
+        if "step1_epoch_cl_s" in s:
+            lines.append(f"| step 1 in channels-last memory format | {s['step1_epoch_cl_s']:.1f} | "
+                         f"{s['step1_epoch_cl_s'] / one:.2f} | - |")
+        from dcube.classify.trainer import ratio_epoch
+
+        k = sum(ratio_epoch(i, RATIO_EPOCHS) for i in range(RATIO_EPOCHS))
+        avg = {a: (k * e[a] + (RATIO_EPOCHS - k) * e[b]) / RATIO_EPOCHS
+               for a, b in (("frozen0", "frozen0_noratio"), ("cl", "cl_noratio")) if a in e and b in e}
+        if avg:
+            lines += ["", f"Over a {RATIO_EPOCHS}-epoch BreastMNIST step 2, whose epochs 1, 2, 4, 8 and {RATIO_EPOCHS} "
+                      f"({k} of {RATIO_EPOCHS}) measure the cycle term's gradient share (before 2026-12-02: every "
+                      "epoch), an epoch costs on average: " + "; ".join(
+                          f"{'channels-last' if a == 'cl' else 'the default'} {v:.1f} s ({v / one:.2f} step-1 epochs)"
+                          for a, v in avg.items()) + "."]
     acc = [r for r in load_results("accuracy") if r.get("dataset") == "pneumoniamnist" and r.get("method") == "D-Cube"]
     if acc:
         lines += ["", "Whole PneumoniaMNIST pipeline (accuracy study, shortened schedule): "

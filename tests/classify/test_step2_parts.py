@@ -107,3 +107,42 @@ def test_flip_augmentation_uses_the_flipped_features(tmp_path, consistency):
         assert torch.allclose(pc, torch.cat([p.flatten() for p in d.parameters()]))  # ...only with flips on
     with pytest.raises(ValueError, match="flip_augment"):
         train_classifier(base, no_flip, val, ["a", "b"], tmp_path / "e", _score)
+
+
+def _posterior_run(tmp_path, epochs, monkeypatch=None, every=False, channels_last=False):
+    import dcube.classify.trainer as trainer
+    from dcube.config import ComputeConfig
+
+    protos, train = _data()
+    _, val = _data(24, 1)
+    train.posterior = torch.stack([1 - train.labels.float(), train.labels.float()], 1) * 0.8 + 0.1
+    if every:
+        monkeypatch.setattr(trainer, "ratio_epoch", lambda epoch, epochs: True)
+    cfg = ClassifierConfig(subfeature="none", fuse_size=4, epochs=epochs, batch_size=16, cycle_weight=1.0,
+                           cycle_form="posterior", consistency_weight=0.1)
+    head, _ = train_classifier(cfg, train, val, ["a", "b"], tmp_path, _score,
+                               compute=ComputeConfig(channels_last=channels_last))
+    return head, val, read_json(tmp_path / "history.json")["history"]
+
+
+def test_gradient_share_is_measured_on_a_sparse_schedule_and_changes_no_weight(tmp_path, monkeypatch):
+    from dcube.classify.trainer import ratio_epoch
+
+    assert [e + 1 for e in range(12) if ratio_epoch(e, 12)] == [1, 2, 4, 8, 12]
+    head, _, rows = _posterior_run(tmp_path / "sparse", 6)
+    assert [r["epoch"] for r in rows if "cycle_grad_ratio" in r] == [1, 2, 4, 6]
+    head_every, _, rows_every = _posterior_run(tmp_path / "every", 6, monkeypatch, every=True)
+    assert all("cycle_grad_ratio" in r for r in rows_every)
+    assert [r["val_auc"] for r in rows] == [r["val_auc"] for r in rows_every]
+    for (k, a), b in zip(head.state_dict().items(), head_every.state_dict().values()):
+        assert torch.equal(a, b), k  # the two extra backward passes touch no weight
+
+
+def test_channels_last_step2_is_the_same_arithmetic_and_returns_a_plain_head(tmp_path):
+    from dcube.classify.trainer import predict
+
+    head, val, _ = _posterior_run(tmp_path / "plain", 2)
+    head_cl, _, _ = _posterior_run(tmp_path / "cl", 2, channels_last=True)
+    convs = [m.weight for m in head_cl.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous() for w in convs)  # evaluated as `dcube predict` loads it
+    assert torch.allclose(predict(head, val), predict(head_cl, val), atol=1e-4)
