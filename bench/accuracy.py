@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.baselines import run_baseline
 from bench.common import (RESULTS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
                           shared_data, shrink, smoke_epochs)
+from dcube.config import ClassifierConfig
 
 STUDY = "accuracy"
 SCHEDULES = {  # per dataset: overrides of the dcube defaults
@@ -79,6 +80,15 @@ def _schedule(r: dict) -> str:
     return "C on validation from " + ", ".join(str(c) for c in s["C_grid"])
 
 
+def _cycle_note(dcube_runs: list[dict]) -> str:
+    """Which cycle-loss weight the D-Cube rows ran, read from their stored configs."""
+    weights = sorted({r["config"]["classifier"]["cycle_weight"] for r in dcube_runs if "config" in r})
+    if not weights:
+        return ""
+    return (f" The D-Cube rows ran classifier.cycle_weight = {', '.join(f'{w:g}' for w in weights)}"
+            f" (the default today: {ClassifierConfig().cycle_weight:g}).")
+
+
 def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Accuracy on MedMNIST (28 px, official splits)\n",
@@ -107,8 +117,8 @@ def table() -> str:
         lines.append("\nCIs and paired tests need the per-image test probabilities, which runs made before "
                      "2026-12-01 did not store (\"-\"); the paired test is a stratified bootstrap over the same test "
                      "images of the seed-mean difference, and \"beats\" needs p < 0.05. The D-Cube rows dated before "
-                     "2026-12-01 ran dcube 0.1's defaults (pooled KS, softmax scores, fuse 8, cycle x0.1); today's "
-                     "defaults on BreastMNIST are the step-2 study's \"soft cycle loss x10\" row.")
+                     "2026-12-01 ran dcube 0.1's defaults (pooled KS, softmax scores, fuse 8, cycle x0.1)."
+                     + _cycle_note(dc))
         dc = [r for r in runs if r["method"] == "D-Cube"]
         if dc:
             lines += ["", gap_line(ds, dc)]

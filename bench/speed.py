@@ -104,20 +104,20 @@ def extraction(size: int = 28) -> dict:
 STEP2_EPOCHS = 2 if SMOKE else 3  # timed step-2 runs: epochs 2.. are the steady state, the first pays one-offs
 V01 = {"score_norm": "softmax", "fuse_size": 8, "flip_augment": False, "cycle_form": "soft", "cycle_weight": 0.1}
 STEP2_ROWS = {  # key -> (label, classifier overrides of the accuracy study's BreastMNIST settings)
-    "frozen0": ("sub-feature CNN fine-tuned whole (`cnn_frozen_blocks: 0`, the default)", {"cnn_frozen_blocks": 0}),
+    "frozen0": ("the default: no cycle loss (since 2026-12-03), sub-feature CNN fine-tuned whole "
+                "(`cnn_frozen_blocks: 0`)", {}),
+    "cl": ("the default in channels-last memory format (`compute.channels_last: true`)", {"_channels_last": True}),
     "frozen6": ("stem + blocks 0-5 frozen and cached (`cnn_frozen_blocks: 6`)", {"cnn_frozen_blocks": 6}),
     "frozen11": ("the CNN frozen, its sub-features cached (`cnn_frozen_blocks: 11`)", {"cnn_frozen_blocks": 11}),
     "lean": ("8 cycle + 16 flip-consistency images per step, BN recalibration on 256 (`bench.step2` lean)", LEAN),
     "in32": ("EfficientNet at 32 px instead of 64 (`classifier.cnn_input_size: 32`)", {"cnn_input_size": 32}),
     "fast": ("both: EfficientNet at 32 px and the lean batches (`bench.step2` fast)", {**LEAN, "cnn_input_size": 32}),
     "v01": ("dcube 0.1's step 2 (softmax scores, fuse 8, no flips, soft cycle x0.1)", V01),
-    # "_": what is not a ClassifierConfig key. The default measures the cycle term's gradient share on the first
-    # batch of epochs 1, 2, 4, 8, ... and the last, so all 3 timed epochs here pay it, and 10 of 15 in BreastMNIST do not
-    "frozen0_noratio": ("the default, an epoch that does not measure the cycle term's gradient share",
-                        {"_no_ratio": True}),
-    "cl": ("the default in channels-last memory format (`compute.channels_last: true`)", {"_channels_last": True}),
-    "cl_noratio": ("channels-last, an epoch that does not measure the gradient share",
-                   {"_channels_last": True, "_no_ratio": True}),
+    # "_": what is not a ClassifierConfig key. With a cycle loss, the trainer measures its gradient share on the
+    # first batch of epochs 1, 2, 4, 8, ... and the last, so all 3 timed epochs here pay it, 10 of 15 in BreastMNIST not
+    "cyc10": ("the soft cycle loss x10 (the default before 2026-12-03)", {"cycle_weight": 10.0}),
+    "cyc10_noratio": ("the soft cycle loss x10, an epoch that does not measure its gradient share",
+                      {"cycle_weight": 10.0, "_no_ratio": True}),
 }
 RATIO_EPOCHS = 15  # the accuracy study's BreastMNIST step 2 (trainer.ratio_epoch says which epochs measure)
 
@@ -161,7 +161,7 @@ def step2_epoch() -> dict:
     train = FeatureSplit([feats[n] for n in names], data.train.images, data.train.labels, [flipped[n] for n in names])
     vsplit = FeatureSplit([val[n] for n in names], data.val.images, data.val.labels)
     score = lambda y, p: (0.0, 0.0)  # noqa: E731  (timing only)
-    keys = ("frozen0", "frozen6", "fast", "cl_noratio") if SMOKE else tuple(STEP2_ROWS)  # smoke: a few rows
+    keys = ("frozen0", "frozen6", "fast", "cyc10_noratio") if SMOKE else tuple(STEP2_ROWS)  # smoke: a few rows
     runs = [("warm-up", V01), *((k, STEP2_ROWS[k][1]) for k in keys)]
     epoch_s, oneoff_s = {}, {}
     measured = trainer.ratio_epoch
@@ -232,12 +232,12 @@ def table() -> str:
         measured = [i + 1 for i in range(RATIO_EPOCHS) if ratio_epoch(i, RATIO_EPOCHS)]
         k = len(measured)
         avg = {a: (k * e[a] + (RATIO_EPOCHS - k) * e[b]) / RATIO_EPOCHS
-               for a, b in (("frozen0", "frozen0_noratio"), ("cl", "cl_noratio")) if a in e and b in e}
+               for a, b in (("cyc10", "cyc10_noratio"),) if a in e and b in e}
         if avg:
             lines += ["", f"Over a {RATIO_EPOCHS}-epoch BreastMNIST step 2, whose epochs {', '.join(map(str, measured))} "
                       f"({k} of {RATIO_EPOCHS}) measure the cycle term's gradient share (before 2026-12-02: every "
-                      "epoch), an epoch costs on average: " + "; ".join(
-                          f"{'channels-last' if a == 'cl' else 'the default'} {v:.1f} s ({v / one:.2f} step-1 epochs)"
+                      "epoch), an epoch with the soft cycle loss x10 costs on average: " + "; ".join(
+                          f"{v:.1f} s ({v / one:.2f} step-1 epochs)"
                           for a, v in avg.items()) + "."]
     acc = [r for r in load_results("accuracy") if r.get("dataset") == "pneumoniamnist" and r.get("method") == "D-Cube"]
     if acc:

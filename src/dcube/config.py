@@ -116,7 +116,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     ce_weight: float = 1.0
-    cycle_weight: float = 10.0  # 0 switches the cycle loss off (the paper: 10 and 100; chosen on validation)
+    cycle_weight: float = 0.0  # > 0 switches the cycle loss on (the paper: 10 and 100); off: validation did not choose it
     cycle_form: str = "soft"  # soft (denoiser MSE under the soft label) | posterior (KL to its class posterior)
     cycle_trials: int = 8  # posterior: (t, noise) trials per image and class, computed once
     cycle_batch: int = 16  # soft: images per step that go through the frozen denoiser for it
