@@ -104,9 +104,10 @@ def extraction(size: int = 28) -> dict:
 STEP2_EPOCHS = 2 if SMOKE else 3  # timed step-2 runs: epochs 2.. are the steady state, the first pays one-offs
 V01 = {"score_norm": "softmax", "fuse_size": 8, "flip_augment": False, "cycle_form": "soft", "cycle_weight": 0.1}
 STEP2_ROWS = {  # key -> (label, classifier overrides of the accuracy study's BreastMNIST settings)
-    "frozen0": ("the default: no cycle loss (since 2026-12-03), sub-feature CNN fine-tuned whole "
-                "(`cnn_frozen_blocks: 0`)", {}),
-    "cl": ("the default in channels-last memory format (`compute.channels_last: true`)", {"_channels_last": True}),
+    "frozen0": ("no cycle loss (the default since 2026-12-03), sub-feature CNN fine-tuned whole "
+                "(`cnn_frozen_blocks: 0`), contiguous layout (`compute.channels_last: no`)", {}),
+    "cl": ("the same in channels-last memory format (`compute.channels_last: step2`, the default since 2026-12-03)",
+           {"_channels_last": True}),
     "frozen6": ("stem + blocks 0-5 frozen and cached (`cnn_frozen_blocks: 6`)", {"cnn_frozen_blocks": 6}),
     "frozen11": ("the CNN frozen, its sub-features cached (`cnn_frozen_blocks: 11`)", {"cnn_frozen_blocks": 11}),
     "lean": ("8 cycle + 16 flip-consistency images per step, BN recalibration on 256 (`bench.step2` lean)", LEAN),

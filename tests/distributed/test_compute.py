@@ -32,11 +32,27 @@ def test_bad_compute_values_name_the_field(values, field):
 
 def test_compute_defaults_and_yaml_no(tmp_path):
     assert from_dict({}).compute == ComputeConfig(mixed_precision="no", grad_accum=1, compile=False,
-                                                  channels_last=False)
+                                                  channels_last="step2")
     p = tmp_path / "c.yaml"
     p.write_text("compute: {mixed_precision: no, grad_accum: 2}\n")  # YAML reads a bare no as false
     cfg = load_config(p, ["compute.channels_last=true"])
-    assert cfg.compute == ComputeConfig(mixed_precision="no", grad_accum=2, channels_last=True)
+    assert cfg.compute == ComputeConfig(mixed_precision="no", grad_accum=2, channels_last="all")
+    assert load_config(p, ["compute.channels_last=false"]).compute.channels_last == "no"
+    with pytest.raises(ConfigError, match=r"compute\.channels_last"):
+        load_config(p, ["compute.channels_last=step1"])
+
+
+@pytest.mark.parametrize("value,step1,step2", [("no", False, False), ("step2", False, True), ("all", True, True),
+                                               (True, True, True), (False, False, False)])
+def test_channels_last_applies_to_the_stages_it_names(value, step1, step2):
+    from dcube.utils.compute import memory_format, training_module
+
+    compute = ComputeConfig(channels_last=value)
+    x = torch.randn(2, 3, 4, 4)
+    for stage, on in (("step1", step1), ("step2", step2)):
+        conv = training_module(torch.nn.Conv2d(3, 3, 3), compute, stage)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == on, stage
+        assert memory_format(x, compute, stage).is_contiguous() == (not on), stage
 
 
 def test_helpers_are_no_ops_in_one_process():

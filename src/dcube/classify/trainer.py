@@ -15,6 +15,7 @@ GPUs too: torch's SyncBatchNorm has no CPU implementation, and the same code run
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from dcube.classify.head import DCubeHead
 from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss, posterior_cycle_loss
 from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
-from dcube.utils.compute import Precision, memory_format, training_module
+from dcube.utils.compute import Precision, channels_last, memory_format, training_module
 from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
 from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
@@ -200,8 +201,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         amp.load_state(state.get("amp"))
         if main:
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
-    net = training_module(head, ComputeConfig(channels_last=compute.channels_last))
-    if compute.channels_last:  # the EMA copy too: BN recalibration and validation run on it
+    net = training_module(head, ComputeConfig(channels_last=compute.channels_last), "step2")
+    layout = partial(memory_format, compute=compute, stage="step2")
+    if channels_last(compute, "step2"):  # the EMA copy too: BN recalibration and validation run on it
         ema.module.to(memory_format=torch.channels_last)
     # the frozen part of the sub-feature CNN (classifier.cnn_frozen_blocks): its outputs once per split
     fz_train, fz_val = FrozenPart(head, train.images, device), FrozenPart(head, val.images, device)
@@ -268,11 +270,10 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                         fz_other = torch.where(m[:lf], fz[:lf], fzf[:lf]) if cons else None
                         fz = torch.where(m, fzf, fz)
                 with amp.autocast():
-                    logits = net([memory_format(f, compute) for f in feats], memory_format(x, compute), fz)
+                    logits = net([layout(f) for f in feats], layout(x), fz)
                     logits_f = None
                     if other is not None:
-                        logits_f = net([memory_format(f, compute) for f in other], memory_format(x_other, compute),
-                                       fz_other)
+                        logits_f = net([layout(f) for f in other], layout(x_other), fz_other)
                 logits = logits.float()
                 ce = F.cross_entropy(logits, y, weight=weight)
                 loss = cfg.ce_weight * ce

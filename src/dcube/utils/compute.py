@@ -52,17 +52,24 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
-def training_module(model: torch.nn.Module, compute: ComputeConfig):
-    """What the training loop calls: `model` itself, in channels-last memory format and/or
+def channels_last(compute: ComputeConfig, stage: str) -> bool:
+    """Whether `stage` ("step1", "step2") trains in channels-last layout under ``compute.channels_last``
+    (no | step2 | all; a bool, as code may pass, means all or no)."""
+    v = compute.channels_last
+    return v is True or v == "all" or (v == "step2" and stage == "step2")
+
+
+def training_module(model: torch.nn.Module, compute: ComputeConfig, stage: str = "step1"):
+    """What the training loop of `stage` calls: `model` itself, in channels-last memory format and/or
     wrapped by ``torch.compile`` when switched on. The wrapper shares the parameters; save and
     average `model`, never the wrapper (its state-dict keys carry an ``_orig_mod.`` prefix)."""
-    if compute.channels_last:
+    if channels_last(compute, stage):
         model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compute.compile else model
 
 
-def memory_format(x: torch.Tensor, compute: ComputeConfig) -> torch.Tensor:
-    """`x` in channels-last layout when switched on (4-D image batches only)."""
-    if compute.channels_last and x.ndim == 4:
+def memory_format(x: torch.Tensor, compute: ComputeConfig, stage: str = "step1") -> torch.Tensor:
+    """`x` in channels-last layout when switched on for `stage` (4-D image batches only)."""
+    if x.ndim == 4 and channels_last(compute, stage):
         return x.contiguous(memory_format=torch.channels_last)
     return x
