@@ -80,10 +80,10 @@ VARIANTS = {  # key -> (label, features + classifier + compute overrides)
     # again, since the reference trained again (ref_now) fell to the no-cycle row; and channels-last memory
     # format for step 2 (same arithmetic, other kernels; a first timing on an AMD EPYC: 39 -> 26 s per epoch)
     "now_off": ("again in one sitting: no cycle loss", _with(classifier={"cycle_weight": 0.0})),
-    "now_soft10": ("again in one sitting: the soft cycle loss x10 (the default)",
+    "now_soft10": ("again in one sitting: the soft cycle loss x10 (the default until 2026-12-03)",
                    _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0})),
     "now_cl": ("again in one sitting: the soft cycle loss x10, step 2 in channels-last memory format "
-               "(`compute.channels_last`)",
+               "(`compute.channels_last`; the default since 2026-12-03, without the cycle loss)",
                _with(classifier={"cycle_form": "soft", "cycle_weight": 10.0}, compute={"channels_last": True})),
 }
 
