@@ -107,7 +107,8 @@ def table() -> str:
             rs = [r for r in runs if r["method"] == method]
             if not rs:
                 continue
-            vs = ["-", "-"] if method == "D-Cube" else [paired_cell(dc, rs, "auc"), paired_cell(dc, rs, "accuracy")]
+            vs = (["-", "-"] if method == "D-Cube" or not dc  # no D-Cube rows (yet) to pair with
+                  else [paired_cell(dc, rs, "auc"), paired_cell(dc, rs, "accuracy")])
             lines.append(f"| **{method}** (dcube) | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
                          f"{mean_std([r['test']['accuracy'] for r in rs])} | {mean_std([r['test']['auc'] for r in rs])} | "
                          f"{ci_cell(rs)} | {vs[0]} | {vs[1]} | "
