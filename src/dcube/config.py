@@ -239,9 +239,8 @@ LEGACY_VALUES = {
 }
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
-# YAML 1.1 reads a bare `no` as false: accept it where "no" is a choice
-_FALSE_MEANS = {"compute.mixed_precision": "no", "compute.channels_last": "no"}
-_TRUE_MEANS = {"compute.channels_last": "all"}
+# YAML 1.1 reads a bare `no` as false: accept it where "no" is a choice; true/false of a key that was a bool
+_BOOL_MEANS = {"compute.mixed_precision": {False: "no"}, "compute.channels_last": {False: "no", True: "all"}}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -290,10 +289,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     for name, value in values.items():
         tp = hints[name]
         where = prefix + name
-        if value is False and where in _FALSE_MEANS:
-            value = _FALSE_MEANS[where]
-        if value is True and where in _TRUE_MEANS:
-            value = _TRUE_MEANS[where]
+        if isinstance(value, bool) and value in _BOOL_MEANS.get(where, {}):
+            value = _BOOL_MEANS[where][value]
         if where in _WORDS and value in _WORDS[where]:
             kwargs[name] = value
             continue
