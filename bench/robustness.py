@@ -25,7 +25,8 @@ STUDY = "robustness"
 TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
 SETTINGS = {"labels10": "10% of the training labels", "labels25": "25% of the training labels",
             "minority1to10": "minority class cut to 1:10"}
-METHODS = ("dcube", "dcube-unlabelled", "resnet18", "efficientnet-lite0", "dcube-unlabelled-long", "resnet18-long")
+METHODS = ("dcube", "dcube-unlabelled", "resnet18", "efficientnet-lite0", "dcube-long", "dcube-unlabelled-long",
+           "resnet18-long")
 UNLABELLED = "D-Cube + the dropped-label images unlabelled in step 1"
 # "-long": step 2 / the baseline trains at least LONG_STEPS optimiser steps (classifier.min_steps: passes
 # repeated within each epoch, validation once per epoch as before); the plain
@@ -71,7 +72,7 @@ def one_run(dataset: str, setting: str, method: str, seed: int) -> dict:
         res = {"method": (UNLABELLED if base == "dcube-unlabelled" else "D-Cube") + (LONG if long else ""),
                "method_id": method,
                "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "layers": out["layers"],
-               "data_config": cfg.to_dict()["data"]}
+               "config": cfg.to_dict(), "data_config": cfg.to_dict()["data"]}
     else:
         data = load_data(DataConfig(**dd), seed)
         res = run_baseline(base, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[dataset][base]), THREADS,
@@ -101,8 +102,8 @@ def table() -> str:
         lines += [f"\n### {ds}\n", "| setting | training images | model | seeds | macro-F1 | minority recall | AUC | "
                   "minus ResNet-18: Δ macro-F1 [95 % CI], p |", "|---|---|---|---|---|---|---|---|"]
         for setting, label in SETTINGS.items():
-            for method in ("D-Cube", UNLABELLED, NAMES["resnet18"], NAMES["efficientnet-lite0"], UNLABELLED + LONG,
-                           NAMES["resnet18"] + LONG):
+            for method in ("D-Cube", UNLABELLED, NAMES["resnet18"], NAMES["efficientnet-lite0"], "D-Cube" + LONG,
+                           UNLABELLED + LONG, NAMES["resnet18"] + LONG):
                 rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
                 if not rs:
                     continue

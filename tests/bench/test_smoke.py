@@ -11,13 +11,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = {
-    "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "linear-probe", "resnet18"],
+    "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "linear-probe",
+                 "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
     "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "labels10",
-                   "--methods", "dcube", "dcube-unlabelled", "resnet18", "dcube-unlabelled-long", "resnet18-long"],
+                   "--methods", "dcube", "dcube-unlabelled", "resnet18", "dcube-long", "dcube-unlabelled-long",
+                   "resnet18-long"],
     "speed": ["--parts", "step1-unet-28", "step2-vs-step1"],
     "scaling": ["--procs", "1", "2", "--images", "32"],
     "rebalance": ["--seeds", "0"],
