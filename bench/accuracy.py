@@ -51,11 +51,11 @@ def dcube_run(dataset: str, seed: int, subfeature: str | None = None) -> dict:
 
     sched = SCHEDULES[dataset]
     name = "dcube" if subfeature is None else f"dcube-{subfeature}"
-    over = {"classifier": {**sched["classifier"], "subfeature": subfeature}} if subfeature else {}
+    sections = {**sched, "classifier": {**sched["classifier"], "subfeature": subfeature}} if subfeature else sched
     cfg = from_dict(shrink({
         "run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-{name}-s{seed}"), "seed": seed, "threads": THREADS,
         "data": {"name": dataset, "path": data_path(dataset), "download": False},
-        **sched, **over,
+        **sections,
     }))
     out = run(cfg)
     return {"study": STUDY, "dataset": dataset, "method": "D-Cube" if subfeature is None else OPTION,
@@ -136,13 +136,14 @@ def table() -> str:
 
 def _option_lines(runs: list[dict]) -> list[str]:
     """The option's rows minus each baseline's (the table's paired column compares the default D-Cube)."""
-    opt = [r for r in runs if r["method"] == OPTION]
-    others = dict.fromkeys(r["method"] for r in runs if not r["method"].startswith("D-Cube"))
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    opt = by.get(OPTION)
     if not opt:
         return []
-    return ["", *(f"- D-Cube with ResNet-18 sub-features minus {m}: ΔAUC "
-                  f"{paired_cell(opt, [r for r in runs if r['method'] == m], 'auc')}; ΔACC "
-                  f"{paired_cell(opt, [r for r in runs if r['method'] == m], 'accuracy')}" for m in others)]
+    return ["", *(f"- D-Cube with ResNet-18 sub-features minus {m}: ΔAUC {paired_cell(opt, rs, 'auc')}; "
+                  f"ΔACC {paired_cell(opt, rs, 'accuracy')}" for m, rs in by.items() if not m.startswith("D-Cube"))]
 
 
 def gap_line(dataset: str, dcube_runs: list[dict]) -> str:
@@ -163,9 +164,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    def job(ds, m, seed):
+    def job(ds, m, seed):  # "dcube" or "dcube-<subfeature>"
         if m.startswith("dcube"):
-            return partial(dcube_run, ds, seed, m.removeprefix("dcube-") if m != "dcube" else None)
+            return partial(dcube_run, ds, seed, m.partition("-")[2] or None)
         return partial(baseline_run, ds, m, seed)
 
     jobs = ((f"{ds}-{m}-s{seed}", job(ds, m, seed)) for ds in a.datasets for m in a.methods for seed in a.seeds)

@@ -120,7 +120,7 @@ def table() -> str:
                              f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
                              f"{mean_std([r['test']['per_class'][r['minority']]['recall'] for r in rs])} | "
                              f"{mean_std([r['test']['auc'] for r in rs])} | {vs} |")
-        dc = [r for r in runs if r.get("method_id", "").startswith("dcube") or r["method"].startswith("D-Cube")]
+        dc = [r for r in runs if r["method"].startswith("D-Cube")]
         stored = sorted({r["config"]["classifier"]["cycle_weight"] for r in dc if "config" in r})
         if stored:
             lines.append("\nD-Cube runs that stored their configuration (from 2026-12-03) ran classifier.cycle_weight = "
