@@ -7,6 +7,7 @@ Schedules are shortened to fit a 2-core CPU machine (see SCHEDULES); they are pr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,11 +26,15 @@ BASELINE_EPOCHS = {  # MedMNIST v2 trains 100 epochs; shortened for the CPU budg
     "pneumoniamnist": {"resnet18": 4, "resnet50": 2, "efficientnet-lite0": 3},
     "breastmnist": {"resnet18": 30, "resnet50": 12, "efficientnet-lite0": 15},
 }
-METHODS = ("dcube", "dcube-resnet18", "linear-probe", "efficientnet-lite0", "resnet18", "resnet50")
+METHODS = ("dcube", "dcube-resnet18", "dcube-auto", "linear-probe", "efficientnet-lite0", "resnet18", "resnet50")
 # D-Cube with MONAI's ResNet-18 (28-px stem, random initialisation) as its sub-feature CNN: an option
 # (classifier.subfeature: resnet18), not the default: on BreastMNIST validation (bench.step2, 3 seeds) it was
 # +0.045 [-0.003, +0.103] AUC, p = 0.07, against the default's EfficientNet-Lite0, short of p < 0.05
 OPTION = "D-Cube, ResNet-18 sub-features (classifier.subfeature: resnet18; an option, not the default)"
+# classifier.subfeature: auto trains exactly the heads of the two runs above (same seed and configuration
+# otherwise; tests/pipeline: byte-identical weights) and keeps the higher validation score, so its row is
+# composed from those runs' stored results by the option's own rule (dcube.classify.trainer.choose_subfeature)
+AUTO = "D-Cube, sub-feature CNN chosen on validation per run (classifier.subfeature: auto; an option)"
 PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
     "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (28)": (0.948, 0.854),
                        "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855),
@@ -65,6 +70,23 @@ def dcube_run(dataset: str, seed: int, subfeature: str | None = None) -> dict:
             "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "best_epoch": out["best_epoch"],
             "layers": out["layers"],
             "stage_seconds": out["timings_s"]}
+
+
+def auto_run(dataset: str, seed: int) -> dict:
+    """The subfeature=auto row of one seed, from the stored runs of its two candidates (AUTO)."""
+    from dcube.classify.trainer import AUTO_CANDIDATES, choose_subfeature
+
+    keys = {"efficientnet-lite0": f"{dataset}-dcube-s{seed}", "resnet18": f"{dataset}-dcube-resnet18-s{seed}"}
+    assert set(keys) == set(AUTO_CANDIDATES), AUTO_CANDIDATES
+    missing = [k for k in keys.values() if not (RESULTS / STUDY / f"{k}.json").exists()]
+    if missing:
+        raise SystemExit(f"bench.accuracy dcube-auto: run {', '.join(missing)} first (--methods dcube dcube-resnet18)")
+    cand = {n: json.loads((RESULTS / STUDY / f"{k}.json").read_text()) for n, k in keys.items()}
+    chosen = choose_subfeature({n: r["best_epoch"] for n, r in cand.items()})
+    return {**cand[chosen], "method": AUTO, "method_id": "dcube-auto", "chosen": chosen,
+            "composed_from": [keys[n] for n in AUTO_CANDIDATES],
+            "candidates": {n: r["best_epoch"] for n, r in cand.items()}, "wall_s_candidates": sum(
+                r["wall_s"] for r in cand.values())}
 
 
 def baseline_run(dataset: str, method: str, seed: int) -> dict:
@@ -135,15 +157,34 @@ def table() -> str:
 
 
 def _option_lines(runs: list[dict]) -> list[str]:
-    """The option's rows minus each baseline's (the table's paired column compares the default D-Cube)."""
+    """Each option's rows minus each baseline's (the table's paired column compares the default D-Cube)."""
     by = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
-    opt = by.get(OPTION)
-    if not opt:
-        return []
-    return ["", *(f"- D-Cube with ResNet-18 sub-features minus {m}: ΔAUC {paired_cell(opt, rs, 'auc')}; "
-                  f"ΔACC {paired_cell(opt, rs, 'accuracy')}" for m, rs in by.items() if not m.startswith("D-Cube"))]
+    out = []
+    for label, opt in ((OPTION, "D-Cube with ResNet-18 sub-features"), (AUTO, "D-Cube with the sub-feature CNN "
+                                                                              "chosen on validation")):
+        if by.get(label):
+            out += ["", *(f"- {opt} minus {m}: ΔAUC {paired_cell(by[label], rs, 'auc')}; "
+                          f"ΔACC {paired_cell(by[label], rs, 'accuracy')}"
+                          for m, rs in by.items() if not m.startswith("D-Cube"))]
+    if by.get(AUTO):
+        picks = ", ".join(f"seed {r['seed']}: {r['chosen']} (validation AUC "
+                          + " vs ".join(f"{b['score']:.4f}" for b in r["candidates"].values()) + ")"
+                          for r in sorted(by[AUTO], key=lambda r: r["seed"]))
+        out += [f"- The choice per seed ({' vs '.join(by[AUTO][0]['candidates'])}): {picks}. The row is composed "
+                "from the candidates' runs (`dcube-auto`: the option trains exactly those heads and keeps the higher "
+                "validation score; a tie keeps the first); it costs both runs' step 2.",
+                gap_line_for("D-Cube with the sub-feature CNN chosen on validation", by[AUTO])]
+    return out
+
+
+def gap_line_for(label: str, rs: list[dict]) -> str:
+    """A D-Cube variant's mean test ACC / AUC minus the published ResNet-18 (28 px) row."""
+    auc, acc = PUBLISHED[rs[0]["dataset"]]["ResNet-18 (28)"]
+    m = {k: sum(r["test"][k] for r in rs) / len(rs) for k in ("accuracy", "auc")}
+    return (f"- {label} minus the published ResNet-18 (28 px): ACC {m['accuracy']:.4f} - {acc:.3f} = "
+            f"{m['accuracy'] - acc:+.4f}; AUC {m['auc']:.4f} - {auc:.3f} = {m['auc'] - auc:+.4f}.")
 
 
 def gap_line(dataset: str, dcube_runs: list[dict]) -> str:
@@ -164,7 +205,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    def job(ds, m, seed):  # "dcube" or "dcube-<subfeature>"
+    def job(ds, m, seed):  # "dcube", "dcube-<subfeature>" or "dcube-auto"
+        if m == "dcube-auto":
+            return partial(auto_run, ds, seed)
         if m.startswith("dcube"):
             return partial(dcube_run, ds, seed, m.partition("-")[2] or None)
         return partial(baseline_run, ds, m, seed)

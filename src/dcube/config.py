@@ -101,7 +101,7 @@ class FeatureConfig:
 
 @dataclass
 class ClassifierConfig:
-    subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none
+    subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none | auto (both, chosen on validation)
     subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
     fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
     score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
@@ -220,7 +220,7 @@ _CHOICES = {
     "features.condition": ("uniform",),
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
     "features.select": ("ks", "ks_map", "probe", "all"),
-    "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none"),
+    "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none", "auto"),
     "classifier.select_metric": ("auc", "acc", "f1"),
     "classifier.score_norm": ("none", "softmax"),
     "classifier.cycle_form": ("posterior", "soft"),
@@ -393,7 +393,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         v = getattr(getattr(cfg, sec), name)
         if not 0 <= v < 1:
             raise ConfigError(f"{key}: must lie in [0, 1), got {v}")
-    frozen_max = {"efficientnet-lite0": 11, "resnet18": 3, "none": 0}[cfg.classifier.subfeature]  # blocks / layers
+    # blocks / layers; auto: what both candidates have
+    frozen_max = {"efficientnet-lite0": 11, "resnet18": 3, "none": 0, "auto": 3}[cfg.classifier.subfeature]
+    if cfg.classifier.subfeature == "auto" and cfg.classifier.subfeature_weights is not None:
+        raise ConfigError("classifier.subfeature_weights: one weights file cannot serve both candidates of "
+                          "classifier.subfeature 'auto'; name the CNN instead")
     if not isinstance(cfg.classifier.cnn_input_size, int) or not 16 <= cfg.classifier.cnn_input_size <= 512:
         raise ConfigError(f"classifier.cnn_input_size: must be an integer in [16, 512], got "
                           f"{cfg.classifier.cnn_input_size!r}")

@@ -8,7 +8,8 @@ run_dir/
   splits.csv             (image folders / CSV) the split, reused on resume
   diffusion/             step 1: last.safetensors (resume), ema.safetensors, history.json, samples.png
   features/              selection.json, ks_pvalues.png, cached feature maps per split
-  classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json
+  classifier/            step 2: last.safetensors (resume), best.safetensors (EMA, best on val), history.json;
+                         subfeature=auto: candidates/<cnn>/ (one head per CNN) and subfeature.json (the choice)
   metrics.json           test metrics with 95 % bootstrap CIs (+ validation metrics of the chosen epoch),
                          per-image test and validation probabilities, calibration (temperature, ECE before/after, operating
                          point); confusion.png, roc.png, reliability.png; classifier/calibration.json
@@ -278,7 +279,7 @@ class DCube(Method):
         return probs
 
     def train_classifier(self):
-        from dcube.classify.trainer import BEST, train_classifier
+        from dcube.classify.trainer import BEST, train_auto, train_classifier
 
         cdir = self.dir / "classifier"
         names = self.select_layers()
@@ -290,7 +291,8 @@ class DCube(Method):
             if cc.cycle_weight > 0 and cc.cycle_form == "posterior":
                 train.posterior = self.posterior(model, dcfg)
             val = self.feature_split("val", names, model, dcfg)
-            return train_classifier(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
+            fit = train_auto if cc.subfeature == "auto" else train_classifier
+            return fit(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
                                     scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device,
                                     compute=self.cfg.compute, timesteps=len(self.cfg.features.timesteps or [0]))
 
@@ -305,7 +307,7 @@ class DCube(Method):
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        from dcube.classify.trainer import BEST, build_head, predict
+        from dcube.classify.trainer import BEST, CHOICE, build_head, predict, resolve_subfeature
         from dcube.evaluate import compute_metrics, format_table
         from dcube.evaluate.calibration import apply_temperature, calibrate, plot_reliability
         from dcube.evaluate.stats import bootstrap_ci
@@ -317,7 +319,8 @@ class DCube(Method):
         d = self.data
         test = self.feature_split("test", names, model, dcfg)
         val = self.feature_split("val", names, model, dcfg)
-        head = build_head(self.cfg.classifier, test, len(d.class_names),
+        cc = resolve_subfeature(self.cfg.classifier, self.dir / "classifier")  # auto: the CNN validation chose
+        head = build_head(cc, test, len(d.class_names),
                           len(self.cfg.features.timesteps or [0])).to(self.device)
         best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
         probs = predict(head, test, device=self.device)
@@ -338,12 +341,14 @@ class DCube(Method):
         plot_roc(test.labels.numpy(), probs.numpy(), d.class_names, self.dir / "roc.png")
         history = read_json(self.dir / "classifier" / "history.json")["history"]
         plot_curves(history, self.dir / "classifier" / "curves.png")
-        full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names,
+        full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names, "subfeature": cc.subfeature,
                 "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
                 "calibration": cal, "timings_s": self.info["timings_s"],
                 # per-image test probabilities (split order): paired tests against other models
                 "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()],
                 "val_probs": [[round(float(v), 6) for v in row] for row in val_probs.tolist()]}
+        if self.cfg.classifier.subfeature == "auto":  # every candidate's validation score
+            full["subfeature_choice"] = read_json(self.dir / "classifier" / CHOICE)
         write_json(self.dir / "metrics.json", full)
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
         print(f"calibration (temperature {cal['temperature']:.3f}, fitted on validation): test ECE "

@@ -148,7 +148,7 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
         import yaml
 
-        from dcube.classify.trainer import BEST, FeatureSplit, build_head
+        from dcube.classify.trainer import BEST, FeatureSplit, build_head, resolve_subfeature
         from dcube.config import from_dict
         from dcube.diffusion.schedule import ddpm_scheduler
         from dcube.diffusion.trainer import load_denoiser
@@ -169,7 +169,8 @@ class Predictor:
         self.timesteps = fc.timesteps or [None]
         s, c = self.cfg.data.image_size, self.cfg.data.channels
         probe = self._features(torch.zeros(2, c, s, s))
-        self.head = build_head(self.cfg.classifier, FeatureSplit(probe, torch.zeros(2, c, s, s), torch.zeros(2)),
+        cc = resolve_subfeature(self.cfg.classifier, self.dir / "classifier")  # auto: the CNN it chose
+        self.head = build_head(cc, FeatureSplit(probe, torch.zeros(2, c, s, s), torch.zeros(2)),
                                len(self.class_names), len(self.timesteps)).to(self.device)
         load_checkpoint(self.dir / "classifier" / BEST, {"head": self.head})
         self.head.eval()

@@ -136,6 +136,16 @@ def write_heatmaps(run_dir: Path, n: int) -> list[Path]:
     return [Path(r[k]) for r in rows for k in ("gradcam", "diffusion_map") if k in r]
 
 
+def _choice_section(choice: dict | None) -> str:
+    """classifier.subfeature: auto: each candidate CNN's best validation score and the one kept."""
+    if not choice:
+        return ""
+    rows = [[name, f"{b['score']:.4f}", b["epoch"], "yes" if name == choice["chosen"] else ""]
+            for name, b in choice["candidates"].items()]
+    return (f'<p>Sub-feature CNN chosen on the {esc(choice["split"])} split ({esc(choice["metric"])}):</p>'
+            + _table(["candidate", f"best {choice['metric']}", "epoch", "chosen"], rows))
+
+
 def write_report(run_dir: str | Path, heatmaps: int = 2) -> Path:
     """Write RUN_DIR/report.html from the run's files (see the module doc) -> its path."""
     from dcube.utils.io import atomic_write_text
@@ -164,7 +174,8 @@ def write_report(run_dir: str | Path, heatmaps: int = 2) -> Path:
         + _img(run_dir / "diffusion" / "samples_ddpm.png", "DDPM samples") + "</div>",
         _img(run_dir / "diffusion" / "probe_curve.png", "step-1 validation probe curve")
         if (run_dir / "diffusion" / "probe_curve.png").exists() else "",
-        "<h2>Step 2: training curves</h2>", _img(run_dir / "classifier" / "curves.png", "training curves"),
+        "<h2>Step 2: training curves</h2>", _choice_section(metrics.get("subfeature_choice")),
+        _img(run_dir / "classifier" / "curves.png", "training curves"),
         "<h2>Heat maps (test images)</h2>",
         ('<div class="grid">' + "".join(_img(p, p.stem) for p in maps) + "</div>") if maps else
         '<p class="note">(none: the run\'s data is not readable here, or heat maps were not asked for)</p>',

@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = {
-    "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "linear-probe",
-                 "resnet18"],
+    "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "dcube-auto",
+                 "linear-probe", "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
@@ -45,3 +45,6 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert f"<!-- {study}:begin -->" in md and "command" in md.lower()
     assert not (ROOT / "bench" / "results" / study / "smoke").exists()
+    if study == "accuracy":  # subfeature=auto's row: the candidate its rule keeps, from the candidates' runs
+        auto = json.loads((tmp_path / "results" / study / "breastmnist-dcube-auto-s0.json").read_text())
+        assert auto["chosen"] in auto["candidates"] and "chosen on validation" in md

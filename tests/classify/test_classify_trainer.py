@@ -74,3 +74,28 @@ def test_a_run_of_few_steps_names_min_steps(tmp_path, capsys):
 
     train_classifier(replace(CFG, min_steps=6), _split(20, 0), _split(16, 1), ["a", "b"], tmp_path / "set", _score)
     assert "classifier.min_steps" not in capsys.readouterr().out
+
+
+def test_subfeature_auto_keeps_the_first_candidate_on_a_tie(tmp_path, monkeypatch):
+    """train_auto: the higher best validation score wins; equal scores keep the first (the ImageNet CNN)."""
+    from dcube.classify import trainer as tr
+    from dcube.config import ClassifierConfig
+
+    scores = {}
+
+    def fake(cfg, train, val, names, out_dir, score_fn, **kw):
+        out_dir.mkdir(parents=True)
+        (out_dir / "history.json").write_text(cfg.subfeature)
+        (out_dir / tr.BEST).write_bytes(cfg.subfeature.encode())
+        return cfg.subfeature, {"score": scores[cfg.subfeature], "epoch": 1, "metric": "auc"}
+
+    monkeypatch.setattr(tr, "train_classifier", fake)
+    cfg = ClassifierConfig(subfeature="auto")
+    for i, (eff, res, want) in enumerate([(0.8, 0.9, "resnet18"), (0.9, 0.8, "efficientnet-lite0"),
+                                          (0.9, 0.9, "efficientnet-lite0")]):
+        scores.update({"efficientnet-lite0": eff, "resnet18": res})
+        head, best = tr.train_auto(cfg, None, None, ["a", "b"], tmp_path / str(i), None)
+        assert head == want and best["score"] == max(eff, res)
+        assert (tmp_path / str(i) / tr.BEST).read_bytes() == want.encode()
+        assert tr.resolve_subfeature(cfg, tmp_path / str(i)).subfeature == want
+    assert tr.resolve_subfeature(ClassifierConfig(), tmp_path / "0").subfeature == "efficientnet-lite0"

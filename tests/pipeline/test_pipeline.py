@@ -6,7 +6,7 @@ import pytest
 
 from dcube.cli import main
 from dcube.config import ConfigError, from_dict
-from dcube.pipeline import run
+from dcube.pipeline import STAGES, run
 
 
 def _cfg(shared_data, run_dir, **sections):
@@ -215,3 +215,39 @@ def test_a_run_on_disk_equals_the_run_in_ram(shared_data, tmp_path):
     assert list((tmp_path / "disk" / "cache" / "images").glob("*.u8")) and not (tmp_path / "ram" / "cache").exists()
     assert torch.equal(torch.as_tensor(ram["test_probs"]), torch.as_tensor(disk["test_probs"]))
     assert ram["layers"] == disk["layers"] and ram["test"] == disk["test"]
+
+
+def test_subfeature_auto_keeps_the_candidate_validation_prefers(shared_data, tmp_path):
+    """classifier.subfeature: auto trains one head per CNN, each exactly as a run with that CNN (the same
+    weights, byte for byte), keeps the higher validation score, and evaluate and predict build the CNN it kept."""
+    import shutil
+
+    import numpy as np
+
+    from dcube.classify.trainer import AUTO_CANDIDATES, BEST
+    from dcube.data import load_data
+    from dcube.predict import Predictor
+
+    small = {"data": {"max_train": 96, "max_val": 48, "max_test": 32}}
+    cfg = _cfg(shared_data, tmp_path / "auto", classifier={"subfeature": "auto"}, **small)
+    auto = run(cfg)
+    choice = json.loads((tmp_path / "auto" / "classifier" / "subfeature.json").read_text())
+    best = {}
+    for name in AUTO_CANDIDATES:  # the same step-1 model and cached features, one CNN each, up to step 2
+        for part in ("diffusion", "features"):
+            shutil.copytree(tmp_path / "auto" / part, tmp_path / name / part)
+        run(_cfg(shared_data, tmp_path / name, classifier={"subfeature": name}, **small), stages=STAGES[:3])
+        cand = tmp_path / "auto" / "classifier" / "candidates" / name
+        assert (cand / BEST).read_bytes() == (tmp_path / name / "classifier" / BEST).read_bytes(), name
+        best[name] = json.loads((tmp_path / name / "classifier" / "history.json").read_text())["best"]
+        assert choice["candidates"][name] == best[name]
+    kept = max(AUTO_CANDIDATES, key=lambda n: best[n]["score"])
+    assert choice["chosen"] == kept and auto["subfeature"] == kept and auto["subfeature_choice"] == choice
+    raw, _ = Predictor(tmp_path / "auto")(load_data(cfg.data, cfg.seed).test.images)
+    assert np.abs(raw - np.array(auto["test_probs"])).max() < 1e-5
+    assert "Sub-feature CNN chosen on the val split" in (tmp_path / "auto" / "report.html").read_text()
+
+
+def test_subfeature_auto_refuses_one_weights_file(shared_data, tmp_path):
+    with pytest.raises(ConfigError, match="classifier.subfeature_weights"):
+        _cfg(shared_data, tmp_path / "a", classifier={"subfeature": "auto", "subfeature_weights": str(tmp_path / "w")})

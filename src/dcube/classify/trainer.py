@@ -14,7 +14,7 @@ GPUs too: torch's SyncBatchNorm has no CPU implementation, and the same code run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,11 +28,14 @@ from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss, pos
 from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, channels_last, memory_format, training_module
-from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
+from dcube.utils.io import atomic_write_bytes, load_checkpoint, read_json, save_checkpoint, write_json
 from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 FEW_STEPS = 200  # fewer optimiser steps in a whole run than this: say so, and name classifier.min_steps
+# classifier.subfeature: auto trains one head per candidate and keeps the one validation scores higher
+AUTO_CANDIDATES = ("efficientnet-lite0", "resnet18")  # in order of preference on a tie: the paper's ImageNet CNN first
+CHOICE = "subfeature.json"  # classifier/: the candidate chosen, with every candidate's validation score
 FROZEN_CACHE_BYTES = 2 ** 31  # a split's frozen-CNN outputs are kept when they fit in this (float32), else recomputed
 
 
@@ -339,3 +342,42 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     load_checkpoint(out_dir / BEST, {"head": head})
     head.to(memory_format=torch.contiguous_format)  # evaluated as `dcube predict` loads it (same rounding)
     return head.eval(), best
+
+
+def resolve_subfeature(cfg: ClassifierConfig, out_dir: str | Path) -> ClassifierConfig:
+    """The step-2 configuration the saved head was trained with: ``subfeature: auto`` becomes the CNN
+    that validation chose for this run (``classifier/subfeature.json``); any other value is returned as is."""
+    if cfg.subfeature != "auto":
+        return cfg
+    path = Path(out_dir) / CHOICE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: classifier.subfeature is 'auto' but no choice was saved; run step 2 first")
+    return replace(cfg, subfeature=read_json(path)["chosen"])
+
+
+def choose_subfeature(bests: dict[str, dict]) -> str:
+    """subfeature=auto's rule: the candidate whose best validation score (train_classifier's `best`) is
+    highest; equal scores keep the earlier candidate of AUTO_CANDIDATES."""
+    return max(AUTO_CANDIDATES, key=lambda n: bests[n]["score"])  # max keeps the first of equal scores
+
+
+def train_auto(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
+               out_dir: str | Path, score_fn, **kwargs) -> tuple[DCubeHead, dict]:
+    """``classifier.subfeature: auto``: a head per candidate CNN (AUTO_CANDIDATES), each trained and
+    resumable in ``out_dir/candidates/<name>/`` exactly as a run with that subfeature (train_classifier
+    seeds itself, so a candidate does not depend on the others); the one with the higher best VALIDATION
+    score wins (a tie keeps the first). Its history and weights become the run's, next to CHOICE."""
+    out_dir = Path(out_dir)
+    heads, bests = {}, {}
+    for name in AUTO_CANDIDATES:
+        heads[name], bests[name] = train_classifier(replace(cfg, subfeature=name), train, val, class_names,
+                                                    out_dir / "candidates" / name, score_fn, **kwargs)
+    chosen = choose_subfeature(bests)
+    if dist.is_main():
+        print(f"[step 2] sub-feature CNN chosen on validation ({cfg.select_metric}): {chosen} ("
+              + ", ".join(f"{n} {b['score']:.4f} at epoch {b['epoch']}" for n, b in bests.items()) + ")")
+    write_json(out_dir / CHOICE, {"chosen": chosen, "metric": cfg.select_metric, "split": "val",
+                                  "candidates": bests})
+    for f in ("history.json", BEST):  # BEST last: the stage counts as done only once it exists
+        atomic_write_bytes(out_dir / f, (out_dir / "candidates" / chosen / f).read_bytes())
+    return heads[chosen], bests[chosen]
