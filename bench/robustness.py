@@ -120,6 +120,7 @@ def table() -> str:
                              f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
                              f"{mean_std([r['test']['per_class'][r['minority']]['recall'] for r in rs])} | "
                              f"{mean_std([r['test']['auc'] for r in rs])} | {vs} |")
+        lines += _unlabelled_lines(runs)
         dc = [r for r in runs if r["method"].startswith("D-Cube")]
         stored = sorted({r["config"]["classifier"]["cycle_weight"] for r in dc if "config" in r})
         if stored:
@@ -127,6 +128,24 @@ def table() -> str:
                          + ", ".join(f"{w:g}" for w in stored) + f" ({sum('config' in r for r in dc)} runs); "
                          "the earlier ones ran the defaults of their date (`git log bench/results/robustness`).")
     return "\n".join(lines)
+
+
+def _unlabelled_lines(runs: list[dict]) -> list[str]:
+    """What the unlabelled step-1 images add: D-Cube with them minus D-Cube without, same setting,
+    schedule and seeds, paired on the same test images."""
+    out = []
+    for setting, label in SETTINGS.items():
+        for suffix in ("", "-long"):
+            pick = {m: [r for r in runs if r["setting"] == setting and r["method_id"] == m + suffix]
+                    for m in ("dcube", "dcube-unlabelled")}
+            seeds = [{r["seed"] for r in rs} for rs in pick.values()]
+            if not all(seeds) or seeds[0] != seeds[1]:
+                continue
+            dates = sorted({r["date"] for rs in pick.values() for r in rs})
+            cell = partial(paired_cell, pick["dcube-unlabelled"], pick["dcube"])
+            out.append(f"- {label}{LONG if suffix else ''}: {len(seeds[0])} seeds (runs of {', '.join(dates)}): "
+                       f"macro-F1 {cell('f1_macro')}; AUC {cell('auc')}")
+    return ["", "D-Cube with the dropped-label images unlabelled in step 1 minus D-Cube without them:", *out] if out else []
 
 
 def main(argv=None):
