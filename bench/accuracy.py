@@ -7,7 +7,6 @@ Schedules are shortened to fit a 2-core CPU machine (see SCHEDULES); they are pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -75,13 +74,14 @@ def dcube_run(dataset: str, seed: int, subfeature: str | None = None) -> dict:
 def auto_run(dataset: str, seed: int) -> dict:
     """The subfeature=auto row of one seed, from the stored runs of its two candidates (AUTO)."""
     from dcube.classify.trainer import AUTO_CANDIDATES, choose_subfeature
+    from dcube.utils.io import read_json
 
     keys = {"efficientnet-lite0": f"{dataset}-dcube-s{seed}", "resnet18": f"{dataset}-dcube-resnet18-s{seed}"}
     assert set(keys) == set(AUTO_CANDIDATES), AUTO_CANDIDATES
     missing = [k for k in keys.values() if not (RESULTS / STUDY / f"{k}.json").exists()]
     if missing:
         raise SystemExit(f"bench.accuracy dcube-auto: run {', '.join(missing)} first (--methods dcube dcube-resnet18)")
-    cand = {n: json.loads((RESULTS / STUDY / f"{k}.json").read_text()) for n, k in keys.items()}
+    cand = {n: read_json(RESULTS / STUDY / f"{k}.json") for n, k in keys.items()}
     chosen = choose_subfeature({n: r["best_epoch"] for n, r in cand.items()})
     return {**cand[chosen], "method": AUTO, "method_id": "dcube-auto", "chosen": chosen,
             "composed_from": [keys[n] for n in AUTO_CANDIDATES],
