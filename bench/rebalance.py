@@ -28,6 +28,7 @@ import torch
 from bench.accuracy import data_path
 from bench.common import (RESULTS, SMOKE, has_probs, load_results, machine, mean_std, paired_cell, run_study,
                           shrink)
+from dcube.utils.io import atomic_write_bytes
 
 STUDY = "rebalance"
 RUNS = RESULTS / STUDY / "runs"
@@ -37,13 +38,13 @@ SCHEDULE = {
     "sampling": {"guidance": 0.0, "seed": 0, "batch_size": 250, "images": 500, "minority_share": 0.6},
     "baseline": {"model": "resnet18", "epochs": 8, "batch_size": 64, "lr": 1e-3},
 }
-GENERATORS = {"short": 15, "long": 300}  # step-1 epochs of each generator ("short": the 2026-11 schedule)
+GENERATORS = {"short": 15, "long": 300, "longer": 500}  # step-1 epochs per generator ("short": the 2026-11 schedule)
 SAMPLERS = {"candidates": [["ddim", 50], ["ddim", 250]], "per_class": 100, "seed": 1}  # chosen on TRAIN FID
 if SMOKE:  # a tiny slice, seconds: the smoke test of this study
     SCHEDULE = {"diffusion": {**SCHEDULE["diffusion"], "preset": "micro", "max_steps": 2},
                 "sampling": {**SCHEDULE["sampling"], "images": 24, "batch_size": 24},
                 "baseline": {**SCHEDULE["baseline"], "epochs": 1}}
-    GENERATORS = {"short": 1, "long": 1}
+    GENERATORS = {"short": 1, "long": 1, "longer": 2}
     SAMPLERS = {"candidates": [["ddim", 2], ["ddim", 3]], "per_class": 4, "seed": 1}
 COMMAND = "nohup .venv/bin/python -m bench.rebalance > bench/results/rebalance/log.txt 2>&1 &"
 
@@ -72,9 +73,18 @@ def step1(data, gen: str):
     from dcube.config import DiffusionConfig
     from dcube.diffusion.trainer import train_diffusion
 
+    from dcube.diffusion.trainer import LAST
+
     cfg = DiffusionConfig(**diffusion_schedule(gen))
-    return train_diffusion(cfg, data.train.images, data.train.labels, data.num_classes,
-                           RUNS / f"step1{suffix(gen)}", seed=0)
+    out = RUNS / f"step1{suffix(gen)}"
+    shorter = [g for g in GENERATORS if GENERATORS[g] < GENERATORS[gen]]
+    prefix = RUNS / f"step1{suffix(shorter[-1])}" / LAST if shorter else None
+    if prefix and prefix.exists() and not (out / LAST).exists():
+        # a longer run of the same schedule resumes from the shorter one's end: with a constant lr and
+        # per-epoch seeded batch orders its first steps ARE that run, so this saves them, bit for bit
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / LAST, prefix.read_bytes())
+    return train_diffusion(cfg, data.train.images, data.train.labels, data.num_classes, out, seed=0)
 
 
 def choose_sampler(data, ckpt, gen: str) -> dict:
@@ -219,7 +229,8 @@ def table() -> str:
                 f"{mean_std([r['test']['auc'] for r in rs])} | {mean_std([r['test']['accuracy'] for r in rs])} | "
                 f"{rs[-1]['date']} |")
         lines.append("\nAUC uses the score of class 1 ('normal, benign'), the MedMNIST convention.")
-        pairs = [(g, None) for g in GENERATORS] + [("long", "short")]
+        order = list(GENERATORS)
+        pairs = [(g, None) for g in order] + list(zip(order[1:], order[:-1]))  # each generator against the shorter one
         out = []
         for a, b in pairs:
             if a in picked and b in picked and has_probs(picked[a] + picked[b]):
@@ -267,7 +278,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine oversubscribed by 2 threads ran 40x slower)")
-    p.add_argument("--generators", nargs="+", choices=list(GENERATORS), default=["long", "short"])
+    p.add_argument("--generators", nargs="+", choices=list(GENERATORS), default=list(GENERATORS))
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
 

@@ -49,8 +49,9 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
         auto = json.loads((tmp_path / "results" / study / "breastmnist-dcube-auto-s0.json").read_text())
         assert auto["chosen"] in auto["candidates"] and "chosen on validation" in md
     if study == "rebalance":  # each generator's sampler is the candidate of lowest TRAIN FID; arms are paired
-        for gen in ("", "-long"):
+        for gen in ("", "-long", "-longer"):
             choice = json.loads((tmp_path / "results" / study / f"synthesis{gen}.json").read_text())["sampler_choice"]
             best = min(choice["candidates"], key=lambda c: c["mean_fid"])
             assert choice["chosen"] == [best["sampler"], best["steps"]]
         assert "real + long synthetic minus real: macro-F1" in md and "real + long synthetic minus real + short" in md
+        assert "real + longer synthetic minus real + long" in md

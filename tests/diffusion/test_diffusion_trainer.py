@@ -47,6 +47,24 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, contrastive_weig
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_longer_run_extends_a_shorter_ones_last_checkpoint_exactly(tmp_path):
+    """bench.rebalance trains its 500-epoch generator on from the 300-epoch one's end: with a constant lr
+    and per-epoch seeded batch orders, that is the longer run itself."""
+    images, labels = _data()
+    cfg = dict(CFG, contrastive_weight=0.1)
+    torch.manual_seed(0)
+    straight = train_diffusion(DiffusionConfig(**{**cfg, "epochs": 3}), images, labels, 2, tmp_path / "a", seed=1)
+    torch.manual_seed(0)
+    train_diffusion(DiffusionConfig(**{**cfg, "epochs": 1}), images, labels, 2, tmp_path / "b", seed=1)
+    torch.manual_seed(7)
+    extended = train_diffusion(DiffusionConfig(**{**cfg, "epochs": 3}), images, labels, 2, tmp_path / "b", seed=1)
+    a, _ = load_tensors(straight)
+    b, _ = load_tensors(extended)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_loaded_denoiser_is_frozen(tmp_path):
     images, labels = _data()
     path = train_diffusion(DiffusionConfig(**{**CFG, "epochs": 1}), images, labels, 2, tmp_path, seed=0)
