@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import RESULTS, THREADS, load_results, machine, mean_std, run_study, shared_data, shrink, smoke_epochs
+from bench.common import (RESULTS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
+                          shared_data, shrink, smoke_epochs)
 
 STUDY = "covid"
 METHODS = ("resnet18", "dcube", "linear-probe", "efficientnet-lite0")
@@ -36,10 +37,14 @@ def data_dict(size: int) -> dict:
             "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0}
 
 
+def _rel_ids(data) -> list[str]:
+    """The test images' class-folder/file names, in split order (the paired tests pair images by position)."""
+    return ["/".join(Path(i).parts[-2:]) for i in data.test.ids]
+
+
 def split_hash(data) -> str:
     """Of the test images' relative paths: equal hashes = the same test split."""
-    rel = sorted("/".join(Path(i).parts[-2:]) for i in data.test.ids)
-    return hashlib.sha256("\n".join(rel).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(sorted(_rel_ids(data))).encode()).hexdigest()[:16]
 
 
 def dcube_run(seed: int) -> dict:
@@ -52,6 +57,8 @@ def dcube_run(seed: int) -> dict:
     data = DCube(cfg).data
     return {"study": STUDY, "method": "D-Cube", "method_id": "dcube", "seed": seed, "image_size": DCUBE_SIZE,
             "schedule": DCUBE, "data": data.info, "split_sha": split_hash(data), "test": out["test"],
+            "test_ids": _rel_ids(data), "test_probs": out["test_probs"], "config": cfg.to_dict(),
+            "data_config": cfg.to_dict()["data"],
             "val": out["val"], "best_epoch": out["best_epoch"], "layers": out["layers"],
             "stage_seconds": out["timings_s"]}
 
@@ -61,32 +68,38 @@ def baseline_run(method: str, seed: int) -> dict:
     from dcube.data import load_data
 
     run_dir = RESULTS / STUDY / "runs" / f"{method}-s{seed}"
-    data = load_data(DataConfig(**shrink({"data": data_dict(128)})["data"]), seed, run_dir)
+    dc = shrink({"data": data_dict(128)})["data"]
+    data = load_data(DataConfig(**dc), seed, run_dir)
     out = run_baseline(method, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS.get(method)), THREADS)
-    return {"study": STUDY, "image_size": 128, "data": data.info, "split_sha": split_hash(data), **out}
+    return {"study": STUDY, "image_size": 128, "data": data.info, "split_sha": split_hash(data),
+            "test_ids": _rel_ids(data), "data_config": dc, **out}
 
 
 def _latent_rows() -> list[str]:
     """The latent-diffusion results of bench.latent_covid (one trained model, seed 0)."""
     res = {r["key"]: r for r in load_results("latent_covid")}
+
+    def row(name: str, m: dict, note: str, date: str) -> str:
+        return (f"| {name} | 1 (0) | 128 | {m['accuracy']:.3f} | {m['auc']:.3f} | - | - | - | {m['f1_macro']:.3f} | "
+                f"{note}; `python -m bench.latent_covid` | {date} |")
+
+    old = " (dcube 0.1's denoiser: contrastive pairs)"
     rows = []
+    cc = res.get("11_denoiser_class_conditional")
+    if cc:
+        rows.append(row("latent diffusion, zero-shot (today's denoiser: class-conditional)", cc["metrics"],
+                        "400-image stratified test subset", cc["date"]))
     for key, name, note in (("3_zeroshot_plain", "latent diffusion, zero-shot", "400-image stratified test subset"),
                             ("4_zeroshot_adaptive", "latent diffusion, zero-shot (adaptive)", "400-image subset")):
         if key in res:
-            m = res[key]["metrics"]
-            rows.append(f"| {name} | 1 (0) | 128 | {m['accuracy']:.3f} | {m['auc']:.3f} | {m['f1_macro']:.3f} | "
-                        f"{note}; `python -m bench.latent_covid` |")
+            rows.append(row(name + old, res[key]["metrics"], note, res[key]["date"]))
     h = res.get("6_heads")
     if h:
         for k, name in (("linear_probe", "latent diffusion features, linear probe"), ("mlp_head", "latent diffusion features, MLP head")):
-            m = h[k]
-            rows.append(f"| {name} | 1 (0) | 128 | {m['accuracy']:.3f} | {m['auc']:.3f} | {m['f1_macro']:.3f} | "
-                        f"full test split; `python -m bench.latent_covid` |")
+            rows.append(row(name + old, h[k], "full test split", h["date"]))
     f = res.get("9_finetune_head_lr1e-4") or res.get("7_finetune")
     if f:
-        m = f["test"]
-        rows.append(f"| latent diffusion, fine-tuned end to end | 1 (0) | 128 | {m['accuracy']:.3f} | {m['auc']:.3f} | "
-                    f"{m['f1_macro']:.3f} | full test split; `python -m bench.latent_covid` |")
+        rows.append(row("latent diffusion, fine-tuned end to end" + old, f["test"], "full test split", f["date"]))
     return rows
 
 
@@ -108,18 +121,33 @@ def table() -> str:
              f"70/10/20 (`data.split_seed=0`, the 8:2 split with validation carved from the 8), the same for every "
              f"row below (test-split hash {', '.join(splits) or '-'}), positive class COVID. Best epoch / C on "
              "validation AUC. D-Cube runs at 64 px because pixel-space step 1 at 128 px does not fit this CPU "
-             "(~43 min per epoch); every other row sees 128 px.\n",
-             "| model | seeds | px | test ACC | test AUC | macro-F1 | schedule |", "|---|---|---|---|---|---|---|"]
+             "(~43 min per epoch); every other row sees 128 px. Test AUC 95 % CI: stratified bootstrap (2,000 "
+             "resamples) of the seed-mean over the test images; the paired columns: D-Cube's seed-mean minus the "
+             "row's on the same test images and seeds (stratified paired bootstrap; \"beats\" only at p < 0.05; "
+             "\"-\" for runs that did not store per-image probabilities, the latent rows among them: one model, one "
+             "seed, compared with nothing).\n",
+             "| model | seeds | px | test ACC | test AUC | test AUC 95 % CI | D-Cube minus this row: ΔAUC [95 % CI], p | "
+             "ΔACC [95 % CI], p | macro-F1 | schedule | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = [m for m in ("D-Cube", "ResNet-18") if any(r["method"] == m for r in rows)]
     order += [r["method"] for r in rows if r["method"] not in order]
+    dc = [r for r in rows if r["method"] == "D-Cube"]
     for method in dict.fromkeys(order):
         rs = [r for r in rows if r["method"] == method]
+        vs = ["-", "-"] if method == "D-Cube" or not _pairable(dc, rs) else [
+            paired_cell(dc, rs, m) for m in ("auc", "accuracy")]
         lines.append(f"| **{method}** (dcube) | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
                      f"{rs[0]['image_size']} | {mean_std([r['test']['accuracy'] for r in rs])} | "
-                     f"{mean_std([r['test']['auc'] for r in rs])} | {mean_std([r['test']['f1_macro'] for r in rs])} | "
-                     f"{_schedule(rs[0])} |")
+                     f"{mean_std([r['test']['auc'] for r in rs])} | {ci_cell(rs)} | {vs[0]} | {vs[1]} | "
+                     f"{mean_std([r['test']['f1_macro'] for r in rs])} | {_schedule(rs[0])} | {rs[-1]['date']} |")
     lines += _latent_rows()
     return "\n".join(lines)
+
+
+def _pairable(a: list[dict], b: list[dict]) -> bool:
+    """Both sets of runs stored their test images in one and the same order, on the same seeds."""
+    ids = [r.get("test_ids") for r in a + b]
+    return bool(a) and all(i is not None and i == ids[0] for i in ids) and sorted(r["seed"] for r in a) == sorted(
+        r["seed"] for r in b)
 
 
 def main(argv=None):

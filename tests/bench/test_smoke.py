@@ -48,6 +48,9 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
     if study == "accuracy":  # subfeature=auto's row: the candidate its rule keeps, from the candidates' runs
         auto = json.loads((tmp_path / "results" / study / "breastmnist-dcube-auto-s0.json").read_text())
         assert auto["chosen"] in auto["candidates"] and "chosen on validation" in md
+    if study == "covid":  # D-Cube (64 px) and ResNet-18 (128 px) are paired on the same test images
+        row = next(line for line in md.splitlines() if line.startswith("| **ResNet-18**"))
+        assert "p = " in row and "[" in row, row
     if study == "rebalance":  # each generator's sampler is the candidate of lowest TRAIN FID; arms are paired
         for gen in ("", "-long", "-longer"):
             choice = json.loads((tmp_path / "results" / study / f"synthesis{gen}.json").read_text())["sampler_choice"]
