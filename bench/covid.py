@@ -119,13 +119,16 @@ def table() -> str:
     lines = ["## COVID-19 Radiography (the paper's X-ray dataset)\n",
              f"Command: `python -m bench.covid` (resumable). Machine: {machine()}. Split: seeded stratified "
              f"70/10/20 (`data.split_seed=0`, the 8:2 split with validation carved from the 8), the same for every "
-             f"row below (test-split hash {', '.join(splits) or '-'}), positive class COVID. Best epoch / C on "
+             f"D-Cube and baseline row (test-split hash {', '.join(splits) or '-'}), positive class COVID. Best epoch / C on "
              "validation AUC. D-Cube runs at 64 px because pixel-space step 1 at 128 px does not fit this CPU "
-             "(~43 min per epoch); every other row sees 128 px. Test AUC 95 % CI: stratified bootstrap (2,000 "
+             "(~43 min per epoch); the baselines see 128 px. Test AUC 95 % CI: stratified bootstrap (2,000 "
              "resamples) of the seed-mean over the test images; the paired columns: D-Cube's seed-mean minus the "
              "row's on the same test images and seeds (stratified paired bootstrap; \"beats\" only at p < 0.05; "
-             "\"-\" for runs that did not store per-image probabilities, the latent rows among them: one model, one "
-             "seed, compared with nothing).\n",
+             "\"-\" for runs that did not store per-image probabilities). The latent rows come from `bench.latent_covid`: one "
+             "model, one seed, on the split of its date (test 760 images), drawn before the loader kept duplicate "
+             "images within one split (the rows above: test "
+             f"{'/'.join(str(n) for n in sorted({sum(r['data']['class_counts']['test'].values()) for r in rows}))} "
+             "images); they are compared with nothing.\n",
              "| model | seeds | px | test ACC | test AUC | test AUC 95 % CI | D-Cube minus this row: ΔAUC [95 % CI], p | "
              "ΔACC [95 % CI], p | macro-F1 | schedule | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = [m for m in ("D-Cube", "ResNet-18") if any(r["method"] == m for r in rows)]
