@@ -1,9 +1,9 @@
 """Step-1 convergence per CPU-hour (issue 11): which step-1 loss reaches a given validation score first.
 
-    python -m bench.convergence [--seeds 0 1 2] [--variants ...] [--epochs 60]   # resumable
+    python -m bench.convergence [--datasets breastmnist] [--seeds 0 1 2] [--variants ...] [--epochs 60]   # resumable
     python -m bench.convergence --table-only
 
-BreastMNIST, 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
+BreastMNIST (or PneumoniaMNIST: `--datasets pneumoniamnist`), 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
 machinery at a fixed length (patience larger than the run, so the whole curve is drawn): every
 ``eval_every`` steps the EMA model's pooled block features get a logistic-regression probe fitted on
 training images and scored on VALIDATION (best block and C on validation); the best-scoring checkpoint
@@ -23,8 +23,11 @@ import numpy as np
 from bench.accuracy import data_path
 from bench.common import RESULTS, SMOKE, THREADS, load_results, machine, mean_std, run_study, shrink
 
+NAMES = {"breastmnist": "BreastMNIST", "pneumoniamnist": "PneumoniaMNIST"}
+
 STUDY = "convergence"
-DATASET = "breastmnist"
+TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
+EVAL_EPOCHS = {"breastmnist": 5, "pneumoniamnist": 1}  # the probe every this many epochs (~45 / 74 steps)
 VARIANTS = {  # key -> (label, diffusion overrides)
     "normalized": ("contrastive, normalized form (dcube 0.1 default)", {}),
     "paper": ("contrastive, the paper's Eq. 4 (raw features, margin 0.1, weight 1, pairs in the batch)",
@@ -35,18 +38,18 @@ VARIANTS = {  # key -> (label, diffusion overrides)
 }
 
 
-def _cfg(key: str, seed: int, epochs: int) -> dict:
-    steps_per_epoch = -(-546 // 64)
+def _cfg(dataset: str, key: str, seed: int, epochs: int) -> dict:
+    steps_per_epoch = -(-TRAIN_SIZES[dataset] // 64)
     auto = {"epochs": "auto", "auto_max_epochs": epochs, "patience": 10_000,
-            "eval_every": 1 if SMOKE else 5 * steps_per_epoch}
-    cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"{DATASET}-{key}-s{seed}"), "seed": seed,
-                  "threads": THREADS, "data": {"name": DATASET, "path": data_path(DATASET), "download": False},
+            "eval_every": 1 if SMOKE else EVAL_EPOCHS[dataset] * steps_per_epoch}
+    cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-{key}-s{seed}"), "seed": seed,
+                  "threads": THREADS, "data": {"name": dataset, "path": data_path(dataset), "download": False},
                   "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
     cfg["diffusion"] = {**cfg["diffusion"], **auto}  # after shrink (smoke: its max_steps caps the run)
     return cfg
 
 
-def untrained_run(seed: int) -> dict:
+def untrained_run(dataset: str, seed: int) -> dict:
     """The probe on the seeded initial weights: what step 1 has to beat for its training to count."""
     from dcube.config import from_dict
     from dcube.diffusion import build_denoiser
@@ -55,7 +58,7 @@ def untrained_run(seed: int) -> dict:
     from dcube.pipeline import DCube
     from dcube.utils.runtime import seed_everything
 
-    cfg = from_dict(_cfg("untrained", seed, 1))
+    cfg = from_dict(_cfg(dataset, "untrained", seed, 1))
     r = DCube(cfg)
     d = r.data
     seed_everything(seed)  # as the trainer does before it builds the model
@@ -65,20 +68,20 @@ def untrained_run(seed: int) -> dict:
     tr = extract(model, d.train.images, [info["layer"]], fc, seed, sched, desc="train")
     te = extract(model, d.test.images, [info["layer"]], fc, seed, sched, desc="test")  # read once, after the choice
     test_auc, _ = validation_probe(tr, d.train.labels, te, d.test.labels, Cs=(info["C"],))
-    return {"study": STUDY, "dataset": DATASET, "variant": "untrained", "label": VARIANTS["untrained"][0],
+    return {"study": STUDY, "dataset": dataset, "variant": "untrained", "label": VARIANTS["untrained"][0],
             "seed": seed, "epochs": 0, "curve": [{"step": 0, "score": val_auc, "train_seconds": 0.0, **info}],
             "chosen_step": 0, "val_auc": val_auc, "test_auc": test_auc, "chosen_layer": info["layer"],
             "train_minutes": 0.0}
 
 
-def variant_run(key: str, seed: int, epochs: int) -> dict:
+def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
     from dcube.config import from_dict
     from dcube.features import extract
     from dcube.features.probe import validation_probe
     from dcube.pipeline import DCube
     from dcube.utils.io import read_json
 
-    cfg = from_dict(_cfg(key, seed, epochs))
+    cfg = from_dict(_cfg(dataset, key, seed, epochs))
     r = DCube(cfg)
     r.train_diffusion()
     hist = read_json(r.dir / "diffusion" / "history.json")
@@ -89,13 +92,13 @@ def variant_run(key: str, seed: int, epochs: int) -> dict:
     tr = extract(model, d.train.images, layer, fc, seed, sched, desc="train")
     te = extract(model, d.test.images, layer, fc, seed, sched, desc="test")  # read once, after the choice
     test_auc, _ = validation_probe(tr, d.train.labels, te, d.test.labels, Cs=(chosen["C"],))
-    return {"study": STUDY, "dataset": DATASET, "variant": key, "label": VARIANTS[key][0], "seed": seed,
+    return {"study": STUDY, "dataset": dataset, "variant": key, "label": VARIANTS[key][0], "seed": seed,
             "epochs": epochs, "curve": hist["probe"], "chosen_step": hist["chosen_step"],
             "val_auc": hist["chosen_score"], "test_auc": test_auc, "chosen_layer": chosen["layer"],
             "train_minutes": hist["probe"][-1]["train_seconds"] / 60}
 
 
-def plot(rows: list[dict]):
+def plot(rows: list[dict], dataset: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,10 +130,10 @@ def plot(rows: list[dict]):
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Step-1 convergence on BreastMNIST: linear probe of the EMA model on validation (mean, min-max)",
-                 fontsize=9)
+    fig.suptitle(f"Step-1 convergence on {NAMES[dataset]}: linear probe of the EMA model on validation "
+                 "(mean, min-max)", fontsize=9)
     fig.tight_layout()
-    path = RESULTS / STUDY / "convergence.png"
+    path = RESULTS / STUDY / ("convergence.png" if dataset == "breastmnist" else f"convergence-{dataset}.png")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
@@ -170,41 +173,62 @@ def _decision(rows: list[dict]) -> list[str]:
     return out
 
 
+def _probe_reference(dataset: str) -> list[str]:
+    """The issue's bar: the frozen ImageNet EfficientNet-Lite0 linear probe of `bench.accuracy` (same split)."""
+    ref = [r["test"]["auc"] for r in load_results("accuracy")
+           if r["dataset"] == dataset and r.get("method_id") == "linear-probe"]
+    chosen = [r for r in load_results(STUDY) if r["dataset"] == dataset and r["variant"] == DEFAULT]
+    if not ref or not chosen:
+        return []
+    gap = np.mean([r["test_auc"] for r in chosen]) - np.mean(ref)
+    return ["", f"The bar: the frozen ImageNet EfficientNet-Lite0 linear probe (`bench.accuracy`, {len(ref)} seeds) "
+                f"reaches test AUC {mean_std(ref)}; step-1 features alone (`{DEFAULT}`, the chosen checkpoint, "
+                f"{len(chosen)} seeds) minus it: {gap:+.3f} (means over seeds)."]
+
+
 def table() -> str:
     rows = load_results(STUDY)
-    lines = ["## Step-1 convergence (BreastMNIST, 28 px)\n",
-             f"Command: `python -m bench.convergence` (resumable). Machine: {machine()}. `unet` tiny, a fixed length "
-             "per variant; every 5 epochs a logistic-regression probe on the EMA model's pooled block features "
+    lines = ["## Step-1 convergence (MedMNIST, 28 px)\n",
+             f"Command: `python -m bench.convergence` (resumable; `--datasets pneumoniamnist --epochs 10` for the "
+             f"PneumoniaMNIST rows). Machine: {machine()}. `unet` tiny, a fixed length "
+             "per variant; every few epochs (BreastMNIST 5, PneumoniaMNIST 1) a logistic-regression probe on the EMA "
+             "model's pooled block features "
              "(fitted on training images, block and C chosen on validation) is scored on validation; the chosen "
              "checkpoint is the best on validation, and only its probe is scored on test. Mean ± std over seeds; a "
-             "default may only be chosen on the validation column.\n",
-             "| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
-             "|---|---|---|---|---|---|---|"]
-    for key, (label, _) in VARIANTS.items():
-        rs = [r for r in rows if r["variant"] == key]
-        if not rs:
+             "default may only be chosen on the validation column.\n"]
+    for ds in TRAIN_SIZES:
+        runs = [r for r in rows if r["dataset"] == ds]
+        if not runs:
             continue
-        lines.append(f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
-                     f"{mean_std([float(r['chosen_step']) for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
-                     f"{mean_std([r['train_minutes'] for r in rs])} |")
-    lines += _decision(rows)
-    if rows:
-        path = plot(rows)
-        lines += ["", f"![step-1 convergence]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+        lines += [f"\n### {ds}\n",
+                  "| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, (label, _) in VARIANTS.items():
+            rs = [r for r in runs if r["variant"] == key]
+            if not rs:
+                continue
+            lines.append(f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
+                         f"{mean_std([float(r['chosen_step']) for r in rs])} | "
+                         f"{mean_std([r['test_auc'] for r in rs])} | {mean_std([r['train_minutes'] for r in rs])} |")
+        lines += _decision(runs)
+        lines += _probe_reference(ds)
+        path = plot(runs, ds)
+        lines += ["", f"![step-1 convergence, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
                   if not SMOKE else f"plot: {path.name}"]
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", choices=list(TRAIN_SIZES), default=["breastmnist"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     epochs = 1 if SMOKE else a.epochs
-    jobs = ((f"{DATASET}-{key}-s{seed}", partial(untrained_run, seed) if key == "untrained" else
-             partial(variant_run, key, seed, epochs)) for seed in a.seeds for key in a.variants)
+    jobs = ((f"{ds}-{key}-s{seed}", partial(untrained_run, ds, seed) if key == "untrained" else
+             partial(variant_run, ds, key, seed, epochs)) for ds in a.datasets for seed in a.seeds for key in a.variants)
     return run_study(STUDY, jobs, table, a.table_only)
 
 
