@@ -1,6 +1,6 @@
 """Step-1 convergence per CPU-hour (issue 11): which step-1 loss reaches a given validation score first.
 
-    python -m bench.convergence [--datasets breastmnist] [--seeds 0 1 2] [--variants ...] [--epochs 60]   # resumable
+    python -m bench.convergence [--datasets breastmnist] [--seeds 0 1 2] [--variants ...] [--epochs N]   # resumable
     python -m bench.convergence --table-only
 
 BreastMNIST (or PneumoniaMNIST: `--datasets pneumoniamnist`), 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
@@ -28,6 +28,7 @@ NAMES = {"breastmnist": "BreastMNIST", "pneumoniamnist": "PneumoniaMNIST"}
 STUDY = "convergence"
 TRAIN_SIZES = {"breastmnist": 546, "pneumoniamnist": 4708}
 EVAL_EPOCHS = {"breastmnist": 5, "pneumoniamnist": 1}  # the probe every this many epochs (~45 / 74 steps)
+STANDARD_EPOCHS = {"breastmnist": 30, "pneumoniamnist": 10}  # the schedule of each dataset's main table
 VARIANTS = {  # key -> (label, diffusion overrides)
     "normalized": ("contrastive, normalized form (dcube 0.1 default)", {}),
     "paper": ("contrastive, the paper's Eq. 4 (raw features, margin 0.1, weight 1, pairs in the batch)",
@@ -38,11 +39,23 @@ VARIANTS = {  # key -> (label, diffusion overrides)
 }
 
 
+def eval_epochs(dataset: str, epochs: int) -> int:
+    """Epochs between probes: the dataset's usual spacing, stretched so a long schedule draws ~20 points."""
+    return max(EVAL_EPOCHS[dataset], round(epochs / 20))
+
+
+def run_name(dataset: str, key: str, seed: int, epochs: int) -> str:
+    """A run's name (and its JSON's): a schedule other than the dataset's standard one carries its length."""
+    if key == "untrained" or epochs == STANDARD_EPOCHS[dataset] or SMOKE:
+        return f"{dataset}-{key}-s{seed}"
+    return f"{dataset}-e{epochs}-{key}-s{seed}"
+
+
 def _cfg(dataset: str, key: str, seed: int, epochs: int) -> dict:
     steps_per_epoch = -(-TRAIN_SIZES[dataset] // 64)
     auto = {"epochs": "auto", "auto_max_epochs": epochs, "patience": 10_000,
-            "eval_every": 1 if SMOKE else EVAL_EPOCHS[dataset] * steps_per_epoch}
-    cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-{key}-s{seed}"), "seed": seed,
+            "eval_every": 1 if SMOKE else eval_epochs(dataset, epochs) * steps_per_epoch}
+    cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / run_name(dataset, key, seed, epochs)), "seed": seed,
                   "threads": THREADS, "data": {"name": dataset, "path": data_path(dataset), "download": False},
                   "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
     cfg["diffusion"] = {**cfg["diffusion"], **auto}  # after shrink (smoke: its max_steps caps the run)
@@ -98,7 +111,7 @@ def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
             "train_minutes": hist["probe"][-1]["train_seconds"] / 60}
 
 
-def plot(rows: list[dict], dataset: str):
+def plot(rows: list[dict], dataset: str, epochs: int | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,10 +143,11 @@ def plot(rows: list[dict], dataset: str):
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Step-1 convergence on {NAMES[dataset]}: linear probe of the EMA model on validation "
+    fig.suptitle(f"Step-1 convergence on {NAMES[dataset]}{f', {epochs} epochs' if epochs else ''}: linear probe of the EMA model on validation "
                  "(mean, min-max)", fontsize=9)
     fig.tight_layout()
-    path = RESULTS / STUDY / ("convergence.png" if dataset == "breastmnist" else f"convergence-{dataset}.png")
+    name = "convergence" + ("" if dataset == "breastmnist" else f"-{dataset}") + (f"-e{epochs}" if epochs else "")
+    path = RESULTS / STUDY / f"{name}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
@@ -173,11 +187,10 @@ def _decision(rows: list[dict]) -> list[str]:
     return out
 
 
-def _probe_reference(dataset: str) -> list[str]:
+def _probe_reference(dataset: str, chosen: list[dict]) -> list[str]:
     """The issue's bar: the frozen ImageNet EfficientNet-Lite0 linear probe of `bench.accuracy` (same split)."""
     ref = [r["test"]["auc"] for r in load_results("accuracy")
            if r["dataset"] == dataset and r.get("method_id") == "linear-probe"]
-    chosen = [r for r in load_results(STUDY) if r["dataset"] == dataset and r["variant"] == DEFAULT]
     if not ref or not chosen:
         return []
     gap = np.mean([r["test_auc"] for r in chosen]) - np.mean(ref)
@@ -186,35 +199,66 @@ def _probe_reference(dataset: str) -> list[str]:
                 f"{len(chosen)} seeds) minus it: {gap:+.3f} (means over seeds)."]
 
 
+def _longer(long: list[dict], standard: list[dict]) -> list[str]:
+    """Whether the longer schedule helps, on VALIDATION: its chosen probe minus the standard schedule's, same seeds."""
+    from scipy.stats import ttest_rel
+
+    base = {r["seed"]: r["val_auc"] for r in standard if r["variant"] == DEFAULT}
+    mine = {r["seed"]: r["val_auc"] for r in long if r["variant"] == DEFAULT}
+    seeds = sorted(set(base) & set(mine))
+    if not seeds:
+        return []
+    diff = [mine[s] - base[s] for s in seeds]
+    p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f}"
+         if len(seeds) > 1 else "one seed: no test")
+    return ["", f"- {long[0]['epochs']} epochs − {standard[0]['epochs'] if standard else '?'} epochs (`{DEFAULT}`, "
+                f"validation AUC of the chosen checkpoints): {np.mean(diff):+.3f} (per seed "
+                f"{', '.join(f'{d:+.3f}' for d in diff)}; {p}, {len(seeds)} seeds)"]
+
+
+def _rows(rs: list[dict], label: str) -> str:
+    steps = [float(r["chosen_step"]) for r in rs]
+    step = f"{steps[0]:.0f}" if len(steps) == 1 else f"{np.mean(steps):.0f} ± {np.std(steps, ddof=1):.0f}"
+    return (f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | {step} | "
+            f"{mean_std([r['test_auc'] for r in rs])} | {mean_std([r['train_minutes'] for r in rs])} |")
+
+
 def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Step-1 convergence (MedMNIST, 28 px)\n",
-             f"Command: `python -m bench.convergence` (resumable; `--datasets pneumoniamnist --epochs 10` for the "
+             f"Command: `python -m bench.convergence` (resumable; `--datasets pneumoniamnist` for the "
              f"PneumoniaMNIST rows). Machine: {machine()}. `unet` tiny, a fixed length "
              "per variant; every few epochs (BreastMNIST 5, PneumoniaMNIST 1) a logistic-regression probe on the EMA "
              "model's pooled block features "
              "(fitted on training images, block and C chosen on validation) is scored on validation; the chosen "
              "checkpoint is the best on validation, and only its probe is scored on test. Mean ± std over seeds; a "
              "default may only be chosen on the validation column.\n"]
+    header = ["| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
+              "|---|---|---|---|---|---|---|"]
     for ds in TRAIN_SIZES:
         runs = [r for r in rows if r["dataset"] == ds]
-        if not runs:
-            continue
-        lines += [f"\n### {ds}\n",
-                  "| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
-                  "|---|---|---|---|---|---|---|"]
-        for key, (label, _) in VARIANTS.items():
-            rs = [r for r in runs if r["variant"] == key]
-            if not rs:
-                continue
-            lines.append(f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
-                         f"{mean_std([float(r['chosen_step']) for r in rs])} | "
-                         f"{mean_std([r['test_auc'] for r in rs])} | {mean_std([r['train_minutes'] for r in rs])} |")
-        lines += _decision(runs)
-        lines += _probe_reference(ds)
-        path = plot(runs, ds)
-        lines += ["", f"![step-1 convergence, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
-                  if not SMOKE else f"plot: {path.name}"]
+        standard = [r for r in runs if r["epochs"] in (0, STANDARD_EPOCHS[ds]) or SMOKE]
+        if standard:
+            lines += [f"\n### {ds}\n", *header]
+            lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
+                      if (rs := [r for r in standard if r["variant"] == key])]
+            lines += _decision(standard)
+            lines += _probe_reference(ds, [r for r in standard if r["variant"] == DEFAULT])
+            path = plot(standard, ds)
+            lines += ["", f"![step-1 convergence, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+                      if not SMOKE else f"plot: {path.name}"]
+        for epochs in sorted({r["epochs"] for r in runs if r not in standard}):
+            long = [r for r in runs if r["epochs"] == epochs and r not in standard]
+            lines += [f"\n### {ds}, {epochs} epochs (`--epochs {epochs}`)\n",
+                      f"The probe every {eval_epochs(ds, epochs)} epochs. Seeds still running resume with the same "
+                      "command.\n", *header]
+            lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
+                      if (rs := [r for r in long if r["variant"] == key])]
+            lines += _longer(long, standard)
+            lines += _probe_reference(ds, [r for r in long if r["variant"] == DEFAULT])
+            path = plot(long, ds, epochs)
+            lines += ["", f"![step-1 convergence, {ds}, {epochs} epochs]"
+                          f"({path.relative_to(RESULTS.parent.parent).as_posix()})"]
     return "\n".join(lines)
 
 
@@ -223,12 +267,14 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", choices=list(TRAIN_SIZES), default=["breastmnist"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=None, help="default: each dataset's standard schedule "
+                   f"({', '.join(f'{k} {v}' for k, v in STANDARD_EPOCHS.items())}); another length is its own table")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    epochs = 1 if SMOKE else a.epochs
-    jobs = ((f"{ds}-{key}-s{seed}", partial(untrained_run, ds, seed) if key == "untrained" else
-             partial(variant_run, ds, key, seed, epochs)) for ds in a.datasets for seed in a.seeds for key in a.variants)
+    epochs = {ds: 1 if SMOKE else a.epochs or STANDARD_EPOCHS[ds] for ds in a.datasets}
+    jobs = ((run_name(ds, key, seed, epochs[ds]), partial(untrained_run, ds, seed) if key == "untrained" else
+             partial(variant_run, ds, key, seed, epochs[ds]))
+            for ds in a.datasets for seed in a.seeds for key in a.variants)
     return run_study(STUDY, jobs, table, a.table_only)
 
 
