@@ -2,6 +2,7 @@
 
     python -m bench.convergence [--datasets breastmnist] [--seeds 0 1 2] [--variants ...] [--epochs N]   # resumable
     python -m bench.convergence --table-only
+    python -m bench.convergence --datasets pneumoniamnist --epochs 100 --variants normalized --grids   # samples
 
 BreastMNIST (or PneumoniaMNIST: `--datasets pneumoniamnist`), 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
 machinery at a fixed length (patience larger than the run, so the whole curve is drawn): every
@@ -109,6 +110,53 @@ def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
             "epochs": epochs, "curve": hist["probe"], "chosen_step": hist["chosen_step"],
             "val_auc": hist["chosen_score"], "test_auc": test_auc, "chosen_layer": chosen["layer"],
             "train_minutes": hist["probe"][-1]["train_seconds"] / 60}
+
+
+GRID = {"per_class": 2 if SMOKE else 8, "seed": 1, "samplers": (("ddpm", None), ("ddim", 50))}  # --grids
+
+
+def grid_path(name: str):
+    return RESULTS / STUDY / f"samples-{name}.png"
+
+
+def draw_grid(dataset: str, key: str, seed: int, epochs: int):
+    """Samples of a finished run's chosen (best-on-validation) checkpoint, DDPM over every step and DDIM-50 from
+    the same starting noise, under the first training images of each class; -> the PNG, or None when the run
+    has not finished (its JSON is missing). Reads the run's weights; writes nothing into the run."""
+    import torch
+
+    from dcube.config import from_dict
+    from dcube.data import load_data
+    from dcube.diffusion.sampling import sample_images
+    from dcube.diffusion.trainer import load_denoiser
+    from dcube.generate.grid import save_rows
+
+    name = run_name(dataset, key, seed, epochs)
+    if key == "untrained" or not (RESULTS / STUDY / f"{name}.json").exists():
+        return None
+    cfg = from_dict(_cfg(dataset, key, seed, epochs))
+    model, dcfg = load_denoiser(f"{cfg.run_dir}/diffusion/ema.safetensors")
+    data = load_data(cfg.data, seed)
+    per = GRID["per_class"]
+    labels = torch.arange(data.num_classes).repeat_interleave(per)
+    sets = [("real (training)", data.train.images, data.train.labels)]
+    for sampler, steps in GRID["samplers"]:
+        imgs = sample_images(model, dcfg, labels, sampler=sampler, steps=steps, seed=GRID["seed"], desc=sampler)
+        sets.append((f"{sampler.upper()}-{steps or dcfg.num_train_timesteps}", imgs, labels))
+    return save_rows(sets, data.class_names, grid_path(name), per)
+
+
+def _grid_lines(dataset: str, rows: list[dict]) -> list[str]:
+    """The grid of the lowest seed's default-variant run, when drawn (`--grids`)."""
+    mine = sorted((r for r in rows if r["variant"] == DEFAULT), key=lambda r: r["seed"])
+    if not mine or not grid_path(name := run_name(dataset, DEFAULT, mine[0]["seed"], mine[0]["epochs"])).exists():
+        return []
+    r, path = mine[0], grid_path(name)
+    return ["", f"Samples of seed {r['seed']}'s chosen checkpoint (step {r['chosen_step']}, chosen by the validation "
+                f"probe, not by FID): per class, {GRID['per_class']} training images, then DDPM over all steps and "
+                f"DDIM-50 from the same starting noise (seed {GRID['seed']}; `--grids`):",
+            "", f"![samples, {name}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+            if not SMOKE else f"grid: {path.name}"]
 
 
 def plot(rows: list[dict], dataset: str, epochs: int | None = None):
@@ -247,6 +295,7 @@ def table() -> str:
             path = plot(standard, ds)
             lines += ["", f"![step-1 convergence, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
                       if not SMOKE else f"plot: {path.name}"]
+            lines += _grid_lines(ds, standard)
         for epochs in sorted({r["epochs"] for r in runs if r not in standard}):
             long = [r for r in runs if r["epochs"] == epochs and r not in standard]
             lines += [f"\n### {ds}, {epochs} epochs (`--epochs {epochs}`)\n",
@@ -259,6 +308,7 @@ def table() -> str:
             path = plot(long, ds, epochs)
             lines += ["", f"![step-1 convergence, {ds}, {epochs} epochs]"
                           f"({path.relative_to(RESULTS.parent.parent).as_posix()})"]
+            lines += _grid_lines(ds, long)
     return "\n".join(lines)
 
 
@@ -270,8 +320,17 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="default: each dataset's standard schedule "
                    f"({', '.join(f'{k} {v}' for k, v in STANDARD_EPOCHS.items())}); another length is its own table")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--grids", action="store_true", help="draw the sample grid of each finished run asked for "
+                   "(the chosen checkpoint: DDPM, all steps, and DDIM-50), then the table")
     a = p.parse_args(argv)
     epochs = {ds: 1 if SMOKE else a.epochs or STANDARD_EPOCHS[ds] for ds in a.datasets}
+    if a.grids:
+        for ds in a.datasets:
+            for key in a.variants:
+                for seed in a.seeds:
+                    if (path := draw_grid(ds, key, seed, epochs[ds])) is not None:
+                        print(f"grid: {path}")
+        a.table_only = True
     jobs = ((run_name(ds, key, seed, epochs[ds]), partial(untrained_run, ds, seed) if key == "untrained" else
              partial(variant_run, ds, key, seed, epochs[ds]))
             for ds in a.datasets for seed in a.seeds for key in a.variants)

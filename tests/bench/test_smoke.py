@@ -51,6 +51,13 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
     if study == "covid":  # D-Cube (64 px) and ResNet-18 (128 px) are paired on the same test images
         row = next(line for line in md.splitlines() if line.startswith("| **ResNet-18**"))
         assert "p = " in row and "[" in row, row
+    if study == "convergence":  # --grids: the finished default run's samples, drawn and shown; the others skipped
+        grid = subprocess.run([sys.executable, "-m", "bench.convergence", "--grids", *STUDIES[study]], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert grid.returncode == 0, grid.stderr[-3000:]
+        assert (tmp_path / "results" / study / "samples-breastmnist-normalized-s0.png").exists()
+        assert "grid: samples-breastmnist-normalized-s0.png" in (tmp_path / "BENCHMARKS.md").read_text()
+        assert "samples-breastmnist-untrained" not in grid.stdout
     if study == "rebalance":  # each generator's sampler is the candidate of lowest TRAIN FID; arms are paired
         for gen in ("", "-long", "-longer"):
             choice = json.loads((tmp_path / "results" / study / f"synthesis{gen}.json").read_text())["sampler_choice"]

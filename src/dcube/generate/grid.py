@@ -12,17 +12,25 @@ def save_real_vs_generated(real: torch.Tensor, real_labels: torch.Tensor, fake: 
                            fake_labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
                            per: int = 8) -> Path:
     """Two rows per class (real, then generated), `per` images each, saved as PNG."""
+    return save_rows([("real", real, real_labels), ("generated", fake, fake_labels)], class_names, path, per)
+
+
+def save_rows(sets: Sequence[tuple[str, torch.Tensor, torch.Tensor]], class_names: Sequence[str],
+              path: str | Path, per: int = 8) -> Path:
+    """One row per class and set (`(kind, images in [-1, 1], labels)`, e.g. real, then each sampler's),
+    `per` images each, saved as PNG."""
     from dcube.utils.plotting import pyplot
 
     plt = pyplot()
 
     from dcube.utils.io import atomic_write
 
-    rows = 2 * len(class_names)
+    rows = len(sets) * len(class_names)
     fig, axes = plt.subplots(rows, per, figsize=(1.1 * per, 1.25 * rows), squeeze=False)
     for c, name in enumerate(class_names):
-        for r, (imgs, kind) in enumerate(((real[real_labels == c], "real"), (fake[fake_labels == c], "generated"))):
-            row = axes[2 * c + r]
+        for r, (kind, images, labels) in enumerate(sets):
+            imgs = images[labels == c]
+            row = axes[len(sets) * c + r]
             for j, ax in enumerate(row):
                 ax.axis("off")
                 if j < len(imgs):
