@@ -182,7 +182,7 @@ def plot(rows: list[dict], dataset: str, epochs: int | None = None):
         auc = np.array([[p["score"] for p in r["curve"][:n]] for r in rs])
         mins = np.array([[p["train_seconds"] / 60 for p in r["curve"][:n]] for r in rs]).mean(0)
         for ax, x in ((axes[0], steps), (axes[1], mins)):
-            ax.plot(x, auc.mean(0), color=f"C{i}", label=f"{key} ({len(rs)} seeds)")
+            ax.plot(x, auc.mean(0), color=f"C{i}", label=f"{key} ({len(rs)} seed{'s' * (len(rs) != 1)})")
             if len(rs) > 1:
                 ax.fill_between(x, auc.min(0), auc.max(0), color=f"C{i}", alpha=0.15)
     axes[0].set_xlabel("optimiser step")
@@ -244,7 +244,7 @@ def _probe_reference(dataset: str, chosen: list[dict]) -> list[str]:
     gap = np.mean([r["test_auc"] for r in chosen]) - np.mean(ref)
     return ["", f"The bar: the frozen ImageNet EfficientNet-Lite0 linear probe (`bench.accuracy`, {len(ref)} seeds) "
                 f"reaches test AUC {mean_std(ref)}; step-1 features alone (`{DEFAULT}`, the chosen checkpoint, "
-                f"{len(chosen)} seeds) minus it: {gap:+.3f} (means over seeds)."]
+                f"{len(chosen)} seed{'s' * (len(chosen) != 1)}) minus it: {gap:+.3f} (means over seeds)."]
 
 
 def _longer(long: list[dict], standard: list[dict]) -> list[str]:
@@ -258,10 +258,10 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
         return []
     diff = [mine[s] - base[s] for s in seeds]
     p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f}"
-         if len(seeds) > 1 else "one seed: no test")
+         if len(seeds) > 1 else "one seed so far: no test")
     return ["", f"- {long[0]['epochs']} epochs − {standard[0]['epochs'] if standard else '?'} epochs (`{DEFAULT}`, "
                 f"validation AUC of the chosen checkpoints): {np.mean(diff):+.3f} (per seed "
-                f"{', '.join(f'{d:+.3f}' for d in diff)}; {p}, {len(seeds)} seeds)"]
+                f"{', '.join(f'{d:+.3f}' for d in diff)}; {p})"]
 
 
 def _rows(rs: list[dict], label: str) -> str:
@@ -299,8 +299,10 @@ def table() -> str:
         for epochs in sorted({r["epochs"] for r in runs if r not in standard}):
             long = [r for r in runs if r["epochs"] == epochs and r not in standard]
             lines += [f"\n### {ds}, {epochs} epochs (`--epochs {epochs}`)\n",
-                      f"The probe every {eval_epochs(ds, epochs)} epochs. Seeds still running resume with the same "
-                      "command.\n", *header]
+                      f"The probe every {eval_epochs(ds, epochs)} epochs."
+                      + (f" **In progress: {n} of 3 seeds** (the others resume with the same command); no claim "
+                         "rests on it until all three are in." if (n := len({r['seed'] for r in long})) < 3 else ""),
+                      "", *header]
             lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
                       if (rs := [r for r in long if r["variant"] == key])]
             lines += _longer(long, standard)
