@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from itertools import product
 
 import numpy as np
 
@@ -153,8 +154,9 @@ def _grid_lines(dataset: str, rows: list[dict]) -> list[str]:
         return []
     r, path = mine[0], grid_path(name)
     return ["", f"Samples of seed {r['seed']}'s chosen checkpoint (step {r['chosen_step']}, chosen by the validation "
-                f"probe, not by FID): per class, {GRID['per_class']} training images, then DDPM over all steps and "
-                f"DDIM-50 from the same starting noise (seed {GRID['seed']}; `--grids`):",
+                f"probe, not by FID): per class, {GRID['per_class']} training images, then "
+                f"{' and '.join(f'{m.upper()}-{n}' if n else f'{m.upper()} over all steps' for m, n in GRID['samplers'])} "
+                f"from the same starting noise (seed {GRID['seed']}; `--grids`):",
             "", f"![samples, {name}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
             if not SMOKE else f"grid: {path.name}"]
 
@@ -251,7 +253,8 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
     """Whether the longer schedule helps, on VALIDATION: its chosen probe minus the standard schedule's, same seeds."""
     from scipy.stats import ttest_rel
 
-    base = {r["seed"]: r["val_auc"] for r in standard if r["variant"] == DEFAULT}
+    ref = [r for r in standard if r["variant"] == DEFAULT]
+    base = {r["seed"]: r["val_auc"] for r in ref}
     mine = {r["seed"]: r["val_auc"] for r in long if r["variant"] == DEFAULT}
     seeds = sorted(set(base) & set(mine))
     if not seeds:
@@ -259,16 +262,37 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
     diff = [mine[s] - base[s] for s in seeds]
     p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f}"
          if len(seeds) > 1 else "one seed so far: no test")
-    return ["", f"- {long[0]['epochs']} epochs − {standard[0]['epochs'] if standard else '?'} epochs (`{DEFAULT}`, "
+    return ["", f"- {long[0]['epochs']} epochs − {ref[0]['epochs']} epochs (`{DEFAULT}`, "
                 f"validation AUC of the chosen checkpoints): {np.mean(diff):+.3f} (per seed "
                 f"{', '.join(f'{d:+.3f}' for d in diff)}; {p})"]
 
 
 def _rows(rs: list[dict], label: str) -> str:
-    steps = [float(r["chosen_step"]) for r in rs]
-    step = f"{steps[0]:.0f}" if len(steps) == 1 else f"{np.mean(steps):.0f} ± {np.std(steps, ddof=1):.0f}"
-    return (f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | {step} | "
+    return (f"| {label} | {len(rs)} | {rs[0]['epochs']} | {mean_std([r['val_auc'] for r in rs])} | "
+            f"{mean_std([float(r['chosen_step']) for r in rs], digits=0)} | "
             f"{mean_std([r['test_auc'] for r in rs])} | {mean_std([r['train_minutes'] for r in rs])} |")
+
+
+def _section(ds: str, rows: list[dict], epochs: int | None, standard: list[dict]) -> list[str]:
+    """One schedule's table: the standard one (`epochs` None) with its validation decision, or a longer one
+    with its comparison against the standard schedule; then the bar, the curve and the grid."""
+    n = len({r["seed"] for r in rows})
+    lines = [f"\n### {ds}\n"] if epochs is None else [
+        f"\n### {ds}, {epochs} epochs (`--epochs {epochs}`)\n",
+        f"The probe every {eval_epochs(ds, epochs)} epochs."
+        + (f" **In progress: {n} of 3 seeds** (the others resume with the same command); no claim rests on it "
+           "until all three are in." if n < 3 else ""), ""]
+    lines += ["| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
+              if (rs := [r for r in rows if r["variant"] == key])]
+    lines += _decision(rows) if epochs is None else _longer(rows, standard)
+    lines += _probe_reference(ds, [r for r in rows if r["variant"] == DEFAULT])
+    path = plot(rows, ds, epochs)
+    title = ds if epochs is None else f"{ds}, {epochs} epochs"
+    lines += ["", f"![step-1 convergence, {title}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+              if not SMOKE else f"plot: {path.name}"]
+    return lines + _grid_lines(ds, rows)
 
 
 def table() -> str:
@@ -281,36 +305,13 @@ def table() -> str:
              "(fitted on training images, block and C chosen on validation) is scored on validation; the chosen "
              "checkpoint is the best on validation, and only its probe is scored on test. Mean ± std over seeds; a "
              "default may only be chosen on the validation column.\n"]
-    header = ["| variant | seeds | epochs | val AUC (chosen) | chosen step | test AUC (chosen) | training minutes |",
-              "|---|---|---|---|---|---|---|"]
     for ds in TRAIN_SIZES:
         runs = [r for r in rows if r["dataset"] == ds]
-        standard = [r for r in runs if r["epochs"] in (0, STANDARD_EPOCHS[ds]) or SMOKE]
+        standard = [r for r in runs if SMOKE or r["epochs"] in (0, STANDARD_EPOCHS[ds])]
         if standard:
-            lines += [f"\n### {ds}\n", *header]
-            lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
-                      if (rs := [r for r in standard if r["variant"] == key])]
-            lines += _decision(standard)
-            lines += _probe_reference(ds, [r for r in standard if r["variant"] == DEFAULT])
-            path = plot(standard, ds)
-            lines += ["", f"![step-1 convergence, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
-                      if not SMOKE else f"plot: {path.name}"]
-            lines += _grid_lines(ds, standard)
-        for epochs in sorted({r["epochs"] for r in runs if r not in standard}):
-            long = [r for r in runs if r["epochs"] == epochs and r not in standard]
-            lines += [f"\n### {ds}, {epochs} epochs (`--epochs {epochs}`)\n",
-                      f"The probe every {eval_epochs(ds, epochs)} epochs."
-                      + (f" **In progress: {n} of 3 seeds** (the others resume with the same command); no claim "
-                         "rests on it until all three are in." if (n := len({r['seed'] for r in long})) < 3 else ""),
-                      "", *header]
-            lines += [_rows(rs, label) for key, (label, _) in VARIANTS.items()
-                      if (rs := [r for r in long if r["variant"] == key])]
-            lines += _longer(long, standard)
-            lines += _probe_reference(ds, [r for r in long if r["variant"] == DEFAULT])
-            path = plot(long, ds, epochs)
-            lines += ["", f"![step-1 convergence, {ds}, {epochs} epochs]"
-                          f"({path.relative_to(RESULTS.parent.parent).as_posix()})"]
-            lines += _grid_lines(ds, long)
+            lines += _section(ds, standard, None, standard)
+        for epochs in sorted({r["epochs"] for r in runs} - {r["epochs"] for r in standard}):
+            lines += _section(ds, [r for r in runs if r["epochs"] == epochs], epochs, standard)
     return "\n".join(lines)
 
 
@@ -327,11 +328,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     epochs = {ds: 1 if SMOKE else a.epochs or STANDARD_EPOCHS[ds] for ds in a.datasets}
     if a.grids:
-        for ds in a.datasets:
-            for key in a.variants:
-                for seed in a.seeds:
-                    if (path := draw_grid(ds, key, seed, epochs[ds])) is not None:
-                        print(f"grid: {path}")
+        for ds, key, seed in product(a.datasets, a.variants, a.seeds):
+            if (path := draw_grid(ds, key, seed, epochs[ds])) is not None:
+                print(f"grid: {path}")
         a.table_only = True
     jobs = ((run_name(ds, key, seed, epochs[ds]), partial(untrained_run, ds, seed) if key == "untrained" else
              partial(variant_run, ds, key, seed, epochs[ds]))
