@@ -11,7 +11,10 @@ soft tissue are brighter) -- no lung masks ship with PneumoniaMNIST, so this is 
 panel next to the maps for the reader to judge. Pneumonia makes parts of the lungs brighter (opacities),
 which that per-image proxy leaves out; the *lung field* is therefore a second, fixed region: the same
 rule on the mean TRAINING image (where the lungs are on average, opacified or not). Its enrichment is
-also given on the images predicted as the second class (pneumonia), where the evidence should be. Methods: MONAI GradCAM on head stages, HiResCAM
+also given on the images predicted as the second class (pneumonia), where the evidence should be. The
+*centre* is the band between the two lung fields (mediastinum, heart, spine). A *deletion* table says,
+without any attribution method, what the model rests on: the drop of the predicted class's probability
+when the lung field, the centre or the border ring is replaced by the image's mean. Methods: MONAI GradCAM on head stages, HiResCAM
 (gradient x activation, faithful for a flatten + FC head; hand-written: MONAI has none), MONAI
 OcclusionSensitivity on the calibrated-probability model, and the diffusion evidence map of
 `dcube predict --heatmaps`.
@@ -41,6 +44,29 @@ def _ring(size: int):
 def lung_proxy(x, ring):
     inner = ~ring
     return inner & (x[0] < x[0][inner].median())
+
+
+def centre_band(field):
+    """The region between the two lung fields (mediastinum, heart, spine): on each row that has lung-field
+    pixels, the columns from the field's first to its last pixel that are not lung field."""
+    import torch
+
+    centre = torch.zeros_like(field)
+    for r in range(field.shape[0]):
+        cols = field[r].nonzero().flatten()
+        if len(cols):
+            centre[r, int(cols.min()):int(cols.max()) + 1] = True
+    return centre & ~field
+
+
+def deletion(pred, X, c, region) -> list[float]:
+    """The drop of each image's predicted-class probability (calibrated) when `region` is replaced by the
+    image's mean: what the model rests on, measured without any attribution method."""
+    import torch
+
+    Xd = torch.where(region, X.mean((1, 2, 3), keepdim=True), X)
+    before, after = pred(X)[1], pred(Xd)[1]
+    return [float(before[i, k] - after[i, k]) for i, k in enumerate(c)]
 
 
 def enrichment(m, mask) -> float:
@@ -81,6 +107,7 @@ def measure(run_dir: str, n: int) -> dict:
     S = X.shape[-1]
     ring = _ring(S)
     field = lung_proxy(data.train.images.mean(0), ring)  # where the lungs are on average (training split)
+    centre = centre_band(field)
 
     class Net(torch.nn.Module):  # the head with the frozen features inside (as Predictor.gradcam)
         def __init__(self):
@@ -138,7 +165,7 @@ def measure(run_dir: str, n: int) -> dict:
                 lambda x, c, k=noises: _evidence(pred, x, raw_i, k))
     if pred.head.cnn is not None:
         methods["Grad-CAM head.cnn_proj"] = gradcam("head.cnn_proj")
-    scores = {k: {"lung": [], "border": [], "field": []} for k in methods}
+    scores = {k: {"lung": [], "border": [], "field": [], "centre": []} for k in methods}
     predicted = []
     panel = []
     for i in range(len(X)):
@@ -152,30 +179,37 @@ def measure(run_dir: str, n: int) -> dict:
             scores[k]["lung"].append(enrichment(m, lm))
             scores[k]["border"].append(enrichment(m, ring))
             scores[k]["field"].append(enrichment(m, field))
+            scores[k]["centre"].append(enrichment(m, centre))
         if i < 5:
             panel.append((x[0].numpy(), lm.numpy(), {k: v.detach().numpy() for k, v in maps.items()}))
-    _panel(panel, Path(run_dir).name, field.numpy())
+    _panel(panel, Path(run_dir).name, field.numpy(), centre.numpy())
     pos = np.array(predicted) == 1
+    regions = {"lung field": field, "centre (between the lung fields)": centre, "border ring": ring}
+    drops = {k: deletion(pred, X, predicted, m) for k, m in regions.items()}
     return {"study": STUDY, "run_dir": str(run_dir), "images": len(X), "image_size": S,
             "layers": pred.layers, "subfeature": pred.cfg.classifier.subfeature,
             "methods": {k: {"lung_mean": float(np.mean(v["lung"])), "lung_std": float(np.std(v["lung"], ddof=1)),
                             "border_mean": float(np.mean(v["border"])),
                             "border_std": float(np.std(v["border"], ddof=1)),
                             "field_mean": float(np.mean(v["field"])), "field_std": float(np.std(v["field"], ddof=1)),
-                            "field_positive_mean": float(np.mean(np.array(v["field"])[pos])) if pos.any() else None}
+                            "field_positive_mean": float(np.mean(np.array(v["field"])[pos])) if pos.any() else None,
+                            "centre_mean": float(np.mean(v["centre"])), "centre_std": float(np.std(v["centre"], ddof=1))}
                         for k, v in scores.items()},
+            "deletion": {k: {"area": float(regions[k].float().mean()), "drop_mean": float(np.mean(v)),
+                             "drop_std": float(np.std(v, ddof=1)), "drops": v} for k, v in drops.items()},
             "positive_class": data.class_names[1], "n_predicted_positive": int(pos.sum())}
 
 
-def _panel(panel, name: str, field=None) -> None:
+def _panel(panel, name: str, field=None, centre=None) -> None:
     from dcube.utils.plotting import pyplot  # literal text (no mathtext)
 
     plt = pyplot()
-    cols = 2 + (field is not None) + len(panel[0][2])
+    cols = 2 + (field is not None) + (centre is not None) + len(panel[0][2])
     fig, ax = plt.subplots(len(panel), cols, figsize=(1.9 * cols, 2.0 * len(panel)))
     for r, (img, lm, maps) in enumerate(panel):
         items = [("image", img, "gray"), ("lung proxy", lm, "gray")] + \
             ([("lung field\n(mean train image)", field, "gray")] if field is not None else []) + \
+            ([("centre\n(between the fields)", centre, "gray")] if centre is not None else []) + \
             [(k, v, "jet") for k, v in maps.items()]
         for c, (t, im, cmap) in enumerate(items):
             ax[r, c].imshow(im, cmap=cmap)
@@ -187,6 +221,28 @@ def _panel(panel, name: str, field=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
+
+
+def _deletion_contrasts(deletion: dict) -> list[str]:
+    """Each other region's drop minus the lung field's, paired over the same images: the mean with a 95 %
+    bootstrap CI (scipy, 2,000 resamples, seeded) and a Wilcoxon signed-rank p."""
+    import numpy as np
+    from scipy.stats import bootstrap, wilcoxon
+
+    ref = "lung field"
+    if any("drops" not in v for v in deletion.values()) or ref not in deletion:
+        return []
+    out = []
+    for k, v in deletion.items():
+        if k == ref:
+            continue
+        d = np.asarray(v["drops"]) - np.asarray(deletion[ref]["drops"])
+        ci = bootstrap((d,), np.mean, n_resamples=2000, confidence_level=0.95, method="percentile",
+                       random_state=0).confidence_interval
+        p = wilcoxon(d).pvalue if np.any(d != 0) else 1.0
+        out.append(f"- {k} minus lung field, paired over the {len(d)} images: {d.mean():+.3f} "
+                   f"[{ci.low:+.3f}, {ci.high:+.3f}], Wilcoxon p = {p:.3f}")
+    return out
 
 
 def table() -> str:
@@ -203,12 +259,21 @@ def table() -> str:
                   f"sub-features {r['subfeature']}), {r['images']} images, {r['date']}:\n",
                   "| method | lung enrichment (per-image proxy) | lung-field enrichment | lung-field, images "
                   f"predicted {r.get('positive_class', 'positive')} ({r.get('n_predicted_positive', '-')}) | "
-                  "border enrichment |", "|---|---|---|---|---|"]
+                  "centre enrichment (between the lung fields) | border enrichment |", "|---|---|---|---|---|---|"]
+        ms = lambda v, k: f"{v[k + '_mean']:.2f} ± {v[k + '_std']:.2f}" if k + "_mean" in v else "-"  # noqa: E731
         for k, v in r["methods"].items():
-            f = f"{v['field_mean']:.2f} ± {v['field_std']:.2f}" if "field_mean" in v else "-"
             fp = v.get("field_positive_mean")
-            lines.append(f"| {k} | {v['lung_mean']:.2f} ± {v['lung_std']:.2f} | {f} | "
-                         f"{'-' if fp is None else f'{fp:.2f}'} | {v['border_mean']:.2f} ± {v['border_std']:.2f} |")
+            lines.append(f"| {k} | {ms(v, 'lung')} | {ms(v, 'field')} | {'-' if fp is None else f'{fp:.2f}'} | "
+                         f"{ms(v, 'centre')} | {ms(v, 'border')} |")
+        if "deletion" in r:
+            lines += ["", "What the model rests on, without an attribution method: each region replaced by the "
+                      "image's mean, the drop of the predicted class's calibrated probability (mean ± std over the "
+                      "images; *per unit area*: the drop divided by the region's share of the image).", "",
+                      "| region replaced | share of the image | probability drop | per unit area |", "|---|---|---|---|"]
+            for k, v in r["deletion"].items():
+                lines.append(f"| {k} | {v['area']:.2f} | {v['drop_mean']:.3f} ± {v['drop_std']:.3f} | "
+                             f"{v['drop_mean'] / v['area']:.3f} |")
+            lines += ["", *_deletion_contrasts(r["deletion"])]
         lines.append(f"\n![maps](bench/results/{STUDY}/{Path(r['run_dir']).name}-panel.png)\n")
     return "\n".join(lines)
 
