@@ -309,7 +309,7 @@ class DCube(Method):
     def evaluate(self) -> dict:
         from dcube.classify.trainer import BEST, CHOICE, build_head, predict, resolve_subfeature
         from dcube.evaluate import compute_metrics, format_table
-        from dcube.evaluate.calibration import apply_temperature, calibrate, plot_reliability
+        from dcube.evaluate.calibration import apply_temperature, calibrate, calibration_warning, plot_reliability
         from dcube.evaluate.stats import bootstrap_ci
         from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
         from dcube.utils.io import load_checkpoint
@@ -353,6 +353,8 @@ class DCube(Method):
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
         print(f"calibration (temperature {cal['temperature']:.3f}, fitted on validation): test ECE "
               f"{cal['test']['ece_before']:.4f} -> {cal['test']['ece_after']:.4f}")
+        if (warning := calibration_warning(cal)) is not None:
+            print(f"note: {warning}")
         if "operating_point" in cal:
             op = cal["operating_point"]["test"]
             print(f"operating point (threshold {op['threshold']:.4f}, chosen on validation for sensitivity "

@@ -55,6 +55,8 @@ def _fmt(v) -> str:
 
 
 def _metrics_section(m: dict) -> str:
+    from dcube.evaluate.calibration import calibration_warning
+
     test, val, ci = m["test"], m.get("val", {}), m["test"].get("ci95", {})
     rows = []
     for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc"):
@@ -82,6 +84,8 @@ def _metrics_section(m: dict) -> str:
             rows.append(["test sensitivity [95 % CI]", f"{_fmt(op.get('sensitivity'))} {op.get('sensitivity_ci95')}"])
             rows.append(["test specificity [95 % CI]", f"{_fmt(op.get('specificity'))} {op.get('specificity_ci95')}"])
         out += ["<h3>Calibration and operating point</h3>", _table(["", "value"], rows)]
+        if (warning := calibration_warning(cal)) is not None:
+            out.append(f'<p class="note">{esc(warning)}</p>')
     return "\n".join(out)
 
 

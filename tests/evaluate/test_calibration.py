@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dcube.evaluate.calibration import (apply_temperature, calibrate, expected_calibration_error, fit_temperature,
-                                        nll, operating_point, pick_threshold, plot_reliability)
+from dcube.evaluate.calibration import (apply_temperature, calibrate, calibration_warning, expected_calibration_error,
+                                        fit_temperature, nll, operating_point, pick_threshold, plot_reliability)
 
 
 def _overconfident(n, seed):
@@ -48,3 +48,24 @@ def test_calibrate_reports_before_after_and_refuses_multiclass_operating_points(
         calibrate(np.full((4, 3), 1 / 3), [0, 1, 2, 0], np.full((4, 3), 1 / 3), [0, 1, 2, 0], list("abc"), 0.9)
     path = plot_reliability(tp, apply_temperature(tp, cal["temperature"]), ty, tmp_path / "rel.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _underconfident(n, seed):
+    """Scores whose true posterior is sigmoid(4 s), reported as sigmoid(s): far too timid."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-4 * s))).astype(int)
+    p1 = 1 / (1 + np.exp(-s))
+    return np.stack([1 - p1, p1], 1), y
+
+
+def test_warns_when_the_validation_temperature_worsens_test_calibration():
+    vp, vy = _overconfident(400, 0)
+    same = calibrate(vp, vy, *_overconfident(400, 1), ["a", "b"])
+    assert calibration_warning(same) is None  # test split like validation: scaling helps there too
+    # validation overconfident, test underconfident: the fitted T > 1 softens the test split further
+    shifted = calibrate(vp, vy, *_underconfident(400, 1), ["a", "b"])
+    t = shifted["test"]
+    assert t["ece_after"] > t["ece_before"]
+    line = calibration_warning(shifted)
+    assert line is not None and f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}" in line and "reliability" in line

@@ -102,6 +102,18 @@ def calibrate(val_probs, val_y, test_probs, test_y, class_names, target_sensitiv
     return out
 
 
+def calibration_warning(cal: dict) -> str | None:
+    """A line for the user when the temperature fitted on validation made the TEST split worse calibrated
+    (validation and test differ, e.g. PneumoniaMNIST's easier validation split); None otherwise."""
+    t = cal.get("test") or {}
+    before, after = t.get("ece_before"), t.get("ece_after")
+    if before is None or after is None or after <= before:
+        return None
+    return (f"temperature scaling (fitted on validation) raised the test ECE ({before:.4f} -> {after:.4f}): "
+            "this validation split is calibrated unlike the test split, so 'calibrated' means calibrated on "
+            "validation; read reliability.png before trusting a probability")
+
+
 def plot_reliability(probs_before, probs_after, y, path: str | Path, title: str = "test split") -> Path:
     """Reliability diagram (top-label confidence vs accuracy per bin), before and after scaling."""
     from dcube.evaluate.plots import _new_figure, _save
