@@ -59,13 +59,12 @@ def centre_band(field):
     return centre & ~field
 
 
-def deletion(pred, X, c, region) -> list[float]:
-    """The drop of each image's predicted-class probability (calibrated) when `region` is replaced by the
-    image's mean: what the model rests on, measured without any attribution method."""
+def deletion(pred, X, before, c, region) -> list[float]:
+    """The drop of each image's predicted-class probability (calibrated; `before`: pred(X)'s) when `region`
+    is replaced by the image's mean: what the model rests on, measured without any attribution method."""
     import torch
 
-    Xd = torch.where(region, X.mean((1, 2, 3), keepdim=True), X)
-    before, after = pred(X)[1], pred(Xd)[1]
+    after = pred(torch.where(region, X.mean((1, 2, 3), keepdim=True), X))[1]
     return [float(before[i, k] - after[i, k]) for i, k in enumerate(c)]
 
 
@@ -103,7 +102,7 @@ def measure(run_dir: str, n: int) -> dict:
     val = data.val
     idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:n]
     X = val.images[idx]
-    raw, _ = pred(X)
+    raw, calibrated = pred(X)
     S = X.shape[-1]
     ring = _ring(S)
     field = lung_proxy(data.train.images.mean(0), ring)  # where the lungs are on average (training split)
@@ -185,7 +184,7 @@ def measure(run_dir: str, n: int) -> dict:
     _panel(panel, Path(run_dir).name, field.numpy(), centre.numpy())
     pos = np.array(predicted) == 1
     regions = {"lung field": field, "centre (between the lung fields)": centre, "border ring": ring}
-    drops = {k: deletion(pred, X, predicted, m) for k, m in regions.items()}
+    drops = {k: deletion(pred, X, calibrated, predicted, m) for k, m in regions.items()}
     return {"study": STUDY, "run_dir": str(run_dir), "images": len(X), "image_size": S,
             "layers": pred.layers, "subfeature": pred.cfg.classifier.subfeature,
             "methods": {k: {"lung_mean": float(np.mean(v["lung"])), "lung_std": float(np.std(v["lung"], ddof=1)),
@@ -195,8 +194,7 @@ def measure(run_dir: str, n: int) -> dict:
                             "field_positive_mean": float(np.mean(np.array(v["field"])[pos])) if pos.any() else None,
                             "centre_mean": float(np.mean(v["centre"])), "centre_std": float(np.std(v["centre"], ddof=1))}
                         for k, v in scores.items()},
-            "deletion": {k: {"area": float(regions[k].float().mean()), "drop_mean": float(np.mean(v)),
-                             "drop_std": float(np.std(v, ddof=1)), "drops": v} for k, v in drops.items()},
+            "deletion": {k: {"area": float(regions[k].float().mean()), "drops": v} for k, v in drops.items()},
             "positive_class": data.class_names[1], "n_predicted_positive": int(pos.sum())}
 
 
@@ -230,7 +228,7 @@ def _deletion_contrasts(deletion: dict) -> list[str]:
     from scipy.stats import bootstrap, wilcoxon
 
     ref = "lung field"
-    if any("drops" not in v for v in deletion.values()) or ref not in deletion:
+    if ref not in deletion:
         return []
     out = []
     for k, v in deletion.items():
@@ -246,7 +244,9 @@ def _deletion_contrasts(deletion: dict) -> list[str]:
 
 
 def table() -> str:
-    from bench.common import load_results
+    import statistics
+
+    from bench.common import load_results, mean_std
 
     lines = [f"## Where the heat maps point\n\nCommand: `python -m bench.heatmaps --run-dir runs/demo` (after "
              f"`make demo`). Machine: {machine()}. Each method's map of the predicted class on seeded VALIDATION "
@@ -271,8 +271,8 @@ def table() -> str:
                       "images; *per unit area*: the drop divided by the region's share of the image).", "",
                       "| region replaced | share of the image | probability drop | per unit area |", "|---|---|---|---|"]
             for k, v in r["deletion"].items():
-                lines.append(f"| {k} | {v['area']:.2f} | {v['drop_mean']:.3f} ± {v['drop_std']:.3f} | "
-                             f"{v['drop_mean'] / v['area']:.3f} |")
+                lines.append(f"| {k} | {v['area']:.2f} | {mean_std(v['drops'])} | "
+                             f"{statistics.mean(v['drops']) / v['area']:.3f} |")
             lines += ["", *_deletion_contrasts(r["deletion"])]
         lines.append(f"\n![maps](bench/results/{STUDY}/{Path(r['run_dir']).name}-panel.png)\n")
     return "\n".join(lines)

@@ -37,8 +37,8 @@ def test_deletion_drops_only_where_the_model_reads():
     X = torch.full((3, 1, 9, 9), -1.0)
     X[:, :, inner] = 1.0  # bright interior, dark border: the image mean lies between
     reader = _Reader(inner)
-    on_inner = deletion(reader, X, [1, 1, 1], inner)
-    on_ring = deletion(reader, X, [1, 1, 1], ring)
+    on_inner = deletion(reader, X, reader(X)[1], [1, 1, 1], inner)
+    on_ring = deletion(reader, X, reader(X)[1], [1, 1, 1], ring)
     assert min(on_inner) > 0.1  # the region the model reads: its probability falls (0.157 here)
     assert max(abs(d) for d in on_ring) < 1e-9  # a region it ignores: nothing changes
 
