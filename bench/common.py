@@ -24,6 +24,13 @@ RESULTS = Path(_OUT) / "results" if _OUT else ROOT / "bench" / "results"
 BENCHMARKS = Path(_OUT) / "BENCHMARKS.md" if _OUT else ROOT / "BENCHMARKS.md"
 SMOKE = os.environ.get("DCUBE_BENCH_SMOKE") == "1"
 THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))  # 1: other jobs share this 2-core machine
+# DCUBE_BENCH_RUNS: where studies that support it keep their run directories (checkpoints that must outlive a
+# work tree: long runs resume from there in a later sitting); default results/<study>/runs
+_RUNS = os.environ.get("DCUBE_BENCH_RUNS")
+
+
+def runs_root(study: str) -> Path:
+    return Path(_RUNS) / study if _RUNS and not _OUT else RESULTS / study / "runs"
 _TINY = {
     "data": {"max_train": 48, "max_val": 24, "max_test": 24},
     "diffusion": {"preset": "micro", "epochs": 1, "max_steps": 2, "batch_size": 16, "sample_grid": False,
@@ -223,3 +230,59 @@ def split_labels(data_cfg: dict, seed: int, split: str = "test"):
 
 def test_labels(data_cfg: dict, seed: int):
     return split_labels(data_cfg, seed, "test")
+
+
+def _by_seed(runs: list[dict]) -> list[dict]:
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def two_level_test(runs: list[dict], ref: list[dict] | None = None, metric: str = "auc") -> dict | None:
+    """`dcube.evaluate.stats.two_level_bootstrap` of runs (minus ref) on their common test images; the runs
+    of one seed in both arms are paired when both arms have the same seeds. None without per-image probabilities."""
+    import numpy as np
+
+    from dcube.evaluate.stats import two_level_bootstrap
+
+    y = _paired_labels(runs + (ref or []))
+    if y is None:
+        return None
+    a = [np.array(r["test_probs"]) for r in _by_seed(runs)]
+    b = None if ref is None else [np.array(r["test_probs"]) for r in _by_seed(ref)]
+    paired = ref is not None and [r["seed"] for r in _by_seed(runs)] == [r["seed"] for r in _by_seed(ref)]
+    return two_level_bootstrap(y, a, b, metric, paired=paired)
+
+
+def two_level_ci_cell(runs: list[dict], metric: str = "auc") -> str:
+    r = two_level_test(runs, None, metric)
+    return "-" if r is None else f"[{max(r['ci'][0], 0.0):.3f}, {min(r['ci'][1], 1.0):.3f}]"  # a metric in [0, 1]
+
+
+class Family:
+    """One table's family of comparisons: each `cell` holds a place until every p-value of the family is
+    known; `fill` writes them with Holm's adjustment (dcube.evaluate.stats.holm) beside the raw p, and the
+    verdict ("beats" / "below") only from the adjusted one."""
+
+    def __init__(self, name: str):
+        self.name, self.results = name, []
+
+    def cell(self, runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
+        r = two_level_test(runs, ref, metric)
+        if r is None:
+            return "-"
+        self.results.append(r)
+        return f"@@{id(self)}:{len(self.results) - 1}@@"
+
+    def fill(self, text: str) -> str:
+        from dcube.evaluate.stats import holm, verdict
+
+        adj = holm([r["p"] for r in self.results])
+        for i, (r, q) in enumerate(zip(self.results, adj)):
+            r["p_holm"] = q
+            text = text.replace(f"@@{id(self)}:{i}@@", f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
+                                f"p = {r['p']:.3f}, Holm p = {q:.3f}: {verdict(r['diff'], q)}")
+        return text
+
+    def note(self) -> str:
+        return (f"Family \"{self.name}\": {len(self.results)} comparison(s), Holm-adjusted together; "
+                "two-level bootstrap (test images stratified by class, then seeds, paired by seed), t with "
+                "Satterthwaite df.")

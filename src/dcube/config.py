@@ -55,7 +55,7 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every)
+    epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every); 0: the seeded initialisation (the untrained control arm)
     max_steps: Optional[int] = None  # stop after this many optimiser steps
     patience: int = 5  # epochs=auto: probe evaluations without improvement before stopping
     eval_every: int = 200  # epochs=auto: optimiser steps between probe evaluations of the EMA model
@@ -103,6 +103,7 @@ class FeatureConfig:
 class ClassifierConfig:
     subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none | auto (both, chosen on validation)
     subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
+    diffusion_features: bool = True  # false: the control arm, this head on the sub-feature CNN alone (no step 1)
     fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
     score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
@@ -337,7 +338,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     optional_positive = {"threads": cfg.threads, "diffusion.max_steps": cfg.diffusion.max_steps,
                          "data.max_pixels": cfg.data.max_pixels, "features.map_size": cfg.features.map_size,
-                         "diffusion.epochs": None if cfg.diffusion.epochs == "auto" else cfg.diffusion.epochs}
+                         }
+    if cfg.diffusion.epochs != "auto" and cfg.diffusion.epochs < 0:
+        raise ConfigError(f"diffusion.epochs: must be >= 0 (0: the untrained denoiser) or 'auto', "
+                          f"got {cfg.diffusion.epochs}")
     for key, v in optional_positive.items():
         if v is not None and v <= 0:
             raise ConfigError(f"{key}: must be >= 1 (or left out), got {v}")
@@ -404,6 +408,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0 <= cfg.classifier.cnn_frozen_blocks <= frozen_max:
         raise ConfigError(f"classifier.cnn_frozen_blocks: must lie in [0, {frozen_max}] for classifier.subfeature "
                           f"{cfg.classifier.subfeature!r}, got {cfg.classifier.cnn_frozen_blocks}")
+    if not cfg.classifier.diffusion_features:  # the CNN-only control arm
+        if cfg.classifier.subfeature == "none":
+            raise ConfigError("classifier.diffusion_features: false leaves the head no input with "
+                              "classifier.subfeature 'none'; name a sub-feature CNN")
+        if cfg.classifier.cycle_weight > 0:
+            raise ConfigError("classifier.cycle_weight: the cycle loss needs the step-1 denoiser, which "
+                              "classifier.diffusion_features: false does not train; set it to 0")
+    if cfg.features.ks_keep == "most_gaussian" and cfg.features.select in ("probe", "all"):
+        raise ConfigError(f"features.ks_keep: 'most_gaussian' applies to the KS rules (features.select 'ks_map' "
+                          f"or 'ks'), not to {cfg.features.select!r}")
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
     return cfg

@@ -36,14 +36,15 @@ class ExportedModel(torch.nn.Module):
         if fc.input_mode != "x0":
             raise ValueError(f"{pred.dir}: features.input_mode={fc.input_mode!r} cannot be exported (the noise is "
                              "drawn per image index by a seeded generator); only x0 runs can")
-        self.denoiser, self.head = pred.model.eval(), pred.head.eval()
+        self.head = pred.head.eval()
+        self.denoiser = pred.model.eval() if pred.model is not None else None  # None: the CNN-only arm
         self.layers = list(pred.layers)
         self.timesteps = [fc.timestep] if pred.timesteps == [None] else [int(t) for t in pred.timesteps]
         self.num_classes = len(pred.class_names)
         self.register_buffer("temperature", torch.tensor(float(pred.calibration["temperature"])))
         self._maps: dict[str, torch.Tensor] = {}
         self.map_size = fc.map_size
-        mods = self.denoiser.feature_modules()
+        mods = self.denoiser.feature_modules() if self.denoiser is not None else {}
         for name in self.layers:
             mods[name].register_forward_hook(self._hook(name))
 
@@ -56,7 +57,7 @@ class ExportedModel(torch.nn.Module):
         n = images.shape[0]
         cond = torch.full((n, self.num_classes), 1.0 / self.num_classes, dtype=images.dtype, device=images.device)
         by_t = []
-        for t in self.timesteps:
+        for t in self.timesteps if self.layers else []:
             self.denoiser(images, torch.full((n,), t, dtype=torch.long, device=images.device), cond)
             by_t.append([self._maps[name].half().float() for name in self.layers])
         feats = [by_t[j][i] for i in range(len(self.layers)) for j in range(len(self.timesteps))]

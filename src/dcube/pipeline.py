@@ -38,7 +38,8 @@ class DCube(Method):
               "evaluate": "evaluate_and_report"}
     # which output each config section produced: a section may change until its output exists
     MADE = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
-            "features": "features/selection.json", "classifier": "classifier/best.safetensors"}
+            "features": "features/selection.json", "classifier": "classifier/best.safetensors",
+            "data.": "classifier/best.safetensors"}  # also the head's (the CNN-only arm has no step 1)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -56,9 +57,18 @@ class DCube(Method):
     def denoiser_path(self) -> Path:
         return self.dir / "diffusion" / "ema.safetensors"
 
+    @property
+    def uses_diffusion(self) -> bool:
+        """False for the CNN-only control arm (classifier.diffusion_features: false): no step 1, no layers."""
+        return self.cfg.classifier.diffusion_features
+
     def train_diffusion(self):
         from dcube.data.store import cat_images
         from dcube.diffusion.trainer import train_diffusion
+
+        if not self.uses_diffusion:
+            print("[step 1] skipped: classifier.diffusion_features is false (the head on the sub-feature CNN alone)")
+            return None
 
         def work():
             d = self.data
@@ -102,7 +112,11 @@ class DCube(Method):
         return probe
 
     def denoiser(self):
+        """(frozen step-1 model, its DiffusionConfig); (None, the run's) for the CNN-only arm."""
         from dcube.diffusion.trainer import load_denoiser
+
+        if not self.uses_diffusion:
+            return None, self.cfg.diffusion
 
         if not self.denoiser_path.exists():
             raise FileNotFoundError(f"no step-1 model at {self.denoiser_path}: run 'dcube train-diffusion' first")
@@ -114,6 +128,8 @@ class DCube(Method):
         from dcube.features.ks import plot_pvalues
 
         fdir = self.dir / "features"
+        if not self.uses_diffusion:
+            return []
         if (fdir / "selection.json").exists():
             return read_json(fdir / "selection.json")["names"]
         fc = self.cfg.features
@@ -142,7 +158,7 @@ class DCube(Method):
                 from dcube.features.ks import select_ks_map
 
                 sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k,
-                                    fc.max_layers)
+                                    fc.max_layers, "least_gaussian" if fc.select == "all" else fc.ks_keep)
                 if fc.select == "all":  # every block; the Eq. 6 scores are kept for the report
                     sel.names, sel.method, sel.fallback, sel.note = list(sel.order), "all", False, "all layers"
             else:
@@ -177,6 +193,8 @@ class DCube(Method):
         from dcube.features.cache import FeatureWriter, load_features, save_features
         from dcube.utils import dist
 
+        if not names:  # the CNN-only arm: no diffusion input at all
+            return []
         d = self.data
         images = self.split(split).images
         if flipped:

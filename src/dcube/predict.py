@@ -142,6 +142,9 @@ def read_items(items: list[Item], image_size: int, channels: int, dicom_window: 
     return ok
 
 
+DENOISER = "diffusion/ema.safetensors"
+
+
 class Predictor:
     """The run's model as one callable: images (N, C, S, S) in [-1, 1] -> (raw, calibrated) probabilities."""
 
@@ -155,15 +158,21 @@ class Predictor:
         from dcube.utils.io import load_checkpoint, read_json
 
         self.dir = Path(run_dir)
-        for need in ("config.yaml", "run.json", "features/selection.json", "diffusion/ema.safetensors",
-                     "classifier/" + BEST):
-            if not (self.dir / need).exists():
-                raise FileNotFoundError(f"{self.dir}: not a finished dcube run (missing {need}); run 'dcube run' first")
+
+        def need(*files):
+            for f in files:
+                if not (self.dir / f).exists():
+                    raise FileNotFoundError(f"{self.dir}: not a finished dcube run (missing {f}); run 'dcube run' first")
+
+        need("config.yaml", "run.json", "classifier/" + BEST)
         self.cfg = from_dict(yaml.safe_load((self.dir / "config.yaml").read_text()))
         self.class_names = read_json(self.dir / "run.json")["data"]["class_names"]
-        self.layers = read_json(self.dir / "features" / "selection.json")["names"]
         self.device = torch.device(device)
-        self.model, dcfg = load_denoiser(self.dir / "diffusion" / "ema.safetensors", self.device)
+        self.layers, self.model, dcfg = [], None, self.cfg.diffusion  # the CNN-only arm: no denoiser
+        if self.cfg.classifier.diffusion_features:
+            need("features/selection.json", DENOISER)
+            self.layers = read_json(self.dir / "features" / "selection.json")["names"]
+            self.model, dcfg = load_denoiser(self.dir / DENOISER, self.device)
         self.scheduler = ddpm_scheduler(dcfg)
         fc = self.cfg.features
         self.timesteps = fc.timesteps or [None]
@@ -183,6 +192,8 @@ class Predictor:
         from dcube.features import extract
 
         fc = self.cfg.features
+        if not self.layers:  # the CNN-only arm
+            return []
         out = {}
         for t in self.timesteps:
             ft = fc if t is None else dataclasses.replace(fc, timestep=t)
@@ -221,8 +232,11 @@ class Predictor:
         return torch.nn.functional.interpolate(cam.float(), size=image.shape[-2:], mode="bilinear",
                                                align_corners=False)[0, 0].detach().cpu()
 
-    def diffusion_map(self, image: torch.Tensor, probs: np.ndarray) -> torch.Tensor:
-        """The frozen denoiser's evidence map: err(runner-up) - err(predicted) (dcube.latent.errormaps)."""
+    def diffusion_map(self, image: torch.Tensor, probs: np.ndarray) -> torch.Tensor | None:
+        """The frozen denoiser's evidence map: err(runner-up) - err(predicted) (dcube.latent.errormaps);
+        None for the CNN-only arm, which has no denoiser."""
+        if self.model is None:
+            return None
         from dcube.latent.autoencoder import LatentCodec
         from dcube.latent.errormaps import error_map
 
@@ -238,7 +252,7 @@ class Predictor:
         d = self.cfg.data
         return {"notice": NOTICE, "run_dir": str(self.dir.resolve()), "dcube": package_versions()["dcube"],
                 "model_sha256": {"head": sha256_file(self.dir / "classifier" / "best.safetensors"),
-                                 "denoiser": sha256_file(self.dir / "diffusion" / "ema.safetensors")},
+                                 "denoiser": sha256_file(self.dir / DENOISER) if self.model is not None else None},
                 "preprocessing": f"dcube.data.images.read_image / finish: decode (DICOM: rescale slope/intercept, "
                                  f"MONOCHROME1 inverted, window {d.dicom_window!r}; every frame of a multi-frame file; "
                                  f"NIfTI: slices along the chosen axis, one window {d.dicom_window!r} per volume), "
@@ -261,8 +275,9 @@ def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, l
         row["gradcam"] = str(save_overlay(image, pred.gradcam(image, c), out_dir / f"{stem}_gradcam.png", title,
                                           smooth=0.0, label="Grad-CAM (head)", caption="Grad-CAM of the predicted class",
                                           signed=False))
-        row["diffusion_map"] = str(save_overlay(image, pred.diffusion_map(image, probs),
-                                                out_dir / f"{stem}_diffusion.png", title))
+        evidence = pred.diffusion_map(image, probs)
+        if evidence is not None:
+            row["diffusion_map"] = str(save_overlay(image, evidence, out_dir / f"{stem}_diffusion.png", title))
 
 
 def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, batch_size: int = 64,

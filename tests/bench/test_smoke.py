@@ -14,6 +14,7 @@ STUDIES = {
     "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "dcube-auto",
                  "linear-probe", "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
+    "controls": ["--datasets", "breastmnist", "--seeds", "3", "4"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
@@ -51,6 +52,12 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
     if study == "covid":  # D-Cube (64 px) and ResNet-18 (128 px) are paired on the same test images
         row = next(line for line in md.splitlines() if line.startswith("| **ResNet-18**"))
         assert "p = " in row and "[" in row, row
+    if study == "controls":  # every arm paired with D-Cube by seed, Holm beside the raw p; CNN-only has no step 1
+        row = next(line for line in md.splitlines() if line.startswith("| CNN-only"))
+        assert "Holm p = " in row and "2 (3, 4)" in row, row
+        assert not (tmp_path / "results" / study / "runs" / "breastmnist-cnn-only-s3" / "diffusion").exists()
+        only = json.loads((tmp_path / "results" / study / "breastmnist-diffusion-only-s3.json").read_text())
+        assert only["step1_from"] == "dcube" and only["layers"]
     if study == "convergence":  # --grids: the finished default run's samples, drawn and shown; the others skipped
         grid = subprocess.run([sys.executable, "-m", "bench.convergence", "--grids", *STUDIES[study]], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)

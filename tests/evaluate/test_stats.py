@@ -111,3 +111,64 @@ def test_mcnemar():
     res = mcnemar_test(y, a, b)
     assert (res["a_only_right"], res["b_only_right"]) == (30, 5) and res["p"] < 0.001
     assert mcnemar_test(y, a, a)["p"] == 1.0
+
+
+# -- two-level bootstrap (seeds, then images) and Holm ------------------------------------------
+from dcube.evaluate.stats import holm, two_level_bootstrap  # noqa: E402
+
+
+def _two_level_runs(rng, y, k, seed_sd, shift=0.0):
+    """k seeds of one arm: a score with a per-seed random strength (training noise) and per-image noise."""
+    out = []
+    for _ in range(k):
+        strength = 1.0 + shift + rng.normal(0, seed_sd)
+        z = strength * (2 * y - 1) + rng.normal(0, 1.5, len(y))
+        p1 = 1 / (1 + np.exp(-z))
+        out.append(np.stack([1 - p1, p1], axis=1))
+    return out
+
+
+def test_two_level_type_one_rate_on_a_simulated_two_level_null():
+    """Two arms with the same distribution of training outcomes (a per-seed strength with sd 0.25, noise
+    per image and run). The image-only bootstrap treats the 5 seeds as fixed and rejects this null far too
+    often (0.33 at 300 x 300); the two-level one stays below the nominal rate (0.03)."""
+    rng = np.random.default_rng(11)
+    y = np.repeat([0, 1], 60)
+    rej, rej_images_only = [], []
+    for _ in range(200):
+        a, b = _two_level_runs(rng, y, 5, 0.25), _two_level_runs(rng, y, 5, 0.25)
+        rej.append(two_level_bootstrap(y, a, b, "auc", n_boot=200)["p"] < 0.05)
+        rej_images_only.append(paired_bootstrap(y, a, b, "auc", n_boot=200)["p"] < 0.05)
+    assert np.mean(rej) <= 0.06, np.mean(rej)
+    assert np.mean(rej_images_only) > 0.15, np.mean(rej_images_only)  # why the image-only test was replaced
+
+
+def test_two_level_covers_a_known_difference_and_detects_it():
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 150)
+    # the truth: A's seed-mean AUC minus B's, from many seeds of each on these images
+    big_a, big_b = _two_level_runs(rng, y, 200, 0.2, shift=0.6), _two_level_runs(rng, y, 200, 0.2)
+    auc = lambda ps: np.mean([two_level_bootstrap(y, [p], metric="auc", n_boot=20)["mean"] for p in ps])  # noqa: E731
+    truth = auc(big_a) - auc(big_b)
+    covered, found = [], []
+    for _ in range(60):
+        r = two_level_bootstrap(y, _two_level_runs(rng, y, 5, 0.2, 0.6), _two_level_runs(rng, y, 5, 0.2),
+                                "auc", n_boot=300)
+        covered.append(r["ci"][0] <= truth <= r["ci"][1])
+        found.append(r["p"] < 0.05 and r["diff"] > 0)
+    assert truth > 0.03 and np.mean(covered) >= 0.88 and np.mean(found) >= 0.8, (truth, np.mean(covered), np.mean(found))
+
+
+def test_two_level_with_one_arm_and_unpaired_seeds():
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 40)
+    one = two_level_bootstrap(y, _two_level_runs(rng, y, 3, 0.2), n_boot=200)
+    assert one["ci"][0] < one["mean"] < one["ci"][1] and "p" not in one
+    r = two_level_bootstrap(y, _two_level_runs(rng, y, 3, 0.2), _two_level_runs(rng, y, 5, 0.2), n_boot=200)
+    assert not r["paired_seeds"] and r["seeds_b"] == 5 and 0 < r["p"] <= 1
+
+
+def test_holm_on_a_hand_computed_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []

@@ -113,3 +113,17 @@ def test_ks_map_fallback_and_cap():
     sel = select_ks_map(maps, fallback_k=1)
     assert sel.fallback and len(sel.names) == 1 and "largest effect" in sel.note
     assert len(select_ks_map(_maps(), max_layers=1).names) == 1
+
+
+def test_ks_map_most_gaussian_takes_the_other_end():
+    """Table VI's ablation under Eq. 6: as many layers as the rule keeps, from the smallest effect."""
+    dist = torch.distributions.Exponential(1.0)
+    torch.manual_seed(0)
+    maps = {"skew": dist.sample((48, 4, 8, 8)), "gauss_a": torch.randn(48, 4, 8, 8),
+            "gauss_b": torch.randn(48, 4, 8, 8), "skew2": dist.sample((48, 4, 8, 8)) ** 2}
+    best, worst = select_ks_map(maps), select_ks_map(maps, keep="most_gaussian")
+    assert set(best.names) == {"skew", "skew2"}
+    assert len(worst.names) == len(best.names) and not set(worst.names) & set(best.names)
+    assert "MOST Gaussian" in worst.note and worst.method == "ks_map"
+    with pytest.raises(ValueError, match="ks_keep"):
+        select_ks_map(maps, keep="median")

@@ -8,6 +8,9 @@ class-evidence map on the CNN features weight that channel into one map per clas
 their softmax, ``score_norm: softmax``, dcube's earlier variant). Three stages of parallel 3x3 and 5x5 convolutions (summed, ReLU,
 batch norm; no pooling: C -> 64 -> 32 -> 4 channels) and two fully connected layers
 give the logits.
+
+With no diffusion feature maps (``classifier.diffusion_features: false``, the control arm) the same
+head runs on the sub-feature CNN alone: the fused channel comes from the CNN's projection only.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ class DCubeHead(nn.Module):
         self.score_norm = cfg.score_norm
         self.num_classes = num_classes
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in feat_channels)
-        self.proj = nn.Conv2d(sum(feat_channels), width, 1)
+        self.proj = nn.Conv2d(sum(feat_channels), width, 1) if feat_channels else None
+        if self.proj is None and cfg.subfeature == "none":
+            raise ValueError("the head needs diffusion feature maps or a sub-feature CNN (classifier.subfeature)")
         self.cnn = None
-        fused_in = width
+        fused_in = width if feat_channels else 0
         if cfg.subfeature != "none":
             self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights,
                                             min_input_size=cfg.cnn_input_size)
@@ -88,12 +93,16 @@ class DCubeHead(nn.Module):
         if self.mix is not None and len(feats) != len(self.norms) * self.timesteps:
             raise ValueError(f"expected {len(self.norms)} layers x {self.timesteps} timesteps = "
                              f"{len(self.norms) * self.timesteps} feature maps, got {len(feats)}")
-        f = torch.cat([self._resize(n(x)) for n, x in zip(self.norms, self._mixed(feats))], dim=1)
-        f = self.proj(f)
+        if len(feats) != len(self.norms) * self.timesteps:
+            raise ValueError(f"the head was built for {len(self.norms) * self.timesteps} diffusion feature maps, "
+                             f"got {len(feats)}")
+        f = None
+        if self.proj is not None:
+            f = self.proj(torch.cat([self._resize(n(x)) for n, x in zip(self.norms, self._mixed(feats))], dim=1))
         if self.cnn is not None:
             g = self._resize(self.cnn(image, frozen))
             score = self.class_map(g).sum(dim=(2, 3))  # global sum pooling -> per-class score
-            f = torch.cat([f, self.cnn_proj(g)], dim=1)
+            f = self.cnn_proj(g) if f is None else torch.cat([f, self.cnn_proj(g)], dim=1)
         else:
             score = self.class_map(f).sum(dim=(2, 3))
         if self.score_norm == "softmax":

@@ -316,7 +316,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
             plot_probe_curve(probe, out_dir / "probe_curve.png")
     save_checkpoint(out_dir / FINAL, {"model": ema.module}, final_meta)
     write_json(out_dir / "history.json", record)
-    if cfg.sample_grid and class_names:
+    if cfg.sample_grid and class_names and step > 0:  # an untrained model (epochs 0) draws noise
         from dcube.diffusion.sampling import sample_images, save_grid
 
         per = 8

@@ -6,6 +6,9 @@
 * :func:`paired_bootstrap` - the difference of a metric between two models scored on the SAME test
   images (optionally the mean over several seeds of each), with the images resampled jointly; a CI
   of the difference and a two-sided bootstrap p-value.
+* :func:`two_level_bootstrap` - the same difference (or one model's seed mean) with BOTH sources of
+  variation: the seeds (training) and the test images. What the benchmark tables use.
+* :func:`holm` - Holm's step-down adjustment of a family of p-values.
 * :func:`delong_test` - DeLong, DeLong & Clarke-Pearson (1988) for two correlated binary ROC AUCs.
 * :func:`mcnemar_test` - exact McNemar test on the discordant decisions (scipy's binomial test).
 
@@ -146,6 +149,82 @@ def paired_bootstrap(y, probs_a: Sequence, probs_b: Sequence, metric: str = "auc
             "ci": [float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))],
             "p": float(min(1.0, max(p, 1.0 / n_boot))), "seeds_a": len(pa), "seeds_b": len(pb),
             "method": f"paired stratified bootstrap over test images, {n_boot} resamples, seed {seed}"}
+
+
+def two_level_bootstrap(y, probs_a: Sequence, probs_b: Sequence | None = None, metric: str = "auc",
+                        n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95, paired: bool = True) -> dict:
+    """Seed-mean `metric` of A (minus that of B) with a CI and p-value that count the seeds AND the images.
+
+    `probs_a`, `probs_b`: one (n, C) array per seed, every array on the same test images `y`. Each of
+    `n_boot` replicates resamples the test images (stratified by class, jointly for every run), then the
+    seeds with replacement (with `paired`, A's and B's runs of the same position are drawn together: the
+    same seed in both arms). The seed draws' deviations are scaled by sqrt(k / (k - 1)) so that the seed
+    part of the variance is the unbiased one (a plain bootstrap of k seeds has (k - 1) / k of it).
+    The standard error is the replicates' standard deviation; the CI is diff +- t * se and the p-value
+    (H0: diff = 0, two-sided) comes from a t distribution with Satterthwaite's degrees of freedom (the
+    seed part has k - 1, the image part many): with 3 or 5 seeds and training noise that dominates, a
+    normal or percentile reference rejects a true null too often. With B = None: a CI of A's seed mean
+    (``mean``), no p-value."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {list(METRICS)}")
+    arms = [[np.asarray(p, dtype=np.float64) for p in ps] for ps in ([probs_a] if probs_b is None else [probs_a, probs_b])]
+    y, _ = _check(y, arms[0][0])
+    for p in (q for arm in arms for q in arm):
+        _check(y, p)
+    paired = paired and probs_b is not None and len(arms[0]) == len(arms[1])
+    idx = stratified_indices(y, n_boot, seed)
+    rng = np.random.default_rng(seed + 1)
+    full = [np.array([metric_rows(y[None], p[None])[metric][0] for p in arm]) for arm in arms]  # (k,) per arm
+    boot = [np.stack([chunked_rows(y, p, idx)[metric] for p in arm]) for arm in arms]  # (k, n_boot) per arm
+    if paired:  # one arm of per-seed differences
+        full, boot = [full[0] - full[1]], [boot[0] - boot[1]]
+    sign = [1.0, -1.0]
+    reps, seed_var, df_terms = np.zeros(n_boot), 0.0, 0.0
+    for j, (f, b) in enumerate(zip(full, boot)):
+        k = len(f)
+        mean_b = b.mean(axis=0)  # every seed, these images
+        if k > 1:
+            draw = rng.integers(0, k, size=(n_boot, k))
+            drawn = np.take_along_axis(b.T, draw, axis=1).mean(axis=1)
+            reps += sign[j] * (mean_b + np.sqrt(k / (k - 1)) * (drawn - mean_b))
+            v = float(np.var(f, ddof=1)) / k
+            seed_var += v
+            df_terms += v ** 2 / (k - 1)
+        else:
+            reps += sign[j] * mean_b
+    diff = float(sum(sign[j] * f.mean() for j, f in enumerate(full)))
+    se = float(np.std(reps, ddof=1))
+    image_var = max(se ** 2 - seed_var, 0.0)
+    df = float("inf") if df_terms == 0 else (seed_var + image_var) ** 2 / df_terms
+    q = float(stats.t.ppf(1 - (1 - level) / 2, df)) if np.isfinite(df) else float(stats.norm.ppf(1 - (1 - level) / 2))
+    out = {"metric": metric, "diff" if probs_b is not None else "mean": diff,
+           "ci": [diff - q * se, diff + q * se], "se": se, "df": df, "seeds_a": len(arms[0]),
+           "seeds_b": len(arms[1]) if probs_b is not None else 0,
+           "variance": {"seeds": seed_var, "images": image_var}, "n_boot": n_boot, "paired_seeds": paired,
+           "method": f"two-level bootstrap (stratified test images, then seeds{', paired' if paired else ''}), "
+                     f"{n_boot} resamples, seed {seed}; t with Satterthwaite df"}
+    if probs_b is not None:
+        out["a"] = float(full[0].mean()) if not paired else float(np.mean([metric_rows(y[None], p[None])[metric][0]
+                                                                           for p in arms[0]]))
+        out["b"] = out["a"] - diff
+        if se > 0:
+            t = diff / se
+            out["p"] = float(2 * (stats.t.sf(abs(t), df) if np.isfinite(df) else stats.norm.sf(abs(t))))
+        else:
+            out["p"] = 1.0 if diff == 0 else 0.0
+    return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's (1979) step-down adjusted p-values of one family, in the order given: the i-th smallest p
+    times (m - i + 1), made monotone, capped at 1. Controls the family-wise error rate."""
+    p = np.asarray(list(pvalues), dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adj
+    return out.tolist()
 
 
 def seed_mean_ci(y, probs: Sequence, metric: str = "auc", n_boot: int = N_BOOT, seed: int = 0,

@@ -167,14 +167,26 @@ def ks_map_scores(maps: dict[str, torch.Tensor], alpha: float = 0.05, max_values
 
 
 def select_ks_map(maps: dict[str, torch.Tensor], alpha: float = 0.05, min_effect: float = 0.02,
-                  max_values: int = 4096, fallback_k: int = 2, max_layers: int | None = None) -> Selection:
-    """The paper's Eq. 6 rule (module docstring): non-Gaussian layers, largest effect first."""
+                  max_values: int = 4096, fallback_k: int = 2, max_layers: int | None = None,
+                  keep: str = "least_gaussian") -> Selection:
+    """The paper's Eq. 6 rule (module docstring): non-Gaussian layers, largest effect first.
+    ``keep="most_gaussian"`` is the paper's Table VI ablation: as many layers as the rule keeps, taken
+    from the other end (smallest effect first)."""
+    if keep not in ("least_gaussian", "most_gaussian"):
+        raise ValueError(f"features.ks_keep: {keep!r} is not 'least_gaussian' or 'most_gaussian'")
     order = list(maps)
     sc = ks_map_scores(maps, alpha, max_values)
     pvals = {n: sc[n]["pvalue"] for n in order}
     effect = {n: sc[n]["effect"] for n in order}
     ranked = sorted(order, key=lambda n: -effect[n])
     chosen = [n for n in ranked if pvals[n] < alpha and effect[n] >= min_effect]
+    if keep == "most_gaussian":
+        n_keep = len(chosen) or fallback_k
+        n_keep = min(n_keep, max_layers) if max_layers is not None else n_keep
+        worst = ranked[::-1][:n_keep]
+        return Selection([n for n in order if n in worst], pvals, effect, alpha, False,
+                         f"ablation: kept the {len(worst)} MOST Gaussian layers (smallest effect)", order,
+                         method="ks_map", min_effect=min_effect)
     fallback, note = False, ""
     if not chosen:
         chosen, fallback = ranked[:fallback_k], True
