@@ -218,8 +218,12 @@ def _labels(data_json: str, seed: int, split: str):
     from dcube.config import DataConfig
     from dcube.data import load_data
 
+    from dcube.config import with_legacy_values
+
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    values = {k: v for k, v in json.loads(data_json).items() if k in known}  # a record from another version
+    # a record from another version: keys it lacks take their behaviour of before they existed (e.g. the split
+    # of a folder grouped byte-identical files only), other unknown keys are dropped
+    values = {k: v for k, v in with_legacy_values({"data": json.loads(data_json)})["data"].items() if k in known}
     return getattr(load_data(DataConfig(**values), seed), split).labels.numpy()
 
 

@@ -41,6 +41,7 @@ class DataConfig:
     classes: Optional[list] = None  # folder / CSV: the class names expected (others are an error); None = found
     min_class_images: int = 2  # folder / CSV without a split: a class with fewer images is an error (a typo?)
     group_pattern: Optional[str] = None  # regex on the file name grouping images by patient, e.g. 'person(\\d+)_'
+    duplicates: str = "near"  # folder / CSV splits: near (re-encoded copies too: 16x16 thumbnails within 8 grey levels RMS) | exact (byte-identical) | off; each group stays in one split
     allow_outside_root: bool = False  # CSV: allow image paths outside the manifest's folder
     max_pixels: Optional[int] = 100_000_000  # refuse decoding an image with more pixels (decompression bombs)
     dicom_window: str = "percentile"  # percentile (robust 0.5-99.5 %) | file (VOI LUT / window from the file) | lung | mediastinum | abdomen | brain | bone
@@ -220,6 +221,7 @@ _CHOICES = {
     "features.input_mode": ("x0", "xt"),
     "features.condition": ("uniform",),
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
+    "data.duplicates": ("near", "exact", "off"),
     "features.select": ("ks", "ks_map", "probe", "all"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none", "auto"),
     "classifier.select_metric": ("auc", "acc", "f1"),
@@ -237,6 +239,7 @@ LEGACY_VALUES = {
     "classifier.score_norm": "softmax",
     "classifier.flip_augment": False,
     "classifier.cycle_form": "soft",
+    "data.duplicates": "exact",
 }
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
