@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import (RESULTS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
+from bench.common import (RESULTS, STATS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
                           shared_data, shrink, smoke_epochs)
 from dcube.config import ClassifierConfig
 
@@ -145,8 +145,8 @@ def table() -> str:
         for name, (auc, acc) in PUBLISHED[ds].items():
             lines.append(f"| {name} (published, MedMNIST v2) | - | {acc:.3f} | {auc:.3f} | - | - | - | - | paper | - |")
         lines.append("\nCIs and paired tests need the per-image test probabilities, which runs made before "
-                     "2026-12-01 did not store (\"-\"); the paired test is a stratified bootstrap over the same test "
-                     "images of the seed-mean difference, and \"beats\" needs p < 0.05. The D-Cube rows dated before "
+                     "2026-12-01 did not store (\"-\"); CIs and the paired seed-mean differences on the same test images: "
+                     f"{STATS}. The D-Cube rows dated before "
                      "2026-12-01 ran dcube 0.1's defaults (pooled KS, softmax scores, fuse 8, cycle x0.1)."
                      + _cycle_note(dc))
         dc = [r for r in runs if r["method"] == "D-Cube"]

@@ -29,6 +29,11 @@ THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))  # 1: other jobs share
 _RUNS = os.environ.get("DCUBE_BENCH_RUNS")
 
 
+# what every table's CIs and paired cells are (paired_cell, ci_cell), in the words its prose uses
+STATS = ("two-level bootstrap (the test images within class, then the seeds; t with Satterthwaite df); \"beats\" / "
+         "\"below\" only at Holm-adjusted p < 0.05, the section's paired comparisons one family")
+
+
 def runs_root(study: str) -> Path:
     return Path(_RUNS) / study if _RUNS and not _OUT else RESULTS / study / "runs"
 _TINY = {
@@ -118,11 +123,25 @@ def run_study(study: str, jobs: Iterable[tuple[str, Callable[[], dict]]], table:
     if not table_only:
         for key, fn in jobs:
             run_once(study, key, fn)
-            write_section(study, table())
-    md = table()
+            write_section(study, render(study, table))
+    md = render(study, table)
     write_section(study, md)
     print(md)
     return 0
+
+
+_FAMILY: list = []  # the family of the section being rendered (render): paired_cell adds to it
+
+
+def render(study: str, table: Callable[[], str]) -> str:
+    """`table()` with every `paired_cell` in it one family: Holm-adjusted together (Family), named below it."""
+    fam = Family(f"every paired comparison in this section ({study})")
+    _FAMILY.append(fam)
+    try:
+        md = table()
+    finally:
+        _FAMILY.remove(fam)
+    return fam.fill(md) + ("\n\n" + fam.note() if fam.results else "")
 
 
 def load_results(study: str) -> list[dict]:
@@ -175,40 +194,22 @@ def _paired_labels(runs: list[dict]):
 
 
 def ci_cell(runs: list[dict], metric: str = "auc") -> str:
-    """'[low, high]': 95 % CI of the seed-mean test metric (stratified bootstrap over test images)."""
-    import numpy as np
-
-    from dcube.evaluate.stats import seed_mean_ci
-
-    y = _paired_labels(runs)
-    if y is None:
-        return "-"
-    lo, hi = seed_mean_ci(y, [np.array(r["test_probs"]) for r in runs], metric)
-    return f"[{lo:.3f}, {hi:.3f}]"
+    """'[low, high]': 95 % CI of the seed-mean test metric (two-level bootstrap: test images, then seeds)."""
+    return two_level_ci_cell(runs, metric)
 
 
 def paired_cell(runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
-    """Seed-mean difference runs - ref on the same test images, its 95 % CI, p and the verdict."""
-    from dcube.evaluate.stats import verdict
-
-    pb = paired_test(runs, ref, metric)
-    if pb is None:
-        return "-"
-    return (f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}: "
-            f"{verdict(pb['diff'], pb['p'])}")
+    """Seed-mean difference runs - ref on the same test images: its 95 % CI, raw and Holm-adjusted p and the
+    verdict from the adjusted p (two-level bootstrap). Inside `render` the family is the section's; alone, it
+    is a family of one."""
+    fam = _FAMILY[-1] if _FAMILY else Family("this comparison alone")
+    cell = fam.cell(runs, ref, metric)
+    return cell if _FAMILY else fam.fill(cell)
 
 
 def paired_test(runs: list[dict], ref: list[dict], metric: str = "auc") -> dict | None:
-    """`dcube.evaluate.stats.paired_bootstrap` of runs - ref on their common test images (None without them)."""
-    import numpy as np
-
-    from dcube.evaluate.stats import paired_bootstrap
-
-    y = _paired_labels(runs + ref)
-    if y is None:
-        return None
-    return paired_bootstrap(y, [np.array(r["test_probs"]) for r in runs], [np.array(r["test_probs"]) for r in ref],
-                            metric)
+    """The two-level bootstrap of runs - ref on their common test images (None without them); raw p."""
+    return two_level_test(runs, ref, metric)
 
 
 @functools.lru_cache(maxsize=16)

@@ -171,7 +171,7 @@ def table() -> str:
                               for a in PRIMARY)}) for ds in DATASETS}
     done = all(n == 5 for n in n_primary.values())
     lines += ["", primary.note(), secondary.note(),
-              "" if done else f"\n**In progress**: the primary comparison has "
+              "" if done else "\n**In progress**: the primary comparison has "
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())
               + " of 5 paired seeds; no verdict of the pre-registered rule is drawn before all 5 are in."]
     return secondary.fill(primary.fill("\n".join(lines)))

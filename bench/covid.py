@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import (RESULTS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
+from bench.common import (RESULTS, STATS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
                           shared_data, shrink, smoke_epochs)
 
 STUDY = "covid"
@@ -121,10 +121,9 @@ def table() -> str:
              f"70/10/20 (`data.split_seed=0`, the 8:2 split with validation carved from the 8), the same for every "
              f"D-Cube and baseline row (test-split hash {', '.join(splits) or '-'}), positive class COVID. Best epoch / C on "
              "validation AUC. D-Cube runs at 64 px because pixel-space step 1 at 128 px does not fit this CPU "
-             "(~43 min per epoch); the baselines see 128 px. Test AUC 95 % CI: stratified bootstrap (2,000 "
-             "resamples) of the seed-mean over the test images; the paired columns: D-Cube's seed-mean minus the "
-             "row's on the same test images and seeds (stratified paired bootstrap; \"beats\" only at p < 0.05; "
-             "\"-\" for runs that did not store per-image probabilities). The latent rows come from `bench.latent_covid`: one "
+             "(~43 min per epoch); the baselines see 128 px. Test AUC 95 % CI of the seed mean and "
+             "the paired columns (D-Cube's seed-mean minus the row's on the same test images and seeds): "
+             f"{STATS} (\"-\" for runs that did not store per-image probabilities). The latent rows come from `bench.latent_covid`: one "
              "model, one seed, on the split of its date (test 760 images), drawn before the loader kept duplicate "
              "images within one split (the rows above: test "
              f"{'/'.join(str(n) for n in sorted({sum(r['data']['class_counts']['test'].values()) for r in rows}))} "

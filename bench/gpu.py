@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (RESULTS, SMOKE, ci_cell, load_results, machine, mean_std, paired_cell, run_once,
+from bench.common import (RESULTS, SMOKE, STATS, ci_cell, load_results, machine, mean_std, paired_cell, run_once,
                           shared_data, shrink, smoke_epochs, write_section)
 
 STUDY = "gpu"
@@ -106,8 +106,8 @@ def table() -> str:
              "Command: `DCUBE_BENCH_OUT=$OUT python -m bench.gpu` on the device machine (resumable, `--budget-s`). "
              "D-Cube: step 1 with `diffusion.epochs: auto` (validation probe; cap and patience in `bench/gpu.py`), "
              "step 2 and the baselines 100 epochs (MedMNIST v2 schedule; COVID: 30). Best epoch chosen on "
-             "validation; CI: stratified bootstrap of the seed-mean over test images; paired: the same test "
-             "images, seed-mean difference against ResNet-18 of this study.\n"]
+             "validation; CI of the seed mean and the paired seed-mean difference against ResNet-18 of this study "
+             f"on the same test images: {STATS}.\n"]
     if not rows:
         return "\n".join(lines + ["No run yet: no GPU has been lent to a session since this study was written."])
     lines += ["| dataset | method | seeds | test ACC | test AUC | AUC 95 % CI | vs ResNet-18 (AUC, paired) | machine | date |",

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from bench.accuracy import data_path
-from bench.common import (RESULTS, SMOKE, has_probs, load_results, machine, mean_std, paired_cell, run_study,
+from bench.common import (RESULTS, SMOKE, STATS, has_probs, load_results, machine, mean_std, paired_cell, run_study,
                           shrink)
 from dcube.utils.io import atomic_write_bytes
 
@@ -238,8 +238,7 @@ def table() -> str:
                 out.append(f"- {name(a)} minus {name(b)}: macro-F1 {paired_cell(picked[a], picked[b], 'f1_macro')}; "
                            f"AUC {paired_cell(picked[a], picked[b], 'auc')}")
         if out:
-            lines += ["\nPaired on the same test images (seed-mean difference, 95 % CI of a stratified bootstrap, "
-                      "p):\n", *out]
+            lines += [f"\nPaired on the same test images (seed-mean difference, 95 % CI, p; {STATS}):\n", *out]
     return "\n".join(lines)
 
 

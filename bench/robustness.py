@@ -18,7 +18,7 @@ from functools import partial
 
 from bench.accuracy import BASELINE_EPOCHS, SCHEDULES, data_path
 from bench.baselines import NAMES, run_baseline
-from bench.common import (LONG_STEPS, RESULTS, THREADS, load_results, machine, mean_std, paired_cell, run_study,
+from bench.common import (LONG_STEPS, RESULTS, STATS, THREADS, load_results, machine, mean_std, paired_cell, run_study,
                           shrink, smoke_epochs)
 
 STUDY = "robustness"
@@ -93,7 +93,7 @@ def table() -> str:
              "test recall of the smallest training class. Rows marked \">= 400 training steps\" set "
              "`classifier.min_steps` (the baseline: the same minimum), so that 55 images in batches of 64 get more than "
              "one optimiser step per epoch. The paired column: seed-mean difference to ResNet-18 (the marked rows: to "
-             "ResNet-18 at the same minimum) on the same test images and seeds (stratified paired bootstrap; \"beats\" only at p < 0.05; \"-\" for runs "
+             f"ResNet-18 at the same minimum) on the same test images and seeds ({STATS}; \"-\" for runs "
              "made before per-image probabilities were stored).\n"]
     for ds in TRAIN_SIZES:
         runs = [r for r in rows if r["dataset"] == ds]

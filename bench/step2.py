@@ -6,8 +6,8 @@
 BreastMNIST (28 px, official split), the accuracy study's shortened schedules. Every variant of a seed
 shares that seed's step-1 model (``bench.ablations``' contrastive one, trained once). Rows: mean ± std
 over seeds of validation AUC (what a default may be chosen on) and test ACC/AUC, the 95 % CI of the
-seed-mean test AUC (stratified bootstrap over test images), and the paired difference to the frozen
-EfficientNet-Lite0 linear probe on the same test images (paired bootstrap; "beats" only at p < 0.05).
+seed-mean test AUC, and the paired difference to the frozen EfficientNet-Lite0 linear probe on the same
+test images (both: bench.common.STATS).
 A second table: the layers each selection rule keeps on 5 different KS samples of each step-1 model.
 """
 
@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from bench.ablations import _base, step1_dir
-from bench.common import (LONG_STEPS, RESULTS, ci_cell, load_results, machine, mean_std, paired_cell, paired_test,
+from bench.common import (LONG_STEPS, RESULTS, STATS, ci_cell, load_results, machine, mean_std, paired_cell, paired_test,
                           run_study, split_labels)
 
 STUDY = "step2"
@@ -302,9 +302,9 @@ def table() -> str:
     lines = ["## Step 2, part by part (BreastMNIST, 28 px)\n",
              f"Command: `python -m bench.step2` (resumable). Machine: {machine()}. Step-1 model per seed shared by "
              "every variant (30 epochs, contrastive); step 2: 15 epochs, best epoch on validation AUC. "
-             "Mean ± std over seeds; *test AUC 95 % CI*: stratified bootstrap (2,000 resamples) of the seed-mean "
-             "over test images; *vs probe*: seed-mean test-AUC difference to the frozen EfficientNet-Lite0 linear "
-             "probe on the same 156 test images, paired bootstrap, and the verdict at p < 0.05; *vs ResNet-18*: the "
+             "Mean ± std over seeds; *test AUC 95 % CI* of the seed mean and *vs probe*, the seed-mean test-AUC "
+             "difference to the frozen EfficientNet-Lite0 linear probe on the same 156 test images, with its "
+             f"verdict: {STATS}; *vs ResNet-18*: the "
              "same against `bench.accuracy`'s ResNet-18 (3 seeds, 30 epochs), AUC and accuracy; *cycle grad / CE "
              "grad*: median over epochs of the ratio of the weighted cycle term's gradient norm to the weighted "
              "cross-entropy's on the head's parameters (first batch of epochs 1, 2, 4, 8, ... and the last; of every epoch before 2026-12-02); *step-2 s*: wall seconds of "

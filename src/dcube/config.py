@@ -8,6 +8,7 @@ dataclasses one to one; an unknown or mistyped key is an error that names the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+
+CONFIG_MARK = "# dcube: the resolved configuration of this run"  # the first line of every config.yaml it writes
 
 
 class ConfigError(ValueError):
@@ -267,6 +271,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -284,11 +290,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted((k for k in values if k not in names), key=repr)  # keys may be any YAML scalar
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {sorted(names)}"
-        )
+        key = prefix + unknown[0] if isinstance(unknown[0], str) else f"{prefix}{unknown[0]!r}"
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(names)}")
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
@@ -335,11 +340,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.eval_every": cfg.diffusion.eval_every,
         "diffusion.auto_max_epochs": cfg.diffusion.auto_max_epochs,
         "diffusion.probe_images": cfg.diffusion.probe_images,
+        "diffusion.lr": cfg.diffusion.lr,
+        "classifier.lr": cfg.classifier.lr,
+        "classifier.cnn_lr": cfg.classifier.cnn_lr,
+        "latent.ae_lr": cfg.latent.ae_lr,
+        "latent.head_lr": cfg.latent.head_lr,
+        "latent.finetune_lr": cfg.latent.finetune_lr,
     }
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     optional_positive = {"threads": cfg.threads, "diffusion.max_steps": cfg.diffusion.max_steps,
+                         "features.max_layers": cfg.features.max_layers,
                          "data.max_pixels": cfg.data.max_pixels, "features.map_size": cfg.features.map_size,
                          }
     if cfg.diffusion.epochs != "auto" and cfg.diffusion.epochs < 0:
@@ -354,11 +366,26 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.ce_weight": cfg.classifier.ce_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
+        "diffusion.weight_decay": cfg.diffusion.weight_decay,
+        "classifier.weight_decay": cfg.classifier.weight_decay,
+        "latent.head_weight_decay": cfg.latent.head_weight_decay,
+        "classifier.synthetic_ratio": cfg.classifier.synthetic_ratio or 0,
         "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
     }.items():
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed: must lie in [0, 2**32 - 1], got {cfg.seed}")
+    if cfg.threads is not None and cfg.threads > 1024:
+        raise ConfigError(f"threads: must lie in [1, 1024] (torch threads of this process), got {cfg.threads}")
+    d = cfg.diffusion
+    if not 0 < d.beta_start < d.beta_end < 1:
+        raise ConfigError(f"diffusion.beta_start, diffusion.beta_end: need 0 < beta_start < beta_end < 1 (a noise "
+                          f"schedule), got {d.beta_start} and {d.beta_end}")
+    if d.sample_steps > d.num_train_timesteps:
+        raise ConfigError(f"diffusion.sample_steps: must be <= diffusion.num_train_timesteps "
+                          f"({d.num_train_timesteps}), got {d.sample_steps}")
     for t in cfg.features.timesteps or []:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.diffusion.num_train_timesteps:
             raise ConfigError(f"features.timesteps: every entry must be an integer in "
@@ -486,14 +513,19 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({' '.join(str(exc).split())[:120]}); quote it") from exc
     return values
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     from dcube.utils.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, f"{CONFIG_MARK} (written by dcube; edit your own file, not this one)\n"
+                      + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def with_legacy_values(values: dict) -> dict:

@@ -47,6 +47,13 @@ class DCube(Method):
 
         check_run(cfg)
 
+    def check_data(self, data) -> None:
+        from dcube.config import ConfigError
+
+        if self.cfg.classifier.target_sensitivity is not None and len(data.class_names) != 2:
+            raise ConfigError(f"classifier.target_sensitivity: needs a binary task, this data has "
+                              f"{len(data.class_names)} classes ({', '.join(data.class_names[:5])}); remove the key")
+
     def __init__(self, cfg: RunConfig, report_heatmaps: int = 0):
         super().__init__(cfg)
         self._train = None  # training split with synthetic images, when configured
@@ -360,7 +367,7 @@ class DCube(Method):
         history = read_json(self.dir / "classifier" / "history.json")["history"]
         plot_curves(history, self.dir / "classifier" / "curves.png")
         full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names, "subfeature": cc.subfeature,
-                "dataset": d.info.get("name", self.cfg.data.name), "seed": self.cfg.seed,
+                "dataset": self.dataset_name(), "seed": self.cfg.seed,
                 "calibration": cal, "timings_s": self.info["timings_s"],
                 # per-image test probabilities (split order): paired tests against other models
                 "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()],
@@ -380,6 +387,13 @@ class DCube(Method):
                   f"{op['sensitivity_ci95']}, specificity {op['specificity']:.3f} {op['specificity_ci95']}")
         return full
 
+
+    def dataset_name(self) -> str:
+        """What the data is called in metrics.json and report.html: the MedMNIST name, else the file or folder."""
+        dc = self.cfg.data
+        if self.data.info.get("name"):
+            return self.data.info["name"]
+        return dc.name if dc.source == "medmnist" else Path(dc.path).expanduser().name
 
     def evaluate_and_report(self) -> dict:
         from dcube.report import write_report

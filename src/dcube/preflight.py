@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dcube.config import ConfigError, RunConfig
+from dcube.config import CONFIG_MARK, ConfigError, RunConfig
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -29,6 +29,31 @@ def check_run_dir(run_dir: str | Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"run_dir: {probe} is not writable (permissions); choose another run_dir "
                           f"or fix the permissions")
+
+
+def check_run_dir_outside_data(cfg: RunConfig) -> None:
+    """run_dir may not be, or lie inside, a folder the config reads images from: its outputs would become data."""
+    run = Path(cfg.run_dir).expanduser().resolve()
+    for key, value in (("data.path", cfg.data.path), ("data.unlabelled", cfg.data.unlabelled),
+                       ("classifier.synthetic_dir", cfg.classifier.synthetic_dir)):
+        if value is None:
+            continue
+        data = Path(value).expanduser().resolve()
+        folder = data if data.is_dir() or not data.suffix else data.parent  # a CSV / npz: its folder holds images
+        if run == folder or folder in run.parents:
+            raise ConfigError(f"run_dir: {run} lies inside {key} ({folder}); the run's files would mix with the "
+                              f"images. Choose a run_dir outside it")
+
+
+def check_config_file_is_ours(path: Path) -> None:
+    """`path` (run_dir/config.yaml) is absent or was written by dcube: dcube never overwrites a user's file."""
+    if not path.is_file() or (path.parent / "run.json").exists():
+        return  # runs made before the mark existed have run.json beside their config.yaml
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8", "replace").strip()
+    if not first.startswith(CONFIG_MARK):
+        raise ConfigError(f"run_dir: {path} exists and was not written by dcube; dcube would overwrite it. "
+                          f"Choose another run_dir, or move the file")
 
 
 def check_device(name: str) -> None:

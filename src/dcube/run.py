@@ -33,7 +33,10 @@ from dcube.utils.io import load_tensors, read_json, save_tensors, write_json
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
 
-NO_EFFECT = {"data.workers"}  # keys that change how a stage runs, never what it writes
+# keys that change how a stage runs or what is drawn and reported after it, never the weights or features it
+# writes: changing one never makes a finished stage stale
+NO_EFFECT = {"data.workers", "data.in_memory_mb", "diffusion.sample_grid", "diffusion.sample_steps",
+             "diffusion.grid_samplers", "diffusion.checkpoint_every", "classifier.target_sensitivity"}
 
 
 def _changed(old: dict, new: dict, section: str, prefix: str) -> list[str]:
@@ -67,10 +70,12 @@ def check_saved_config(cfg: RunConfig, config_file: Path, root: Path, made: dict
 
 def open_run_dir(cfg: RunConfig, made: dict[str, str], config_file: str = "config.yaml") -> Path:
     """Make and lock ``cfg.run_dir``, check the saved config against `cfg`, save `cfg`; -> the directory."""
-    from dcube.preflight import check_run_dir
+    from dcube.preflight import check_config_file_is_ours, check_run_dir, check_run_dir_outside_data
     from dcube.utils.lock import lock_run_dir
 
     check_run_dir(cfg.run_dir)
+    check_run_dir_outside_data(cfg)
+    check_config_file_is_ours(Path(cfg.run_dir).expanduser() / config_file)
     root = Path(cfg.run_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -103,6 +108,7 @@ class Run:
             from dcube.data import load_data
 
             self._data = load_data(self.cfg.data, self.cfg.seed, self.dir)
+            self.method.check_data(self._data)  # config against the data, before any stage trains on it
             self.info["data"] = self._data.info
             self.save_info()
         return self._data
@@ -182,6 +188,9 @@ class Method:
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Config-level checks (one-line ConfigError naming the field); nothing is written before them."""
+
+    def check_data(self, data) -> None:
+        """Checks of the config against the loaded data (ConfigError), before any stage uses it."""
 
     cfg = property(lambda self: self.run.cfg)
     dir = property(lambda self: self.run.dir)

@@ -137,6 +137,23 @@ def _pickle_weights(tmp):
                                                             "subfeature_weights": str(tmp / "w.pt")})))]
 
 
+def _three_classes_target_sensitivity(tmp):
+    _folder(tmp / "data", {"A": 10, "B": 10, "C": 10})
+    return ["run", str(_write(tmp, _config(tmp, classifier={"target_sensitivity": 0.9})))]
+
+
+def _set_not_yaml(tmp):
+    _folder(tmp / "data")
+    return ["run", str(_write(tmp, _config(tmp))), "--set", "classifier.epochs=[1"]
+
+
+def _run_dir_in_data(sub):
+    def build(tmp):
+        _folder(tmp / "data")
+        return ["run", str(_write(tmp, _config(tmp, run_dir=str(tmp / "data" / sub))))]
+    return build
+
+
 CASES = [
     # -- the config file
     ("config-missing", lambda tmp: ["run", str(tmp / "nope.yaml")], "nope.yaml"),
@@ -150,7 +167,7 @@ CASES = [
     ("threads-zero", _cfg_case(threads=0), "threads"),
     ("checkpoint-every-zero", _cfg_case(diffusion={"checkpoint_every": 0}), "diffusion.checkpoint_every"),
     ("classifier-epochs-zero", _cfg_case(classifier={"epochs": 0}), "classifier.epochs"),
-    ("diffusion-epochs-zero", _cfg_case(diffusion={"epochs": 0, "max_steps": None}), "diffusion.epochs"),
+    ("diffusion-epochs-negative", _cfg_case(diffusion={"epochs": -1, "max_steps": None}), "diffusion.epochs"),
     ("fractions-over-one", _cfg_case(data={"val_fraction": 0.6, "test_fraction": 0.5}), "val_fraction + data.test_fraction"),
     ("fraction-out-of-range", _cfg_case(data={"test_fraction": 1.5}), "data.test_fraction"),
     ("unknown-preset", _cfg_case(diffusion={"preset": "gigantic"}), "diffusion.preset"),
@@ -166,6 +183,27 @@ CASES = [
     ("unlabelled-missing", _cfg_case(data={"unlabelled": "/no/such/folder"}), "data.unlabelled"),
     ("synthetic-missing", _cfg_case(classifier={"synthetic_dir": "/no/such/set"}), "classifier.synthetic_dir"),
     ("classes-two-names", _cfg_case(data={"classes": ["A"]}), "data.classes"),
+    # -- values no run can use (the second corpus, issue 34)
+    ("lr-nan", _cfg_case(diffusion={"lr": float("nan")}), "diffusion.lr: must be a finite number"),
+    ("lr-inf", _cfg_case(classifier={"lr": float("inf")}), "classifier.lr: must be a finite number"),
+    ("lr-negative", _cfg_case(diffusion={"lr": -1e-4}), "diffusion.lr: must be > 0"),
+    ("beta-end-too-big", _cfg_case(diffusion={"beta_end": 5.0}), "diffusion.beta_end"),
+    ("top-level-int-key", _yaml_text("1: x\n"), "unknown config key '1'"),
+    ("top-level-null-key", _yaml_text("~: x\n"), "unknown config key 'None'"),
+    ("set-not-yaml", _set_not_yaml, "classifier.epochs=[1"),
+    ("seed-negative", _cfg_case(seed=-1), "seed: must lie in"),
+    ("seed-too-big", _cfg_case(seed=2 ** 40), "seed: must lie in"),
+    ("threads-huge", _cfg_case(threads=100000), "threads: must lie in"),
+    ("max-layers-zero", _cfg_case(features={"max_layers": 0}), "features.max_layers"),
+    ("weight-decay-negative", _cfg_case(classifier={"weight_decay": -1}), "classifier.weight_decay"),
+    ("synthetic-ratio-negative", _cfg_case(classifier={"synthetic_ratio": -0.5}), "classifier.synthetic_ratio"),
+    ("sample-steps-over-schedule", _cfg_case(diffusion={"sample_steps": 5000}), "diffusion.sample_steps"),
+    ("target-sensitivity-three-classes", _three_classes_target_sensitivity, "classifier.target_sensitivity"),
+    ("ks-keep-under-probe", _cfg_case(features={"select": "probe", "ks_keep": "most_gaussian"}), "features.ks_keep"),
+    ("cnn-only-without-cnn", _cfg_case(classifier={"diffusion_features": False}), "classifier.diffusion_features"),
+    ("duplicates-unknown", _cfg_case(data={"duplicates": "fuzzy"}), "data.duplicates"),
+    ("run-dir-is-data", _run_dir_in_data("."), "lies inside data.path"),
+    ("run-dir-inside-data", _run_dir_in_data("A/run"), "lies inside data.path"),
     # -- the run directory
     ("run-dir-is-file", _run_dir_file, "is a file"),
     ("run-dir-under-file", _run_dir_under_file, "is a file"),
@@ -354,3 +392,25 @@ def test_class_names_never_steer_file_paths_and_are_drawn_literally(tmp_path):
     plot_confusion(compute_metrics(y, p, names), tmp_path / "c.png")
     plot_roc(y, p, names, tmp_path / "r.png")
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_a_users_config_yaml_in_run_dir_is_never_overwritten(tmp_path, capsys):
+    """run_dir: . with the user's commented config saved as ./config.yaml: refused, the file untouched; a
+    config.yaml that dcube wrote itself (a resumed run) is fine."""
+    _folder(tmp_path / "data")
+    run = tmp_path / "proj"
+    run.mkdir()
+    mine = run / "config.yaml"
+    text = "# my notes, keep them\n" + yaml.safe_dump(_config(tmp_path, run_dir=str(run)))
+    mine.write_text(text)
+    assert main(["run", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "was not written by dcube" in err and str(mine) in err, err
+    assert mine.read_text() == text
+    other = tmp_path / "mine.yaml"
+    other.write_text(text)
+    mine.unlink()
+    assert main(["select-layers", str(other)]) == 2  # no step 1 yet: a clear error, but config.yaml is written
+    capsys.readouterr()
+    assert (run / "config.yaml").read_text().startswith("# dcube: the resolved configuration")
+    assert main(["select-layers", str(other)]) == 2 and "was not written" not in capsys.readouterr().err
