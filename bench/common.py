@@ -31,7 +31,7 @@ _RUNS = os.environ.get("DCUBE_BENCH_RUNS")
 
 # what every table's CIs and paired cells are (paired_cell, ci_cell), in the words its prose uses
 STATS = ("two-level bootstrap (the test images within class, then the seeds; t with Satterthwaite df); \"beats\" / "
-         "\"below\" only at Holm-adjusted p < 0.05, the section's paired comparisons one family")
+         "\"below\" only at Holm-adjusted p < 0.05, the paired comparisons under one heading one family")
 
 
 def runs_root(study: str) -> Path:
@@ -135,13 +135,13 @@ _FAMILY: list = []  # the family of the section being rendered (render): paired_
 
 def render(study: str, table: Callable[[], str]) -> str:
     """`table()` with every `paired_cell` in it one family: Holm-adjusted together (Family), named below it."""
-    fam = Family(f"every paired comparison in this section ({study})")
+    fam = Family(f"the paired comparisons under each heading of this section ({study})")
     _FAMILY.append(fam)
     try:
         md = table()
     finally:
         _FAMILY.remove(fam)
-    return fam.fill(md) + ("\n\n" + fam.note() if fam.results else "")
+    return fam.fill(md, by_heading=True) + ("\n\n" + fam.note() if fam.results else "")
 
 
 def load_results(study: str) -> list[dict]:
@@ -277,10 +277,23 @@ class Family:
         self.results.append(r)
         return f"@@{id(self)}:{len(self.results) - 1}@@"
 
-    def fill(self, text: str) -> str:
+    def fill(self, text: str, by_heading: bool = False) -> str:
+        """Write every cell; with `by_heading`, the cells under each Markdown heading (a table and the lines after
+        it) are Holm-adjusted as their own family, else all of them together."""
+        import re
+
         from dcube.evaluate.stats import holm, verdict
 
-        adj = holm([r["p"] for r in self.results])
+        heads = [m.start() for m in re.finditer(r"^#{2,4} ", text, flags=re.M)] if by_heading else []
+        where = {}
+        for i in range(len(self.results)):
+            at = text.find(f"@@{id(self)}:{i}@@")
+            where[i] = sum(h <= at for h in heads)
+        adj = [0.0] * len(self.results)
+        for part in set(where.values()):
+            members = [i for i in where if where[i] == part]
+            for i, q in zip(members, holm([self.results[i]["p"] for i in members])):
+                adj[i] = q
         for i, (r, q) in enumerate(zip(self.results, adj)):
             r["p_holm"] = q
             text = text.replace(f"@@{id(self)}:{i}@@", f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
@@ -288,6 +301,6 @@ class Family:
         return text
 
     def note(self) -> str:
-        return (f"Family \"{self.name}\": {len(self.results)} comparison(s), Holm-adjusted together; "
+        return (f"Family \"{self.name}\": {len(self.results)} comparison(s) in all, Holm-adjusted per family; "
                 "two-level bootstrap (test images stratified by class, then seeds, paired by seed), t with "
                 "Satterthwaite df.")

@@ -79,13 +79,17 @@ def check_backbone(cfg: RunConfig) -> None:
 
 
 def check_subfeature(cfg: RunConfig) -> None:
-    from dcube.classify.subfeatures import check_weights_path
+    from dcube.classify.subfeatures import build_subfeature_cnn, check_weights_path
 
     cc = cfg.classifier
     if cc.subfeature == "none" or cc.subfeature_weights is None:
         return
     try:
         check_weights_path(cc.subfeature_weights)
+        # read as safetensors (never unpickled) and matched to the network's tensor names and shapes: seconds
+        # here instead of after step 1
+        build_subfeature_cnn(cc.subfeature, cfg.data.channels, cfg.data.image_size, cc.subfeature_weights,
+                             min_input_size=cc.cnn_input_size)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"classifier.subfeature_weights: {exc}") from exc
 

@@ -137,6 +137,30 @@ def _pickle_weights(tmp):
                                                             "subfeature_weights": str(tmp / "w.pt")})))]
 
 
+def _weights_case(write):
+    """A sub-feature weights file named .safetensors whose content is wrong in the way `write(path)` makes it."""
+    def build(tmp):
+        _folder(tmp / "data")
+        (tmp / "inputs").mkdir()
+        write(tmp / "inputs" / "w.safetensors")
+        return ["run", str(_write(tmp, _config(tmp, classifier={
+            "subfeature": "resnet18", "subfeature_weights": str(tmp / "inputs" / "w.safetensors")})))]
+    return build
+
+
+def _torch_zip(path):
+    import torch
+
+    torch.save({"conv.weight": torch.zeros(2)}, path)
+
+
+def _wrong_names(path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(path))
+
+
 def _three_classes_target_sensitivity(tmp):
     _folder(tmp / "data", {"A": 10, "B": 10, "C": 10})
     return ["run", str(_write(tmp, _config(tmp, classifier={"target_sensitivity": 0.9})))]
@@ -203,6 +227,10 @@ CASES = [
     ("cnn-only-without-cnn", _cfg_case(classifier={"diffusion_features": False}), "classifier.diffusion_features"),
     ("duplicates-unknown", _cfg_case(data={"duplicates": "fuzzy"}), "data.duplicates"),
     ("run-dir-is-data", _run_dir_in_data("."), "lies inside data.path"),
+    ("weights-torch-zip-named-safetensors", _weights_case(_torch_zip), "not a readable safetensors file"),
+    ("weights-pickle-named-safetensors", _weights_case(lambda p: p.write_bytes(b"\x80\x04fake pickle")),
+     "not a readable safetensors file"),
+    ("weights-wrong-tensor-names", _weights_case(_wrong_names), "does not match this network"),
     ("run-dir-inside-data", _run_dir_in_data("A/run"), "lies inside data.path"),
     # -- the run directory
     ("run-dir-is-file", _run_dir_file, "is a file"),
@@ -244,7 +272,8 @@ def test_a_hostile_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
     assert needle in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.rglob("metrics.json"))
-    assert not list(tmp_path.rglob("*.safetensors")), "nothing may train before the check"
+    made = [p for p in tmp_path.rglob("*.safetensors") if "inputs" not in p.relative_to(tmp_path).parts]
+    assert not made, "nothing may train before the check"
 
 
 def test_every_bad_file_in_one_message_and_a_rerun_after_removing_them_works(tmp_path, capsys):
@@ -414,3 +443,32 @@ def test_a_users_config_yaml_in_run_dir_is_never_overwritten(tmp_path, capsys):
     capsys.readouterr()
     assert (run / "config.yaml").read_text().startswith("# dcube: the resolved configuration")
     assert main(["select-layers", str(other)]) == 2 and "was not written" not in capsys.readouterr().err
+
+
+def test_images_without_an_extension_are_read_by_content_and_other_files_are_named(tmp_path, shared_data):
+    """A PNG saved without an extension and a DICOM named IM0001 (the usual DICOM naming) are images; a text
+    file beside them is named in a warning as skipped."""
+    import shutil
+
+    from dcube.config import DataConfig
+    from dcube.data import load_data
+
+    root = _folder(tmp_path / "data")
+    (root / "A" / "A_000.png").rename(root / "A" / "scan0")
+    shutil.copy(shared_data / "dicom" / "CT_small.dcm", root / "B" / "IM0001")
+    (root / "B" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="1 file\\(s\\) that are not images are skipped, e.g. notes.txt"):
+        b = load_data(DataConfig(source="folder", path=str(root), image_size=SIZE, val_fraction=0.2,
+                                 test_fraction=0.2), seed=0)
+    ids = [Path(i).name for s in (b.train, b.val, b.test) for i in s.ids]
+    assert "scan0" in ids and "IM0001" in ids and len(ids) == 21
+
+
+def test_a_folder_mixing_split_and_class_folders_is_refused(tmp_path, capsys):
+    root = tmp_path / "data"
+    _folder(root / "train")
+    _folder(root / "Extra", {"X": 3})
+    (root / "Extra" / "loose.png").write_bytes((root / "train" / "A" / "A_000.png").read_bytes())
+    assert main(["run", str(_write(tmp_path, _config(tmp_path)))]) == 2
+    err = capsys.readouterr().err
+    assert "mixes split folders (train) with other folders (Extra)" in err and len(err.strip().splitlines()) == 1, err

@@ -174,3 +174,26 @@ def test_download_url_error_leaves_nothing(tmp_path):
     with pytest.raises(OSError):  # the autouse fixture's urlopen refuses
         fetch.download_file("http://example.invalid/x", tmp_path / "x.npz", None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rescale, ok", [
+    (lambda x: (x - x.mean()) / x.std(), False),  # z-scored: would become blank
+    (lambda x: x / 127.5 - 1.0, False),  # [-1, 1]: would lose its dark half to clamping
+    (lambda x: x / 255.0, True),  # [0, 1]
+    (lambda x: x * 1.0, True),  # [0, 255] as float
+])
+def test_float_images_need_a_known_range(tmp_path, medmnist_dir, rescale, ok):
+    def change(d):
+        for s in ("train", "val", "test"):
+            d[f"{s}_images"] = rescale(d[f"{s}_images"].astype(np.float32))
+
+    path = _tampered(tmp_path, medmnist_dir, change)
+    if ok:
+        b = load_data(DataConfig(name="breastmnist", path=str(path)), seed=0)
+        ref = load_data(DataConfig(name="breastmnist", path=str(medmnist_dir / "breastmnist.npz")), seed=0)
+        assert (b.train.images - ref.train.images).abs().max() < 1e-5
+        return
+    with pytest.raises(DataError) as err:
+        load_data(DataConfig(name="breastmnist", path=str(path)), seed=0)
+    msg = str(err.value)
+    assert str(path) in msg and "[0, 1] or [0, 255]" in msg and "span [-" in msg, msg

@@ -180,3 +180,38 @@ def test_training_curves_put_dcube_losses_on_the_loss_panel():
     assert [_kind(k) for k in ("ce", "cycle", "consistency", "mse", "contrastive", "train_loss")] == ["loss"] * 6
     assert [_kind(k) for k in ("val_auc", "val_acc")] == ["metric"] * 2
     assert [_kind(k) for k in ("ema_decay", "cycle_grad_ratio", "cycle_loss_share")] == ["diagnostic"] * 3
+
+
+def test_a_thousand_classes_stay_bounded(tmp_path):
+    """1,000 classes: the confusion plot is a bounded top-confusions chart (not a 1,000 x 1,000 figure that
+    needed GBs), the ROC shows the worst classes, the CIs skip only the macro AUC, the table stays short."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from dcube.evaluate import compute_metrics, format_table
+    from dcube.evaluate.plots import plot_confusion, plot_roc
+    from dcube.evaluate.stats import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    c = 1000
+    y = np.repeat(np.arange(c), 2)
+    p = rng.dirichlet(np.ones(c), len(y))
+    p[np.arange(len(y)), y] += rng.uniform(0, 0.02, len(y))
+    p /= p.sum(axis=1, keepdims=True)
+    names = [f"class {i}" for i in range(c)]
+    m = compute_metrics(y, p, names)
+    m["ci95"] = bootstrap_ci(y, p, n_boot=200)
+    assert "auc" not in m["ci95"] and "no AUC CI" in m["ci95"]["auc_note"]
+    assert 0 <= m["ci95"]["f1_macro"][0] <= m["ci95"]["f1_macro"][1] <= 1
+    assert len(format_table(m).splitlines()) < 40
+    tracemalloc.start()
+    plot_confusion(m, tmp_path / "cm.png")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * 2 ** 20, peak
+    w, h = Image.open(tmp_path / "cm.png").size
+    assert w < 1500 and h < 1500, (w, h)
+    plot_roc(y, p, names, tmp_path / "roc.png")
+    assert Image.open(tmp_path / "roc.png").size[0] < 1500

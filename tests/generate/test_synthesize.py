@@ -45,6 +45,13 @@ def test_synthesize_writes_pngs_and_a_manifest_deterministically(checkpoint, tmp
     assert (tmp_path / "a/a/a_00001.png").read_bytes() == (tmp_path / "b/a/a_00001.png").read_bytes()
     with pytest.raises(FileExistsError):
         synthesize(checkpoint, [1, 1], tmp_path / "a", data.class_names, fp, steps=3, progress=False)
+    # a user's image folder is never written into, even with overwrite
+    user = tmp_path / "mine" / "a"
+    user.mkdir(parents=True)
+    (user / "scan.png").write_bytes((tmp_path / "a/a/a_00001.png").read_bytes())
+    with pytest.raises(FileExistsError, match="not a synthetic set"):
+        synthesize(checkpoint, [1, 1], tmp_path / "mine", data.class_names, fp, steps=3, progress=False, overwrite=True)
+    assert [p.name for p in (tmp_path / "mine").rglob("*") if p.is_file()] == ["scan.png"]
 
 
 def test_synthetic_images_only_enter_the_training_split(checkpoint, tmp_path):

@@ -48,9 +48,31 @@ def _visible_dirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# what a file's first bytes say it is, for files whose name has no image suffix (e.g. DICOM's IM0001)
+_SIGNATURES = ((0, b"\x89PNG\r\n\x1a\n"), (0, b"\xff\xd8\xff"), (0, b"GIF87a"), (0, b"GIF89a"), (0, b"BM"),
+               (0, b"II*\x00"), (0, b"MM\x00*"), (128, b"DICM"))
+
+
+def looks_like_image(path: Path) -> bool:
+    """Whether `path` starts like a PNG, JPEG, GIF, BMP, TIFF or DICOM file, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return any(head[at:at + len(sig)] == sig for at, sig in _SIGNATURES)
+
+
 def _image_files(d: Path) -> list[Path]:
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    """Files with an image suffix, and files without one that are images by content; any other file is
+    named in a warning as skipped (hidden files and folders are ignored silently)."""
+    found = [p for p in d.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+    files, skipped = [], []
+    for p in sorted(found):
+        (files if p.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(p) else skipped).append(p)
+    if skipped:
+        warnings.warn(f"{d}: {len(skipped)} file(s) that are not images are skipped, e.g. {skipped[0].name}",
+                      stacklevel=3)
     for f in files:
         check_name(f)
     return files
@@ -107,6 +129,11 @@ def scan_folder(root: str | Path) -> tuple[list[Entry], str]:
     dirs = _visible_dirs(root)
     subdirs = {p.name.lower(): p for p in dirs}
     known = [SPLIT_ALIASES[n] for n in subdirs if n in SPLIT_ALIASES]
+    other = [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]
+    if "train" in known and other:
+        splits = [d.name for d in dirs if d.name.lower() in SPLIT_ALIASES]
+        raise DataError(f"image folder {root} mixes split folders ({', '.join(splits)}) with other folders "
+                        f"({', '.join(other[:5])}); use root/<class>/<image> or root/{{train,val,test}}/<class>/<image>")
     if "train" in known and set(subdirs) <= set(SPLIT_ALIASES):
         if len(known) != len(set(known)):
             raise DataError(f"image folder {root}: two folders name the same split "

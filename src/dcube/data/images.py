@@ -119,6 +119,19 @@ def check_finite(images: np.ndarray, file: str | Path, split: str) -> None:
                             f"{len(idx)} image(s), e.g. index {int(idx[0])}")
 
 
+def check_float_range(images: np.ndarray, where: str) -> None:
+    """Float images are read as [0, 1] (max <= 1) or [0, 255]; anything else (z-scored, [-1, 1], HU) would be
+    clamped into a blank or washed-out image, so it is refused with the range found. Chunked: memory-mapped
+    arrays are not loaded whole."""
+    if not np.issubdtype(images.dtype, np.floating) or not len(images):
+        return
+    lo = min(float(np.min(images[s:s + 4096])) for s in range(0, len(images), 4096))
+    hi = max(float(np.max(images[s:s + 4096])) for s in range(0, len(images), 4096))
+    if lo < 0.0 or hi > 255.0:
+        raise DataError(f"{where}: float images must lie in [0, 1] or [0, 255]; these span [{lo:.4g}, {hi:.4g}] "
+                        f"(z-scored, [-1, 1] or raw scanner units?). Rescale them to [0, 1] first")
+
+
 def array_to_tensor(images: np.ndarray, image_size: int, channels: int,
                     chunk: int = 4096) -> torch.Tensor:
     """(N, H, W) or (N, H, W, 3) uint8 (0..255) or float ([0, 1] or [0, 255]) -> (N, C, S, S) in [-1, 1]."""

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from dcube.data.bundle import SPLITS, DataError
-from dcube.data.images import check_finite
+from dcube.data.images import check_finite, check_float_range
 from dcube.data.medmnist import SIZES, MedMNISTInfo
 
 
@@ -49,6 +49,7 @@ def load_npz(path: Path, info: MedMNISTInfo, size: Optional[int] = None) -> dict
     for s, (images, labels) in arrays.items():
         out[s] = (images, _check_labels(path, info, s, labels, len(images)))
         check_finite(images, path, s)
+        check_float_range(images, f"{path}: split {s!r} ({s}_images)")
     return out
 
 

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from dcube.data.bundle import DataError
-from dcube.data.images import IMAGE_SUFFIXES, read_image
+from dcube.data.images import IMAGE_SUFFIXES, check_float_range, read_image
 
 
 def _folder_files(root: Path) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    from dcube.data.folder import looks_like_image
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                   p.relative_to(root).parts) and (p.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(p)))
     if not files:
         raise DataError(f"data.unlabelled: {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
@@ -86,6 +88,7 @@ def load_unlabelled(path: str | Path, image_size: int, channels: int, store=None
             raise DataError(f"data.unlabelled: {path}: '{key}' must be (N, H, W) or (N, H, W, 3), got {arr.shape}")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise DataError(f"data.unlabelled: {path}: '{key}' holds NaN/inf values")
+        check_float_range(arr, f"data.unlabelled: {path}: '{key}'")
         ids = [f"{path.name}:{key}:{i}" for i in range(len(arr))]
         cache = store(ids, _digest([path])) if store else None
         return decode_array(arr, np.arange(len(arr)), image_size, channels, cache), ids

@@ -234,6 +234,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+MAX_PRINTED_CLASSES = 30  # more classes: format_table prints the overall metrics only
+
+
 def format_table(metrics: dict, title: Optional[str] = None) -> str:
     """A plain-text table of `metrics` (from :func:`compute_metrics`) for the terminal."""
     lines: list[str] = []
@@ -254,12 +257,16 @@ def format_table(metrics: dict, title: Optional[str] = None) -> str:
     ]
     ci = metrics.get("ci95") or {}
     w = max(len(k) for k, _ in overall)
-    lines.append("-" * (w + 12) + (f"   {ci.get('level', 0.95):.0%} CI (bootstrap)" if "auc" in ci else ""))
+    lines.append("-" * (w + 12) + (f"   {ci.get('level', 0.95):.0%} CI (bootstrap)"
+                                   if any(key in ci for _, key in overall) else ""))
     for k, key in overall:
         extra = f"   [{ci[key][0]:.4f}, {ci[key][1]:.4f}]" if key in ci else ""
         lines.append(f"{k:<{w}}  {_fmt(metrics[key]):>8}{extra}")
 
     names = list(metrics["per_class"])
+    if len(names) > MAX_PRINTED_CLASSES:  # the per-class numbers and the matrix are in metrics.json
+        lines.append(f"\n({len(names)} classes: the per-class table and the confusion matrix are in metrics.json)")
+        return "\n".join(lines + ([f"\nnote: {metrics['note']}"] if metrics.get("note") else []))
     cw = max(5, max(len(n) for n in names))
     cols = ("precision", "recall", "F1", "AUC", "support")
     lines.append("")

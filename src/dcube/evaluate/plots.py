@@ -60,6 +60,8 @@ def plot_confusion(metrics: dict, path: str | Path, normalize: bool = False) -> 
     names = list(metrics["class_names"])
     if cm.shape != (len(names), len(names)):
         raise ValueError(f"metrics: confusion_matrix shape {cm.shape} does not match {len(names)} classes")
+    if len(names) > MAX_MATRIX_CLASSES:
+        return _plot_top_confusions(cm, names, path)
     fmt = "d"
     if normalize:
         rows = cm.sum(axis=1, keepdims=True)
@@ -79,6 +81,31 @@ def plot_confusion(metrics: dict, path: str | Path, normalize: bool = False) -> 
     return _save(fig, path)
 
 
+MAX_MATRIX_CLASSES = 30  # more classes: the most frequent confusions as bars instead of a C x C matrix
+TOP_CONFUSIONS = 20
+MAX_ROC_CURVES = 10  # more classes: the curves of the classes with the lowest one-vs-rest AUC
+
+
+def _plot_top_confusions(cm: np.ndarray, names: list, path) -> Path:
+    """The TOP_CONFUSIONS largest off-diagonal counts (true -> predicted) as bars: a bounded figure at any
+    number of classes."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None, kind="stable")[::-1][:TOP_CONFUSIONS]
+    pairs = [(int(i // len(names)), int(i % len(names))) for i in flat if off.flat[i] > 0]
+    fig = _new_figure(7.0, max(2.5, 0.3 * len(pairs) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.barh(range(len(pairs)), [off[i, j] for i, j in pairs], color="tab:blue")
+    ax.set_yticks(range(len(pairs)), [f"{names[i]} -> {names[j]}"[:40] for i, j in pairs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("test images")
+    if not pairs:
+        ax.text(0.5, 0.5, "no test image was misclassified", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{len(names)} classes: the {len(pairs)} most frequent confusions (true -> predicted); "
+                 f"accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}, n={int(cm.sum())}", fontsize=9)
+    return _save(fig, path)
+
+
 def plot_roc(y_true: Any, probs: Any, class_names: Sequence[str], path: str | Path,
              title: Optional[str] = None) -> Path:
     """ROC curve(s) as a PNG; returns the path.
@@ -93,6 +120,13 @@ def plot_roc(y_true: Any, probs: Any, class_names: Sequence[str], path: str | Pa
     present = set(np.unique(y).tolist())
     absent = [n for k, n in enumerate(names) if k not in present]
     targets = [1] if len(names) == 2 else list(range(len(names)))
+    shown = ""
+    if len(targets) > MAX_ROC_CURVES:  # the worst classes: what a reader of a many-class ROC looks for
+        from dcube.evaluate.stats import auc_of
+
+        auc = {k: auc_of(y == k, p[:, k]) for k in targets if 0 < (y == k).sum() < len(y)}
+        targets = sorted(auc, key=auc.get)[:MAX_ROC_CURVES]
+        shown = f"\nthe {len(targets)} lowest of {len(names)} classes"
     drawn = 0
     for k in targets:
         pos = (y == k).astype(np.int64)
@@ -112,8 +146,9 @@ def plot_roc(y_true: Any, probs: Any, class_names: Sequence[str], path: str | Pa
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     head = title or ("ROC (positive class: %s)" % names[1] if len(names) == 2 else "ROC, one-vs-rest")
+    head += shown
     if absent:
-        head += f"\nno examples of: {', '.join(absent)}"
+        head += f"\nno examples of: {', '.join(absent[:5])}" + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
     ax.set_title(head)
     if drawn:
         ax.legend(loc="lower right", fontsize="small")

@@ -45,6 +45,10 @@ def synthesize(checkpoint: str | Path, counts: Sequence[int], out_dir: str | Pat
     Refuses a non-empty `out_dir` that already holds a set unless `overwrite`.
     """
     out_dir = Path(out_dir)
+    ours = (out_dir / MANIFEST).exists() or (out_dir / INFO).exists()  # a set, or one cut short before its manifest
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not ours:
+        raise FileExistsError(f"{out_dir} holds files that are not a synthetic set of dcube's; choose an empty or new "
+                              "output folder (synthetic images are never mixed into another folder)")
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a synthetic set ({MANIFEST}); choose another output "
                               "folder or pass overwrite")
