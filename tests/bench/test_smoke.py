@@ -14,7 +14,7 @@ STUDIES = {
     "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "dcube-auto",
                  "linear-probe", "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
-    "controls": ["--datasets", "breastmnist", "--seeds", "3", "4"],
+    "controls": ["--datasets", "breastmnist", "--seeds", "3", "4"],  # every arm, ks-worst included
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
@@ -58,6 +58,9 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
         assert not (tmp_path / "results" / study / "runs" / "breastmnist-cnn-only-s3" / "diffusion").exists()
         only = json.loads((tmp_path / "results" / study / "breastmnist-diffusion-only-s3.json").read_text())
         assert only["step1_from"] == "dcube" and only["layers"]
+        worst = json.loads((tmp_path / "results" / study / "breastmnist-ks-worst-s3.json").read_text())
+        assert worst["step1_from"] == "dcube" and worst["config"]["features"]["ks_keep"] == "most_gaussian"
+        assert "Table VI" in md
     if study == "convergence":  # --grids: the finished default run's samples, drawn and shown; the others skipped
         grid = subprocess.run([sys.executable, "-m", "bench.convergence", "--grids", *STUDIES[study]], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
