@@ -90,13 +90,21 @@ def untrained_run(dataset: str, seed: int) -> dict:
 
 
 def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
+    return {"study": STUDY, "dataset": dataset, "variant": key, "label": VARIANTS[key][0], "seed": seed,
+            "epochs": epochs, **probe_run(_cfg(dataset, key, seed, epochs))}
+
+
+def probe_run(cfg_dict: dict) -> dict:
+    """Step 1 of `cfg_dict` (diffusion.epochs auto: the validation probe every eval_every steps), then the chosen
+    checkpoint's probe (its block and C) scored once on test. -> curve, chosen step, val / test AUC, minutes."""
     from dcube.config import from_dict
     from dcube.features import extract
     from dcube.features.probe import validation_probe
     from dcube.pipeline import DCube
     from dcube.utils.io import read_json
 
-    cfg = from_dict(_cfg(dataset, key, seed, epochs))
+    cfg = from_dict(cfg_dict)
+    seed = cfg.seed
     r = DCube(cfg)
     r.train_diffusion()
     hist = read_json(r.dir / "diffusion" / "history.json")
@@ -107,9 +115,8 @@ def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
     tr = extract(model, d.train.images, layer, fc, seed, sched, desc="train")
     te = extract(model, d.test.images, layer, fc, seed, sched, desc="test")  # read once, after the choice
     test_auc, _ = validation_probe(tr, d.train.labels, te, d.test.labels, Cs=(chosen["C"],))
-    return {"study": STUDY, "dataset": dataset, "variant": key, "label": VARIANTS[key][0], "seed": seed,
-            "epochs": epochs, "curve": hist["probe"], "chosen_step": hist["chosen_step"],
-            "val_auc": hist["chosen_score"], "test_auc": test_auc, "chosen_layer": chosen["layer"],
+    return {"curve": hist["probe"], "chosen_step": hist["chosen_step"], "val_auc": hist["chosen_score"],
+            "test_auc": test_auc, "chosen_layer": chosen["layer"],
             "train_minutes": hist["probe"][-1]["train_seconds"] / 60}
 
 

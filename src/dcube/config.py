@@ -524,8 +524,26 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     from dcube.utils.io import atomic_write_text
 
-    atomic_write_text(path, f"{CONFIG_MARK} (written by dcube; edit your own file, not this one)\n"
-                      + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    import hashlib
+
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write_text(path, f"{CONFIG_MARK} (written by dcube; edit your own file, not this one) "
+                      f"sha256:{hashlib.sha256(body.encode()).hexdigest()}\n" + body)
+
+
+def read_run_config(path: str | Path) -> dict:
+    """A run directory's config.yaml as a dict; ConfigError naming it when its text no longer matches the
+    sha256 dcube wrote into its first line (edited by hand: the run's outputs were made with the old one)."""
+    import hashlib
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    first, _, body = text.partition("\n")
+    if first.startswith(CONFIG_MARK) and "sha256:" in first:
+        if hashlib.sha256(body.encode()).hexdigest() != first.rsplit("sha256:", 1)[1].strip():
+            raise ConfigError(f"{path}: edited after dcube wrote it; the run's models were made with the original. "
+                              f"Restore it (or delete the run directory), and put changes in your own config file")
+    return yaml.safe_load(text) or {}
 
 
 def with_legacy_values(values: dict) -> dict:

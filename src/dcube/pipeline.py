@@ -29,6 +29,7 @@ from dcube.run import Method
 from dcube.utils.io import read_json, sha256_file, write_json
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
+MODEL_FILES = ("diffusion/ema.safetensors", "classifier/best.safetensors")  # fingerprinted in run.json
 
 
 class DCube(Method):
@@ -375,6 +376,9 @@ class DCube(Method):
         if self.cfg.classifier.subfeature == "auto":  # every candidate's validation score
             full["subfeature_choice"] = read_json(self.dir / "classifier" / CHOICE)
         write_json(self.dir / "metrics.json", full)
+        # what predict, report and export may load: the models this evaluation scored
+        self.info["model_sha256"] = {f: sha256_file(self.dir / f) for f in MODEL_FILES if (self.dir / f).exists()}
+        self.save_info()
         print(format_table(metrics, title=f"test metrics ({self.dir})"))
         print(f"calibration (temperature {cal['temperature']:.3f}, fitted on validation): test ECE "
               f"{cal['test']['ece_before']:.4f} -> {cal['test']['ece_after']:.4f}")

@@ -149,13 +149,11 @@ class Predictor:
     """The run's model as one callable: images (N, C, S, S) in [-1, 1] -> (raw, calibrated) probabilities."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
-        import yaml
-
         from dcube.classify.trainer import BEST, FeatureSplit, build_head, resolve_subfeature
-        from dcube.config import from_dict
+        from dcube.config import from_dict, read_run_config
         from dcube.diffusion.schedule import ddpm_scheduler
         from dcube.diffusion.trainer import load_denoiser
-        from dcube.utils.io import load_checkpoint, read_json
+        from dcube.utils.io import load_checkpoint, read_json, sha256_file
 
         self.dir = Path(run_dir)
 
@@ -165,8 +163,14 @@ class Predictor:
                     raise FileNotFoundError(f"{self.dir}: not a finished dcube run (missing {f}); run 'dcube run' first")
 
         need("config.yaml", "run.json", "classifier/" + BEST)
-        self.cfg = from_dict(yaml.safe_load((self.dir / "config.yaml").read_text()))
-        self.class_names = read_json(self.dir / "run.json")["data"]["class_names"]
+        self.cfg = from_dict(read_run_config(self.dir / "config.yaml"))
+        info = read_json(self.dir / "run.json")
+        self.class_names = info["data"]["class_names"]
+        for f, digest in (info.get("model_sha256") or {}).items():  # as evaluated: not replaced since
+            if (self.dir / f).exists() and sha256_file(self.dir / f) != digest:
+                raise ValueError(f"{self.dir / f}: changed after the run was evaluated (its sha256 differs from "
+                                 f"run.json's); metrics.json and the calibration belong to the original. Run "
+                                 f"'dcube evaluate' on the run again, or restore the file")
         self.device = torch.device(device)
         self.layers, self.model, dcfg = [], None, self.cfg.diffusion  # the CNN-only arm: no denoiser
         if self.cfg.classifier.diffusion_features:

@@ -32,15 +32,15 @@ def check_run_dir(run_dir: str | Path) -> None:
 
 
 def check_run_dir_outside_data(cfg: RunConfig) -> None:
-    """run_dir may not be, or lie inside, a folder the config reads images from: its outputs would become data."""
+    """run_dir may not be, or lie inside, a folder the config scans for images: its outputs would become data
+    (a CSV manifest or an npz names its images, so a run_dir beside it is fine)."""
     run = Path(cfg.run_dir).expanduser().resolve()
     for key, value in (("data.path", cfg.data.path), ("data.unlabelled", cfg.data.unlabelled),
                        ("classifier.synthetic_dir", cfg.classifier.synthetic_dir)):
         if value is None:
             continue
-        data = Path(value).expanduser().resolve()
-        folder = data if data.is_dir() or not data.suffix else data.parent  # a CSV / npz: its folder holds images
-        if run == folder or folder in run.parents:
+        folder = Path(value).expanduser().resolve()
+        if folder.is_dir() and (run == folder or folder in run.parents):
             raise ConfigError(f"run_dir: {run} lies inside {key} ({folder}); the run's files would mix with the "
                               f"images. Choose a run_dir outside it")
 

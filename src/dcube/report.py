@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from dcube.config import read_run_config
 from dcube.predict import NOTICE
 
 REPORT = "report.html"
@@ -159,7 +160,7 @@ def write_report(run_dir: str | Path, heatmaps: int = 2) -> Path:
     for need in ("config.yaml", "metrics.json", "run.json"):
         if not (run_dir / need).is_file():
             raise FileNotFoundError(f"{run_dir}: not a finished dcube run (missing {need}); run 'dcube run' first")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = read_run_config(run_dir / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
     maps = write_heatmaps(run_dir, heatmaps) if heatmaps > 0 else []

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from dcube.config import ConfigError, RunConfig, dump_config, from_dict, with_legacy_values
+from dcube.config import ConfigError, RunConfig, dump_config, from_dict, read_run_config, with_legacy_values
 from dcube.utils.io import load_tensors, read_json, save_tensors, write_json
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
 
@@ -50,7 +49,7 @@ def check_saved_config(cfg: RunConfig, config_file: Path, root: Path, made: dict
     exists, or in the seed. `made`: "section" or "section.prefix" -> output path."""
     if not config_file.exists():
         return
-    old = yaml.safe_load(config_file.read_text()) or {}
+    old = read_run_config(config_file)
     try:  # keys added to dcube since the run was made: their old behaviour, else their defaults
         old = from_dict(with_legacy_values(old)).to_dict()
     except (TypeError, ValueError):
@@ -106,10 +105,18 @@ class Run:
     def data(self):
         if self._data is None:
             from dcube.data import load_data
+            from dcube.utils.io import sha256_file
 
+            splits = self.dir / "splits.csv"  # written once, on the first load; never by hand
+            known = (self.info.get("data") or {}).get("splits_sha256")
+            if known and splits.exists() and sha256_file(splits) != known:
+                raise ConfigError(f"{splits}: edited after dcube wrote it (its sha256 differs from run.json's); the "
+                                  f"run's models were trained on the original split. Restore it, or use a new run_dir")
             self._data = load_data(self.cfg.data, self.cfg.seed, self.dir)
             self.method.check_data(self._data)  # config against the data, before any stage trains on it
             self.info["data"] = self._data.info
+            if splits.exists():
+                self.info["data"]["splits_sha256"] = sha256_file(splits)
             self.save_info()
         return self._data
 

@@ -15,6 +15,7 @@ STUDIES = {
                  "linear-probe", "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "controls": ["--datasets", "breastmnist", "--seeds", "3", "4"],  # every arm, ks-worst included
+    "size_curve": ["--datasets", "breastmnist", "--seeds", "0", "--models", "unet-micro", "unet-tiny", "uvit-tiny"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],

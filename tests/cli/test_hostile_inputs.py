@@ -472,3 +472,41 @@ def test_a_folder_mixing_split_and_class_folders_is_refused(tmp_path, capsys):
     assert main(["run", str(_write(tmp_path, _config(tmp_path)))]) == 2
     err = capsys.readouterr().err
     assert "mixes split folders (train) with other folders (Extra)" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_directory_edited_by_hand_is_refused_naming_the_file(tmp_path, capsys):
+    """config.yaml, splits.csv and the model files carry fingerprints: run, predict, report and export refuse a run
+    whose files were changed after dcube wrote them, naming the file; restoring the file makes it work again."""
+    _folder(tmp_path / "data")
+    cfg_path = _write(tmp_path, _config(tmp_path))
+    assert main(["run", str(cfg_path)]) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    image = tmp_path / "data" / "A" / "A_000.png"
+    for name, change in (("config.yaml", lambda t: t.replace("epochs: 1", "epochs: 7", 1)),
+                         ("splits.csv", lambda t: t.replace(",test\n", ",train\n", 1))):
+        f = run / name
+        original = f.read_text()
+        f.write_text(change(original))
+        assert f.read_text() != original
+        for argv in (["run", str(cfg_path)], ["predict", str(run), str(image), "--out", str(tmp_path / "p")]):
+            if name == "splits.csv" and argv[0] == "predict":
+                continue  # predict does not read the split
+            assert main(argv) == 2, (name, argv)
+            err = capsys.readouterr().err
+            assert str(f) in err and "edited after dcube wrote it" in err and len(err.strip().splitlines()) == 1, err
+        f.write_text(original)
+    best = run / "classifier" / "best.safetensors"
+    original = best.read_bytes()
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(best))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(best))
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert str(best) in err and "changed after the run was evaluated" in err, err
+    best.write_bytes(original)
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p")]) == 0
+    assert main(["run", str(cfg_path)]) == 0

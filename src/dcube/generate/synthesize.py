@@ -34,6 +34,9 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+STARTED = ".dcube-synthesize"  # written before the first image: the folder is a set of dcube's, finished or not
+
+
 def synthesize(checkpoint: str | Path, counts: Sequence[int], out_dir: str | Path, class_names: Sequence[str],
                train_sha256: str, *, sampler: str = "ddim", steps: int | None = None, guidance: float = 0.0,
                seed: int = 0, batch_size: int = 256, device="cpu", overwrite: bool = False,
@@ -45,7 +48,8 @@ def synthesize(checkpoint: str | Path, counts: Sequence[int], out_dir: str | Pat
     Refuses a non-empty `out_dir` that already holds a set unless `overwrite`.
     """
     out_dir = Path(out_dir)
-    ours = (out_dir / MANIFEST).exists() or (out_dir / INFO).exists()  # a set, or one cut short before its manifest
+    # a set, or one cut short before its manifest (the mark is written before the first image)
+    ours = any((out_dir / f).exists() for f in (MANIFEST, INFO, STARTED))
     if out_dir.is_dir() and any(out_dir.iterdir()) and not ours:
         raise FileExistsError(f"{out_dir} holds files that are not a synthetic set of dcube's; choose an empty or new "
                               "output folder (synthetic images are never mixed into another folder)")
@@ -61,6 +65,7 @@ def synthesize(checkpoint: str | Path, counts: Sequence[int], out_dir: str | Pat
         raise ValueError(f"{checkpoint}: guidance {guidance} needs a model trained with diffusion.class_dropout > 0 "
                          "(it never learned the null class)")
     labels = torch.repeat_interleave(torch.arange(len(names)), torch.as_tensor(list(counts), dtype=torch.long))
+    atomic_write_text(out_dir / STARTED, f"dcube synthesize from {checkpoint}\n")
     t0 = time.time()
     images = sample_images(model, cfg, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                            batch_size=batch_size, device=device, progress=progress, desc="synthesize")
