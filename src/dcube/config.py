@@ -80,6 +80,7 @@ class DiffusionConfig:
     sample_steps: int = 50  # DDIM steps for the grid
     grid_samplers: list = field(default_factory=lambda: ["ddim", "ddpm"])  # samples.png (DDIM), samples_ddpm.png
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
+    init_from: Optional[str] = None  # a `dcube pretrain` backbone (or step-1 model) to start step 1 from; epochs 0 keeps it frozen
 
 
 @dataclass

@@ -78,6 +78,18 @@ def check_backbone(cfg: RunConfig) -> None:
                           f"{cfg.diffusion.preset!r} backbone; its layers are {names}")
 
 
+def check_init_from(cfg: RunConfig) -> None:
+    """diffusion.init_from: a dcube step-1 model of this run's architecture, preset, image size and channels."""
+    from dcube.diffusion.backbone import check_backbone
+
+    if cfg.diffusion.init_from is None:
+        return
+    try:
+        check_backbone(cfg.diffusion.init_from, cfg.diffusion, cfg.data.channels, cfg.data.image_size)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def check_subfeature(cfg: RunConfig) -> None:
     from dcube.classify.subfeatures import build_subfeature_cnn, check_weights_path
 
@@ -106,5 +118,6 @@ def check_run(cfg: RunConfig) -> None:
     is opened, dcube.run.open_run_dir)."""
     check_device(cfg.device)
     check_backbone(cfg)
+    check_init_from(cfg)
     check_subfeature(cfg)
     check_paths(cfg)

@@ -63,6 +63,19 @@ def cmd_config(args) -> int:
     print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
 
 
+@guard
+def cmd_pretrain(args) -> int:
+    """Train a step-1 backbone on unlabelled images, to start any run's step 1 from (diffusion.init_from)."""
+    from dcube.diffusion.backbone import pretrain
+    from dcube.preflight import check_run
+    from dcube.utils.runtime import pick_device
+
+    cfg = config_from_args(args)
+    check_run(cfg)
+    out = pretrain(cfg, args.pool, args.out, with_train=args.with_train, device=pick_device(cfg.device))
+    print(f"backbone: {out}\nstart a run from it with: --set diffusion.init_from={out}")
+
+
 def register(sub) -> None:
     for name, (help_, _) in STEPS.items():
         sp = sub.add_parser(name, help=help_, description=help_, formatter_class=Formatter)
@@ -74,6 +87,14 @@ def register(sub) -> None:
     dp.add_argument("--run-dir", help="override run_dir (default runs/demo, runs/demo-quick)")
     dp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     dp.set_defaults(func=cmd_demo)
+    pp = sub.add_parser("pretrain", help="train a step-1 backbone on unlabelled images (diffusion.init_from)",
+                        description=cmd_pretrain.__doc__, formatter_class=Formatter)
+    add_config_args(pp)
+    pp.add_argument("--pool", required=True, help="unlabelled images: a folder, a CSV with a path column, or an npz")
+    pp.add_argument("--out", required=True, help="the backbone file to write (.safetensors)")
+    pp.add_argument("--with-train", action="store_true", help="the config's training images join the pool, "
+                    "without labels")
+    pp.set_defaults(func=cmd_pretrain)
     cp = sub.add_parser("config", help="print the full configuration (defaults, or CONFIG + --set) as YAML",
                         description=cmd_config.__doc__, formatter_class=Formatter)
     add_config_args(cp)

@@ -202,6 +202,10 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     out_dir.mkdir(parents=True, exist_ok=True)
     n, c, h, _ = images.shape
     model = build_denoiser(cfg, c, h, num_classes).to(device)
+    if getattr(cfg, "init_from", None):  # a pretrained backbone: all but the class conditioning (a resume overrides)
+        from dcube.diffusion.backbone import init_from_backbone
+
+        init_from_backbone(model, cfg.init_from)
     dist.broadcast_module(model)  # replicas start from rank 0's initialisation
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -65,6 +65,11 @@ class Latent(Method):
 
         check_latent_config(cfg.latent)
         check_device(cfg.device)
+        if cfg.diffusion.init_from is not None:
+            from dcube.config import ConfigError
+
+            raise ConfigError("diffusion.init_from: the latent method does not start from a pixel-space backbone; "
+                              "remove the key (latent.autoencoder takes a pretrained autoencoder)")
 
     def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
         super().__init__(cfg)
