@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet-lite0": "EfficientNet-Lite0 (ImageNet, fine-tuned)",
-         "linear-probe": "linear probe (frozen EfficientNet-Lite0)"}
-DEFAULT_LR = {"resnet18": 1e-3, "resnet50": 1e-3, "efficientnet-lite0": 1e-4}
+         "linear-probe": "linear probe (frozen EfficientNet-Lite0)",
+         "fixmatch": "FixMatch (ResNet-18; mu 7, tau 0.95, lambda_u 1; Adam as the ResNet-18 rows)"}
+DEFAULT_LR = {"resnet18": 1e-3, "resnet50": 1e-3, "efficientnet-lite0": 1e-4, "fixmatch": 1e-3}
 
 
 def _score(class_names):
@@ -44,8 +45,9 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
     else:
         from dcube.classify.baseline import BaselineConfig, train_baseline
 
-        cfg = BaselineConfig(model=method, epochs=epochs, batch_size=128, lr=DEFAULT_LR[method],
-                             lr_milestones=(0.5, 0.75), min_steps=min_steps)
+        cfg = BaselineConfig(model="resnet18" if method == "fixmatch" else method, epochs=epochs, batch_size=128,
+                             lr=DEFAULT_LR[method], lr_milestones=(0.5, 0.75), min_steps=min_steps,
+                             fixmatch=method == "fixmatch")
         res = train_baseline(cfg, data, run_dir, score, seed=seed, device=device)
         val_p, test_p = res["val_probs"], res["test_probs"]
         extra = {"best_epoch": res["best_epoch"], "history": res["history"]}

@@ -37,6 +37,7 @@ class DataConfig:
     split_seed: Optional[int] = None  # seed of the split and the caps; None = the run's seed
     max_train: Optional[int] = None  # stratified subsample caps (quick runs, tests)
     minority_ratio: Optional[float] = None  # cut the smallest training class to ratio x the largest
+    labelled_per_class: Optional[int] = None  # keep k labelled training images per class (seeded; nested over k)
     max_val: Optional[int] = None
     max_test: Optional[int] = None
     download: bool = True  # MedMNIST: download when absent from the cache

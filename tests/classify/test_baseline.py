@@ -89,3 +89,36 @@ def test_lr_drops_at_the_milestones_and_an_interrupted_run_resumes_exactly(tmp_p
         train_baseline(BaselineConfig(epochs=5, batch_size=8), data, tmp_path / "cut", score, seed=1, progress=False)
     with pytest.raises(ValueError, match="lr_milestones"):
         BaselineConfig(lr_milestones=(1.5,))
+
+
+def test_fixmatch_loss_masks_low_confidence_images_by_hand():
+    import math
+
+    from dcube.classify.baseline import fixmatch_loss
+
+    weak = torch.tensor([[4.0, 0.0], [1.0, 0.0], [0.0, 5.0]], requires_grad=True)  # confidences .982, .731, .993
+    strong = torch.zeros(3, 2, requires_grad=True)  # cross-entropy log 2 to either class
+    loss, mask = fixmatch_loss(weak, strong, 0.95)
+    assert mask.tolist() == [1.0, 0.0, 1.0]
+    assert loss.item() == pytest.approx(2 * math.log(2) / 3)  # the masked image counts 0 in a mean over all 3
+    loss.backward()
+    assert weak.grad is None or not weak.grad.any()  # no gradient through the pseudo-label
+    assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0
+
+
+def test_fixmatch_trains_on_the_unlabelled_pool_and_needs_one(tmp_path):
+    from dcube.classify.baseline import strong_view, weak_view
+
+    data = _bundle()
+    with pytest.raises(ValueError, match="needs unlabelled images"):
+        train_baseline(BaselineConfig(epochs=1, batch_size=8, fixmatch=True), data, tmp_path / "a", lambda y, p: 0.5)
+    g = torch.Generator().manual_seed(1)
+    data.unlabelled = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    out = train_baseline(BaselineConfig(epochs=2, batch_size=8, fixmatch=True, unlabelled_ratio=2, threshold=0.5),
+                         data, tmp_path / "b", lambda y, p: float(p[:, 1].mean()), seed=0)
+    assert all(0 <= h["pseudo_label_share"] <= 1 for h in out["history"])
+    x = data.unlabelled[:4]
+    w, s = weak_view(x, torch.Generator().manual_seed(0)), strong_view(x, torch.Generator().manual_seed(0))
+    assert w.shape == s.shape == x.shape and s.min() >= -1 and s.max() <= 1 and not torch.equal(w, s)
+    with pytest.raises(ValueError, match="FixMatch"):
+        BaselineConfig(fixmatch=True, threshold=1.5)

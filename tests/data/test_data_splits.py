@@ -43,3 +43,27 @@ def test_stratified_subsample():
     assert len(i) == 50 and (np.diff(i) > 0).all() and (y[i] == 1).sum() == 1
     assert (i == stratified_subsample(y, 50, seed=0)).all()
     assert len(stratified_subsample(y, 5000, seed=0)) == 1000
+
+
+def test_labelled_per_class_subsets_are_nested_stratified_seeded_and_the_rest_never_labelled(shared_data):
+    """data.labelled_per_class: k per class (all of a smaller class), the k=10 set inside the k=50 set inside the
+    k=250 set for one seed; with unlabelled_rest the other training images reach step 1 only: never a labelled
+    split, validation or test."""
+    import numpy as np
+
+    from dcube.config import DataConfig
+    from dcube.data import load_data
+
+    npz = str(shared_data / "medmnist" / "breastmnist.npz")
+    sets = {}
+    for k in (10, 50, 250):
+        b = load_data(DataConfig(name="breastmnist", path=npz, labelled_per_class=k, unlabelled_rest=True), seed=3)
+        counts = np.bincount(b.train.labels.numpy(), minlength=2)
+        assert counts.tolist() == [min(k, 147), min(k, 399)], counts  # malignant has 147 training images
+        sets[k] = set(b.train.ids)
+        pool = set(b.unlabelled_ids)
+        assert not pool & sets[k] and not pool & set(b.val.ids) and not pool & set(b.test.ids)
+        assert len(pool) + len(sets[k]) == 546
+    assert sets[10] < sets[50] < sets[250]
+    other = load_data(DataConfig(name="breastmnist", path=npz, labelled_per_class=10), seed=4)
+    assert set(other.train.ids) != sets[10]

@@ -1,5 +1,7 @@
 """A plain supervised CNN (MONAI ResNet-18, EfficientNet-Lite0, ...) trained on images, optionally
-with synthetic training images: the baseline of the rebalancing experiment.
+with synthetic training images (the baseline of the rebalancing experiment), or semi-supervised with
+FixMatch on the bundle's unlabelled images (Sohn et al. 2020: a pseudo-label from a weakly augmented view,
+kept when its confidence reaches a threshold, trains the strongly augmented view; ``fixmatch: true``).
 
 Adam, a fixed number of epochs, the best epoch chosen on the VALIDATION split (``score_fn``,
 e.g. AUC) and its weights saved; an optional EMA of the weights is what gets validated.
@@ -44,6 +46,10 @@ class BaselineConfig:
     ema_decay: float = 0.0  # 0 = no EMA; else the EMA weights are validated and saved
     bn_recalibration: int = 1024  # training images that re-estimate BN statistics before each validation (0 = off)
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
+    fixmatch: bool = False  # semi-supervised on bundle.unlabelled (FixMatch); labelled images get the weak view
+    unlabelled_ratio: int = 7  # FixMatch's mu: unlabelled images per labelled one in a step
+    threshold: float = 0.95  # FixMatch's tau: the weak view's confidence a pseudo-label needs
+    lambda_u: float = 1.0  # weight of the unlabelled loss
 
     def __post_init__(self):
         if self.model not in PLAIN_NAMES:
@@ -55,6 +61,9 @@ class BaselineConfig:
             raise ValueError(f"baseline.min_steps: must be >= 0, got {self.min_steps}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"baseline.ema_decay: must lie in [0, 1), got {self.ema_decay}")
+        if not 0 < self.threshold <= 1 or self.unlabelled_ratio < 1 or self.lambda_u < 0:
+            raise ValueError(f"baseline FixMatch: threshold in (0, 1], unlabelled_ratio >= 1, lambda_u >= 0; got "
+                             f"{self.threshold}, {self.unlabelled_ratio}, {self.lambda_u}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"baseline.lr_milestones: fractions in (0, 1), got {self.lr_milestones}")
@@ -70,6 +79,46 @@ class BaselineConfig:
 
 # The MedMNIST v2 training protocol (Adam 1e-3, batch 128, 100 epochs, LR x0.1 at 50% and 75%).
 MEDMNIST_PROTOCOL = dict(epochs=100, batch_size=128, lr=1e-3, lr_milestones=(0.5, 0.75), lr_gamma=0.1)
+
+
+def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, threshold: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled loss: the weak view's argmax is the pseudo-label (no gradient through it); the
+    strong view's cross-entropy to it counts only where the weak view's confidence reaches `threshold`,
+    averaged over ALL unlabelled images (masked ones contribute 0). -> (loss, mask)."""
+    probs = logits_weak.detach().softmax(dim=1)
+    conf, pseudo = probs.max(dim=1)
+    mask = (conf >= threshold).float()
+    return (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean(), mask
+
+
+def weak_view(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a translation of up to 1/8 of the side (reflect-padded): FixMatch's weak
+    augmentation, batched (MONAI's array transforms work image by image)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    p = max(1, h // 8)
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=g)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def strong_view(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The weak view plus random contrast, brightness, Gaussian noise and a cutout square of 1/2 the side:
+    a RandAugment-like strong augmentation for grey-level medical images (images stay in [-1, 1])."""
+    x = weak_view(x, g)
+    n, _, h, w = x.shape
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.8
+    bright = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.4
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean + bright + 0.05 * torch.randn(x.shape, generator=g)
+    s = max(1, h // 2)
+    cy, cx = torch.randint(0, h - s + 1, (n,), generator=g), torch.randint(0, w - s + 1, (n,), generator=g)
+    keep = torch.ones_like(x)
+    for i in range(n):
+        keep[i, :, cy[i]:cy[i] + s, cx[i]:cx[i] + s] = 0
+    return (x * keep).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -92,6 +141,9 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     assert_real(bundle.val, "val"), assert_real(bundle.test, "test")
+    pool = bundle.unlabelled if cfg.fixmatch else None
+    if cfg.fixmatch and (pool is None or not len(pool)):
+        raise ValueError("baseline.fixmatch: needs unlabelled images (data.unlabelled or data.unlabelled_rest)")
     train = augment_train(bundle, synthetic, cfg.synthetic_ratio, seed) if synthetic is not None else bundle.train
     n_real = len(bundle.train)
     c, h = train.images.shape[1], train.images.shape[2]
@@ -122,9 +174,20 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
         t0 = time.time()
         torch.manual_seed(seed * 7919 + epoch)  # dropout draws: the same whether resumed or not
         model.train()
-        losses = []
+        losses, masked = [], []
         for b, idx in enumerate(epoch_batches(n, cfg.batch_size, seed, epoch, passes)):
-            loss = F.cross_entropy(model(train.images[idx].to(device)), train.labels[idx].to(device))
+            x = train.images[idx]
+            if pool is not None:  # FixMatch: the step's own generator, so a resumed run draws the same
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * steps_per_epoch + b)
+                x = weak_view(x, g)
+            loss = F.cross_entropy(model(x.to(device)), train.labels[idx].to(device))
+            if pool is not None:
+                u = pool[torch.randint(0, len(pool), (cfg.unlabelled_ratio * len(idx),), generator=g)]
+                u = torch.as_tensor(u)
+                lu, mask = fixmatch_loss(model(weak_view(u, g).to(device)), model(strong_view(u, g).to(device)),
+                                         cfg.threshold)
+                loss = loss + cfg.lambda_u * lu
+                masked.append(float(mask.mean()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -140,7 +203,8 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                                     for s in range(0, len(rows), cfg.batch_size)])
         score = float(score_fn(bundle.val.labels, predict_probs(judged, bundle.val.images, device=device)))
         state["history"].append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_score": score,
-                                 "lr": opt.param_groups[0]["lr"]})
+                                 "lr": opt.param_groups[0]["lr"],
+                                 **({"pseudo_label_share": sum(masked) / len(masked)} if masked else {})})
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch + 1)
             best_model.load_state_dict(judged.state_dict())

@@ -16,7 +16,7 @@ from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, sa
 from dcube.data.folder import absolute, read_manifest, scan_folder
 from dcube.data.medmnist import file_size_for, get_info
 from dcube.data.npz import load_npz
-from dcube.data.splits import stratified_subsample
+from dcube.data.splits import nested_per_class, stratified_subsample
 from dcube.utils.io import sha256_file
 
 
@@ -31,6 +31,8 @@ def _check_cfg(cfg: DataConfig) -> None:
         cap = getattr(cfg, f"max_{s}")
         if cap is not None and cap <= 0:
             raise DataError(f"data.max_{s}: must be > 0 or null, got {cap}")
+    if cfg.labelled_per_class is not None and cfg.labelled_per_class < 1:
+        raise DataError(f"data.labelled_per_class: must be >= 1 or null, got {cfg.labelled_per_class}")
     if cfg.minority_ratio is not None and not 0 < cfg.minority_ratio <= 1:
         raise DataError(f"data.minority_ratio: must lie in (0, 1], got {cfg.minority_ratio}")
     if cfg.source != "medmnist" and not cfg.path:
@@ -43,6 +45,8 @@ def _cap(labels: np.ndarray, cfg: DataConfig, split: str, seed: int) -> np.ndarr
     keep = np.arange(len(labels)) if cap is None else stratified_subsample(labels, cap, [seed, SPLITS.index(split)])
     if split == "train" and cfg.minority_ratio is not None:
         keep = keep[_cut_minority(labels[keep], cfg.minority_ratio, seed)]
+    if split == "train" and cfg.labelled_per_class is not None:  # nested over k for one seed (learning curves)
+        keep = keep[nested_per_class(labels[keep], cfg.labelled_per_class, [seed, 7])]
     return keep
 
 

@@ -80,6 +80,15 @@ def grouped_split(labels, groups, val_fraction: float, test_fraction: float, see
     return np.array(SPLITS, dtype="<U5")[assign[ginv]]
 
 
+def nested_per_class(labels, k: int, seed) -> np.ndarray:
+    """Sorted indices of the first `k` items of every class in a seeded per-class order (all of a smaller class):
+    the subsets for k = 10, 50, 250 of one seed are nested, each containing the smaller ones."""
+    labels = np.asarray(labels)
+    keep = [np.random.default_rng([*np.atleast_1d(seed).tolist(), int(c)]).permutation(np.flatnonzero(labels == c))[:k]
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
 def stratified_subsample(labels, n: int, seed) -> np.ndarray:
     """Sorted indices of a seeded, class-stratified subsample of size min(n, N); every class
     present keeps at least one item when n allows. `seed`: an int or a sequence of ints."""
