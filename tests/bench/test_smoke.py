@@ -16,6 +16,8 @@ STUDIES = {
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "controls": ["--datasets", "breastmnist", "--seeds", "3", "4"],  # every arm, ks-worst included
     "size_curve": ["--datasets", "breastmnist", "--seeds", "0", "--models", "unet-micro", "unet-tiny", "uvit-tiny"],
+    "learning_curves": ["--datasets", "breastmnist", "--points", "10", "--seeds", "0", "1", "--arms", "dcube-pool",
+                        "cnn-only", "fixmatch"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "step2": ["--seeds", "0", "--variants", "new", "steps_long", "stability"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "paper", "untrained"],
@@ -62,6 +64,11 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
         worst = json.loads((tmp_path / "results" / study / "breastmnist-ks-worst-s3.json").read_text())
         assert worst["step1_from"] == "dcube" and worst["config"]["features"]["ks_keep"] == "most_gaussian"
         assert "Table VI" in md
+    if study == "learning_curves":  # the pool's arms paired with the others by seed; FixMatch saw the pool
+        row = next(line for line in md.splitlines() if line.startswith("| 10 | FixMatch"))
+        assert "Holm p = " in row, row
+        rec = json.loads((tmp_path / "results" / study / "breastmnist-k10-fixmatch-s0.json").read_text())
+        assert rec["data_config"]["unlabelled_rest"] and rec["data_config"]["labelled_per_class"] == 10
     if study == "convergence":  # --grids: the finished default run's samples, drawn and shown; the others skipped
         grid = subprocess.run([sys.executable, "-m", "bench.convergence", "--grids", *STUDIES[study]], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,203 @@
+"""Learning curves (issue 33): every arm against the number of labelled images, with and without a pool of
+unlabelled images. The product's headline figure.
+
+    python -m bench.learning_curves [--datasets ...] [--arms ...] [--points 10 50 250 0] [--seeds ...]   # resumable
+    python -m bench.learning_curves --table-only
+
+Labelled subsets: `data.labelled_per_class: k` (seeded, stratified, nested: for one seed the k = 10 set lies
+inside the k = 50 set); point 0 is the full training split. The pool: the training images left unlabelled
+(`data.unlabelled_rest`), plus `cxr_pool_128` where the dataset's name says so; it only ever reaches step 1
+(D-Cube) or FixMatch's unlabelled loss, never validation, test or a labelled split.
+Seeds: 5 at the two smallest points, 3 elsewhere (SEEDS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+import numpy as np
+
+from bench.baselines import run_baseline
+from bench.common import (LONG_STEPS, RESULTS, SMOKE, STATS, THREADS, Family, load_results, machine, mean_std,
+                          run_study, runs_root, shared_data, shrink, smoke_epochs, two_level_test)
+from bench.controls import SCHEDULES, data_dict as controls_data
+
+STUDY = "learning_curves"
+DATASETS = ("breastmnist", "pneumoniamnist", "pneumoniamnist-cxr", "covid")
+POINTS = (10, 50, 250, 0)  # labelled images per class; 0: the whole training split
+ARMS = {
+    "dcube": "D-Cube, labelled images only",
+    "dcube-pool": "D-Cube, the pool in step 1",
+    "cnn-only": "CNN-only (the D-Cube head on EfficientNet-Lite0)",
+    "resnet18": "ResNet-18",
+    "fixmatch": "FixMatch (ResNet-18, the pool unlabelled)",
+    "linear-probe": "frozen EfficientNet-Lite0, linear probe",
+    "efficientnet-lite0": "EfficientNet-Lite0, fine-tuned",
+}
+REFERENCE = "dcube-pool"  # the arm the target asks to beat every other
+BASELINE_EPOCHS = {"breastmnist": 30, "pneumoniamnist": 4, "covid": 8}
+
+
+def base(dataset: str) -> str:
+    return dataset.split("-")[0]
+
+
+def seeds_for(point: int) -> list[int]:
+    return [0, 1, 2, 3, 4] if point in POINTS[:2] else [0, 1, 2]
+
+
+def data_dict(dataset: str, point: int, arm: str) -> dict:
+    d = dict(controls_data(base(dataset)))
+    if point:
+        d["labelled_per_class"] = point
+    if arm in ("dcube-pool", "fixmatch"):
+        d["unlabelled_rest"] = True
+        if dataset.endswith("-cxr") or base(dataset) == "covid":
+            d["unlabelled"] = str(shared_data() / "cxr_pool_128")
+    return d
+
+
+def _cfg(dataset: str, point: int, arm: str, seed: int) -> dict:
+    sched = SCHEDULES[base(dataset)]
+    cfg = shrink({"run_dir": str(runs_root(STUDY) / f"{dataset}-k{point}-{arm}-s{seed}"), "seed": seed,
+                  "threads": THREADS, "data": data_dict(dataset, point, arm),
+                  "diffusion": {**sched["diffusion"], "sample_grid": False},
+                  "classifier": {**sched["classifier"], "min_steps": LONG_STEPS}})
+    cfg["data"] = {**cfg["data"], "split_seed": 0} if SMOKE else cfg["data"]  # smoke caps: one test split
+    if arm == "cnn-only":
+        cfg["classifier"] = {**cfg["classifier"], "diffusion_features": False}
+    return cfg
+
+
+def _record(dataset, point, arm, seed, data_cfg, out, counts: dict) -> dict:
+    return {"study": STUDY, "dataset": dataset, "point": point, "arm": arm, "seed": seed, "data_config": data_cfg,
+            "train_per_class": float(np.mean(list(counts.values()))), "test": out["test"], "val": out["val"],
+            "test_probs": out["test_probs"]}
+
+
+def dcube_arm(dataset: str, point: int, arm: str, seed: int) -> dict:
+    from dcube.config import from_dict
+    from dcube.pipeline import run
+
+    from dcube.utils.io import read_json
+
+    cfg = from_dict(_cfg(dataset, point, arm, seed))
+    out = run(cfg)
+    counts = read_json(f"{cfg.run_dir}/run.json")["data"]["class_counts"]["train"]
+    return {**_record(dataset, point, arm, seed, cfg.to_dict()["data"], out, counts), "stage_seconds": out["timings_s"]}
+
+
+def baseline_arm(dataset: str, point: int, arm: str, seed: int) -> dict:
+    from dcube.config import DataConfig
+    from dcube.data import load_data
+
+    run_dir = runs_root(STUDY) / f"{dataset}-k{point}-{arm}-s{seed}"
+    dc = _cfg(dataset, point, arm, seed)["data"]
+    data = load_data(DataConfig(**dc), seed, run_dir)
+    out = run_baseline(arm, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[base(dataset)]), THREADS,
+                       min_steps=LONG_STEPS)
+    counts = dict(enumerate(np.bincount(data.train.labels.numpy()).tolist()))
+    return {**_record(dataset, point, arm, seed, dc, out, counts), "method": out["method"], "schedule": out["schedule"]}
+
+
+def plot(rows: list[dict], dataset: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from dcube.utils.io import atomic_write
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in ((axes[0], "f1_macro", "test macro-F1"), (axes[1], "auc", "test AUC")):
+        for i, arm in enumerate(ARMS):
+            pts = []
+            for point in POINTS:
+                rs = [r for r in rows if r["arm"] == arm and r["point"] == point]
+                t = two_level_test(rs, None, metric) if len(rs) > 1 else None
+                if rs:
+                    x = point or float(np.mean([r["train_per_class"] for r in rs]))
+                    m = float(np.mean([r["test"][metric] for r in rs]))
+                    pts.append((x, m, *(t["ci"] if t else (m, m))))
+            if pts:
+                x, m, lo, hi = map(np.array, zip(*sorted(pts)))
+                ax.plot(x, m, marker="o", color=f"C{i}", label=ARMS[arm], lw=2 if arm == REFERENCE else 1)
+                ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=f"C{i}", alpha=0.12)
+        ax.set_xscale("log")
+        ticks = sorted({p for p in POINTS if p} | {round(float(np.mean([r["train_per_class"] for r in rows
+                                                                          if r["point"] == 0])))}
+                       if any(r["point"] == 0 for r in rows) else {p for p in POINTS if p})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("labelled training images per class (the last point: all)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{dataset}: learning curves (mean over seeds, 95 % CI band)", fontsize=9)
+    fig.tight_layout()
+    path = RESULTS / STUDY / f"learning-{dataset}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def table() -> str:
+    rows = load_results(STUDY)
+    lines = ["## Learning curves: labelled images, with and without a pool of unlabelled ones\n",
+             f"Command: `python -m bench.learning_curves` (resumable). Machine: {machine()}. Labelled subsets: "
+             "`data.labelled_per_class` (seeded, stratified, nested); the pool reaches only D-Cube's step 1 and "
+             f"FixMatch's unlabelled loss. Every step 2 / baseline: at least {LONG_STEPS} optimiser steps. "
+             f"Paired columns: {ARMS[REFERENCE]} minus the arm, same test images and seeds; {STATS}; each "
+             "dataset's comparisons one family.\n"]
+    for ds in DATASETS:
+        runs = [r for r in rows if r["dataset"] == ds]
+        if not runs:
+            continue
+        fam = Family(f"{ds}: {ARMS[REFERENCE]} minus every other arm, macro-F1 and AUC")
+        lines += [f"\n### {ds}\n", "| labelled / class | arm | seeds | macro-F1 | AUC | ΔF1 [95 % CI], p, Holm p | "
+                  "ΔAUC [95 % CI], p, Holm p |", "|---|---|---|---|---|---|---|"]
+        for point in POINTS:
+            ref = sorted((r for r in runs if r["point"] == point and r["arm"] == REFERENCE), key=lambda r: r["seed"])
+            for arm in ARMS:
+                rs = sorted((r for r in runs if r["point"] == point and r["arm"] == arm), key=lambda r: r["seed"])
+                if not rs:
+                    continue
+                common = sorted({r["seed"] for r in rs} & {r["seed"] for r in ref})
+                cells = ["-", "-"]
+                if arm != REFERENCE and len(common) >= 2:
+                    pick = lambda xs: [r for r in xs if r["seed"] in common]  # noqa: E731
+                    cells = [fam.cell(pick(ref), pick(rs), m) for m in ("f1_macro", "auc")]
+                lines.append(f"| {point or 'all'} | {ARMS[arm]} | {len(rs)} | "
+                             f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
+                             f"{mean_std([r['test']['auc'] for r in rs])} | {cells[0]} | {cells[1]} |")
+        path = plot(runs, ds)
+        lines += ["", fam.note(), "", f"![learning curves, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+                  if not SMOKE else f"plot: {path.name}"]
+        lines = fam.fill("\n".join(lines)).split("\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--points", nargs="+", type=int, default=list(POINTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: SEEDS of each point")
+    p.add_argument("--table-only", action="store_true")
+    a = p.parse_args(argv)
+
+    def job(ds, point, arm, seed):
+        if arm.startswith("dcube") or arm == "cnn-only":
+            return partial(dcube_arm, ds, point, arm, seed)
+        return partial(baseline_arm, ds, point, arm, seed)
+
+    jobs = ((f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed))
+            for point in a.points for seed in (a.seeds or seeds_for(point)) for ds in a.datasets for arm in a.arms)
+    return run_study(STUDY, jobs, table, a.table_only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
