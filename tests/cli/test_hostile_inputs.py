@@ -40,7 +40,7 @@ def _config(tmp: Path, data_path: Path | None = None, **sections) -> dict:
            "features": {"ks_images": 8, "batch_size": 16},
            "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 8}}
     for k, v in sections.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
 
 
@@ -227,6 +227,35 @@ CASES = [
     ("cnn-only-without-cnn", _cfg_case(classifier={"diffusion_features": False}), "classifier.diffusion_features"),
     ("duplicates-unknown", _cfg_case(data={"duplicates": "fuzzy"}), "data.duplicates"),
     ("run-dir-is-data", _run_dir_in_data("."), "lies inside data.path"),
+    # -- ranges and types of the remaining keys, one case per rule
+    ("classifier-batch-zero", _cfg_case(classifier={"batch_size": 0}), "classifier.batch_size"),
+    ("timestep-out-of-schedule", _cfg_case(features={"timestep": 1000}), "features.timestep"),
+    ("timesteps-entry-out-of-schedule", _cfg_case(features={"timesteps": [10, 5000]}), "features.timesteps"),
+    ("class-dropout-one", _cfg_case(diffusion={"class_dropout": 1.0}), "diffusion.class_dropout"),
+    ("val-fraction-negative", _cfg_case(data={"val_fraction": -0.1}), "data.val_fraction"),
+    ("ema-decay-one", _cfg_case(classifier={"ema_decay": 1.0}), "classifier.ema_decay"),
+    ("ks-alpha-zero", _cfg_case(features={"ks_alpha": 0.0}), "features.ks_alpha"),
+    ("grad-accum-zero", _cfg_case(compute={"grad_accum": 0}), "compute.grad_accum"),
+    ("cnn-input-size-tiny", _cfg_case(classifier={"cnn_input_size": 8}), "classifier.cnn_input_size"),
+    ("cnn-frozen-blocks-too-many", _cfg_case(classifier={"subfeature": "resnet18", "cnn_frozen_blocks": 9}),
+     "classifier.cnn_frozen_blocks"),
+    ("grid-sampler-unknown", _cfg_case(diffusion={"grid_samplers": ["euler"]}), "diffusion.grid_samplers"),
+    ("select-metric-unknown", _cfg_case(classifier={"select_metric": "mcc"}), "classifier.select_metric"),
+    ("select-rule-unknown", _cfg_case(features={"select": "magic"}), "features.select"),
+    ("backbone-a-list", _cfg_case(diffusion={"backbone": ["unet"]}), "diffusion.backbone"),
+    ("yes-for-an-integer", _yaml_text("classifier: {epochs: yes}\n"), "classifier.epochs"),
+    ("seed-a-float", _cfg_case(seed=1.5), "seed"),
+    ("threads-a-word", _cfg_case(threads="two"), "threads"),
+    ("lr-a-word", _cfg_case(diffusion={"lr": "fast"}), "diffusion.lr"),
+    ("min-steps-negative", _cfg_case(classifier={"min_steps": -1}), "classifier.min_steps"),
+    ("workers-negative", _cfg_case(data={"workers": -1}), "data.workers"),
+    ("min-snr-gamma-zero", _cfg_case(diffusion={"min_snr_gamma": 0.0}), "diffusion.min_snr_gamma"),
+    ("ks-images-zero", _cfg_case(features={"ks_images": 0}), "features.ks_images"),
+    ("max-train-zero", _cfg_case(data={"max_train": 0}), "data.max_train"),
+    ("minority-ratio-over-one", _cfg_case(data={"minority_ratio": 1.5}), "data.minority_ratio"),
+    ("labelled-per-class-zero", _cfg_case(data={"labelled_per_class": 0}), "data.labelled_per_class"),
+    ("section-not-a-mapping", _yaml_text("diffusion: 5\n"), "diffusion"),
+    ("init-from-missing", _cfg_case(diffusion={"init_from": "/no/backbone.safetensors"}), "diffusion.init_from"),
     ("weights-torch-zip-named-safetensors", _weights_case(_torch_zip), "not a readable safetensors file"),
     ("weights-pickle-named-safetensors", _weights_case(lambda p: p.write_bytes(b"\x80\x04fake pickle")),
      "not a readable safetensors file"),
