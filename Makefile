@@ -23,7 +23,7 @@ demo: $(STAMP)
 # two pytest workers of one torch thread each: the 2-core budget without oversubscription
 TEST_JOBS ?= 2
 test: $(STAMP) browser
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --durations=25 tests
 
 # report.html is tested in headless Chromium (Debian's package): installed here when missing and
 # apt-get can (root); otherwise the browser test skips outside CI and fails in CI

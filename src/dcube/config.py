@@ -79,7 +79,9 @@ class DiffusionConfig:
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
-    grid_samplers: list = field(default_factory=lambda: ["ddim", "ddpm"])  # samples.png (DDIM), samples_ddpm.png
+    # samples.png (DDIM, seconds); add "ddpm" for samples_ddpm.png (all num_train_timesteps steps: minutes to tens of
+    # minutes on a CPU, but the grid to trust for a briefly trained model, whose few-step DDIM samples look like noise)
+    grid_samplers: list = field(default_factory=lambda: ["ddim"])
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
     init_from: Optional[str] = None  # a `dcube pretrain` backbone (or step-1 model) to start step 1 from; epochs 0 keeps it frozen
 

@@ -1,6 +1,8 @@
 """Step-1 options: the paper's contrastive loss (Eq. 4) with pairs drawn inside the batch, min-SNR
 weighting, and the latent denoiser trained purely class-conditionally."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,9 +67,17 @@ def test_paper_form_with_min_snr_trains_and_logs(tmp_path):
     cfg = DiffusionConfig(backbone="unet", preset="micro", max_steps=3, batch_size=16, sample_grid=False,
                           contrastive_form="paper", contrastive_weight=1.0, contrastive_margin=0.1,
                           loss_weighting="min_snr")
-    train_diffusion(cfg, x, torch.arange(32) % 2, 2, tmp_path)
-    hist = read_json(tmp_path / "history.json")["history"]
+    train_diffusion(cfg, x, torch.arange(32) % 2, 2, tmp_path / "min_snr")
+    hist = read_json(tmp_path / "min_snr" / "history.json")["history"]
     assert len(hist) == 3 and all(h["contrastive"] > 0 and h["mse"] > 0 for h in hist)
+    # the same draws (seed, t, noise, initial weights) unweighted: min(SNR, 5) / SNR <= 1 per row, < 1 for the
+    # low-noise timesteps, so the weighted first-step MSE is strictly smaller; a trainer that ignored
+    # loss_weighting would log the same number
+    torch.manual_seed(0)
+    train_diffusion(dataclasses.replace(cfg, loss_weighting="uniform"), x, torch.arange(32) % 2, 2,
+                    tmp_path / "uniform")
+    plain = read_json(tmp_path / "uniform" / "history.json")["history"]
+    assert hist[0]["mse"] < plain[0]["mse"] * 0.99, (hist[0], plain[0])
 
 
 def test_latent_denoiser_trains_purely_class_conditionally(tmp_path, monkeypatch):

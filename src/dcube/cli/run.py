@@ -28,7 +28,7 @@ def demo_config(quick: bool = False) -> RunConfig:
     if quick:  # a smoke-sized demo (about a minute)
         values = {"run_dir": "runs/demo-quick",
                   "data": {"max_train": 600, "max_val": 200, "max_test": 300},
-                  "diffusion": {"epochs": 3}, "classifier": {"epochs": 4}}
+                  "diffusion": {"epochs": 3, "sample_grid": False}, "classifier": {"epochs": 4}}
     return from_dict(values)
 
 
