@@ -11,11 +11,11 @@ See docs/api.md.
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainedRun", "fit", "load_run", "read_metrics", "__version__"]
+__all__ = ["TrainedRun", "compare_runs", "fit", "load_run", "read_metrics", "__version__"]
 
 
 def __getattr__(name):  # the API without importing torch at `import dcube` (the CLI's start-up stays fast)
-    if name in ("TrainedRun", "fit", "load_run", "read_metrics"):
+    if name in ("TrainedRun", "compare_runs", "fit", "load_run", "read_metrics"):
         from dcube import api
 
         return getattr(api, name)

@@ -95,6 +95,13 @@ def fit(config: dict | str | Path | RunConfig, overrides: Sequence[str] = (), re
     return TrainedRun(cfg.run_dir)
 
 
+def compare_runs(runs_a, runs_b, metric: str = "auc") -> dict:
+    """A's runs minus B's on the same test images (:func:`dcube.compare.compare_runs`): diff, ci, p, ..."""
+    from dcube.compare import compare_runs as compare
+
+    return compare(runs_a, runs_b, metric)
+
+
 def read_metrics(run_dir: str | Path) -> dict:
     """``run_dir/metrics.json`` as a dict."""
     from dcube.utils.io import read_json

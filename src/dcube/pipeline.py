@@ -372,6 +372,7 @@ class DCube(Method):
                 "calibration": cal, "timings_s": self.info["timings_s"],
                 # per-image test probabilities (split order): paired tests against other models
                 "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()],
+                "test_labels": test.labels.tolist(), "test_ids": list(d.test.ids),  # `dcube compare` pairs on them
                 "val_probs": [[round(float(v), 6) for v in row] for row in val_probs.tolist()]}
         if self.cfg.classifier.subfeature == "auto":  # every candidate's validation score
             full["subfeature_choice"] = read_json(self.dir / "classifier" / CHOICE)

@@ -118,6 +118,7 @@ def cmd_train_baseline(args) -> int:
     """Write OUT/best.safetensors, history.json and metrics.json (test + val)."""
     from dcube.classify.baseline import BaselineConfig, train_baseline
     from dcube.evaluate import compute_metrics, format_table, select_score
+    from dcube.evaluate.stats import bootstrap_ci
     from dcube.generate import load_synthetic
     from dcube.utils.io import write_json
 
@@ -130,9 +131,15 @@ def cmd_train_baseline(args) -> int:
     res = train_baseline(bcfg, data, out, score, seed=cfg.seed, synthetic=synth, device=device)
     test = compute_metrics(data.test.labels, res["test_probs"], data.class_names)
     val = compute_metrics(data.val.labels, res["val_probs"], data.class_names)
+    test["ci95"] = bootstrap_ci(data.test.labels.numpy(), res["test_probs"].numpy(), seed=cfg.seed)
+    val["ci95"] = bootstrap_ci(data.val.labels.numpy(), res["val_probs"].numpy(), seed=cfg.seed)
+    rounded = lambda p: [[round(float(v), 6) for v in row] for row in p.tolist()]  # noqa: E731
+    # the same per-image record as `dcube run`'s metrics.json: `dcube compare` pairs the two on the test images
     write_json(out / "metrics.json", {"test": test, "val": val, "best_epoch": res["best_epoch"],
                                       "n_train_real": res["n_train_real"],
                                       "n_train_synthetic": res["n_train_synthetic"], "seed": cfg.seed,
-                                      "synthetic": synth.info if synth else None})
+                                      "synthetic": synth.info if synth else None, "model": args.model,
+                                      "test_probs": rounded(res["test_probs"]), "val_probs": rounded(res["val_probs"]),
+                                      "test_labels": data.test.labels.tolist(), "test_ids": list(data.test.ids)})
     print(format_table(test, title=f"test metrics ({out})"))
     return 0

@@ -46,6 +46,19 @@ def cmd_export(args) -> int:
     print(f"exported: {export(args.run_dir, args.format, args.out)}")
 
 
+@guard
+def cmd_compare(args) -> int:
+    """Mean over A's runs minus mean over B's of a test metric, on the same test images: its 95 % CI and p from a
+    two-level bootstrap (images, then runs), so that the runs' training noise is in the CI. Works for any run
+    whose metrics.json holds the per-image test record (dcube run, dcube train-baseline)."""
+    from dcube.compare import compare_runs
+
+    r = compare_runs(args.runs, args.against, args.metric)
+    print(f"{args.metric}: A ({r['seeds_a']} run(s)) {r['a']:.4f}, B ({r['seeds_b']} run(s)) {r['b']:.4f}; A minus B "
+          f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}], p = {r['p']:.3f} ({r['n_test']} test images; "
+          f"{r['method']})")
+
+
 def register(sub) -> None:
     ep = sub.add_parser("export", help="the run's model as one TorchScript or ONNX file",
                         description=cmd_export.__doc__, formatter_class=Formatter)
@@ -53,6 +66,13 @@ def register(sub) -> None:
     ep.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
     ep.add_argument("--out", help="output file (default RUN_DIR/export/model.pt or model.onnx)")
     ep.set_defaults(func=cmd_export)
+    cp = sub.add_parser("compare", help="runs A minus runs B on the same test images (paired, two-level bootstrap)",
+                        description=cmd_compare.__doc__, formatter_class=Formatter)
+    cp.add_argument("runs", nargs="+", help="run directories (or metrics.json files) of arm A, e.g. one per seed")
+    cp.add_argument("--against", nargs="+", required=True, help="the runs of arm B (paired with A's by position "
+                    "when as many)")
+    cp.add_argument("--metric", default="auc", help="auc, accuracy, balanced_accuracy or f1_macro")
+    cp.set_defaults(func=cmd_compare)
     rp = sub.add_parser("report", help="write RUN_DIR/report.html (one self-contained page)",
                         description=cmd_report.__doc__, formatter_class=Formatter)
     rp.add_argument("run_dir", help="a finished run directory (dcube run)")
