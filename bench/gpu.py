@@ -29,12 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (RESULTS, SMOKE, STATS, ci_cell, load_results, machine, mean_std, paired_cell, run_once,
-                          shared_data, shrink, smoke_epochs, write_section)
+from bench.common import (RESULTS, SMOKE, STATS, ci_cell, load_results, machine, mean_std, paired_cell, render,
+                          run_once, shared_data, shrink, smoke_epochs, write_section)
 
 STUDY = "gpu"
 DATASETS = ("breastmnist", "pneumoniamnist", "covid")
-METHODS = ("dcube", "resnet18", "efficientnet-lite0", "resnet50")
+# cnn-only: the control arm of bench.controls (the D-Cube head on EfficientNet-Lite0, no diffusion input) at the
+# same full step-2 schedule, side by side with D-Cube so that a cut-short slot still pairs them
+METHODS = ("dcube", "cnn-only", "resnet18", "efficientnet-lite0", "resnet50")
 BASELINE_EPOCHS = 100  # MedMNIST v2
 # D-Cube: step 1 until the validation probe stops improving (capped), step 2 as long as the baselines
 DCUBE = {
@@ -61,21 +63,25 @@ def data_dict(dataset: str) -> dict:
     return {"name": dataset, "path": str(shared_data() / "medmnist" / f"{dataset}.npz"), "download": False}
 
 
-def dcube_job(dataset: str, seed: int, device: str, work: Path, compile_: bool) -> dict:
+def dcube_job(dataset: str, seed: int, device: str, work: Path, compile_: bool, arm: str = "dcube") -> dict:
     from dcube.config import from_dict
     from dcube.pipeline import run
     from dcube.utils.io import read_json
 
     sched = DCUBE[dataset]
-    values = shrink({"run_dir": str(work / f"{dataset}-dcube-s{seed}"), "seed": seed, "device": device,
+    values = shrink({"run_dir": str(work / f"{dataset}-{arm}-s{seed}"), "seed": seed, "device": device,
                      "data": data_dict(dataset), **{k: dict(v) for k, v in sched.items()},
                      "compute": {**(GPU_COMPUTE if device == "cuda" else {}), "compile": compile_}})
     if SMOKE:  # shrink's max_steps caps step 1; auto needs a probe step inside it
         values["diffusion"].update(eval_every=1, auto_max_epochs=1)
+    if arm == "cnn-only":
+        values["classifier"] = {**values["classifier"], "diffusion_features": False}
     cfg = from_dict(values)
     out = run(cfg)
-    hist = read_json(Path(cfg.run_dir) / "diffusion" / "history.json")
-    return {"study": STUDY, "dataset": dataset, "method": "D-Cube", "seed": seed, "schedule": sched,
+    hist_path = Path(cfg.run_dir) / "diffusion" / "history.json"
+    hist = read_json(hist_path) if hist_path.exists() else {}
+    return {"study": STUDY, "dataset": dataset, "method": "D-Cube" if arm == "dcube" else
+            "CNN-only (the D-Cube head on EfficientNet-Lite0)", "seed": seed, "schedule": sched,
             "config": cfg.to_dict(), "data_config": cfg.to_dict()["data"], "test": out["test"], "val": out["val"],
             "test_probs": out["test_probs"], "best_epoch": out["best_epoch"], "layers": out["layers"],
             "step1_chosen_step": hist.get("chosen_step"), "step1_steps": hist.get("steps"),
@@ -151,11 +157,11 @@ def main(argv=None) -> int:
             if time.time() - t0 > a.budget_s:
                 print(f"[gpu] budget of {a.budget_s:.0f} s spent; {key} and later jobs are left for the next slot")
                 break
-            fn = (lambda: dcube_job(ds, seed, device, work, a.compile)) if m == "dcube" else \
+            fn = (lambda: dcube_job(ds, seed, device, work, a.compile, m)) if m in ("dcube", "cnn-only") else \
                 (lambda: baseline_job(ds, m, seed, device, work))
             run_once(STUDY, key, fn)
-            write_section(STUDY, table())
-    md = table()
+            write_section(STUDY, render(STUDY, table))
+    md = render(STUDY, table)
     write_section(STUDY, md)
     print(md)
     return 0
