@@ -55,3 +55,11 @@ def test_epochs_auto_and_legacy_values():
     assert old["classifier"]["score_norm"] == "softmax" and old["classifier"]["cycle_form"] == "soft"
     assert old["latent"]["contrastive"] is True
     assert with_legacy_values({"classifier": {"score_norm": "none"}})["classifier"]["score_norm"] == "none"
+
+
+def test_yaml_off_means_the_off_choice_of_data_duplicates(tmp_path):
+    from dcube.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {duplicates: off}\n")  # YAML 1.1 reads a bare off as false
+    assert load_config(p).data.duplicates == "off"

@@ -252,7 +252,8 @@ LEGACY_VALUES = {
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
 # YAML 1.1 reads a bare `no` as false: accept it where "no" is a choice; true/false of a key that was a bool
-_BOOL_MEANS = {"compute.mixed_precision": {False: "no"}, "compute.channels_last": {False: "no", True: "all"}}
+_BOOL_MEANS = {"compute.mixed_precision": {False: "no"}, "compute.channels_last": {False: "no", True: "all"},
+               "data.duplicates": {False: "off"}}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -390,6 +391,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if d.sample_steps > d.num_train_timesteps:
         raise ConfigError(f"diffusion.sample_steps: must be <= diffusion.num_train_timesteps "
                           f"({d.num_train_timesteps}), got {d.sample_steps}")
+    if cfg.features.layers is not None and not cfg.features.layers:
+        raise ConfigError("features.layers: an empty list selects no layer; leave the key out (or null) to "
+                          "select by features.select")
     for t in cfg.features.timesteps or []:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.diffusion.num_train_timesteps:
             raise ConfigError(f"features.timesteps: every entry must be an integer in "

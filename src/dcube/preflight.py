@@ -111,6 +111,12 @@ def check_paths(cfg: RunConfig) -> None:
                        ("data.unlabelled", cfg.data.unlabelled)):
         if value is not None and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value} does not exist")
+    if cfg.classifier.synthetic_dir is not None:
+        from dcube.generate.synthetic import MANIFEST
+
+        if not (Path(cfg.classifier.synthetic_dir).expanduser() / MANIFEST).is_file():
+            raise ConfigError(f"classifier.synthetic_dir: {cfg.classifier.synthetic_dir} is not a set of "
+                              f"`dcube synthesize` (no {MANIFEST})")
 
 
 def check_run(cfg: RunConfig) -> None:

@@ -161,6 +161,31 @@ def _wrong_names(path):
     save_file({"fc.weight": torch.zeros(2, 2)}, str(path))
 
 
+def _class_of_copies(tmp):
+    """Class A: ten copies of one image (one group of copies): no split can give it val and test images."""
+    root = _folder(tmp / "d")
+    for i in range(1, 10):
+        (root / "A" / f"A_{i:03d}.png").write_bytes((root / "A" / "A_000.png").read_bytes())
+    return root
+
+
+def _synthetic_not_a_set(tmp):
+    _folder(tmp / "data")
+    _folder(tmp / "other")
+    return ["run", str(_write(tmp, _config(tmp, classifier={"synthetic_dir": str(tmp / "other")})))]
+
+
+def _unlabelled_uint16(tmp):
+    _folder(tmp / "data")
+    np.savez(tmp / "u16.npz", images=np.zeros((10, SIZE, SIZE), np.uint16))
+    return ["run", str(_write(tmp, _config(tmp, data={"unlabelled": str(tmp / "u16.npz")})))]
+
+
+def _init_from_folder(tmp):
+    _folder(tmp / "data")
+    return ["run", str(_write(tmp, _config(tmp, diffusion={"init_from": str(tmp / "data")})))]
+
+
 def _three_classes_target_sensitivity(tmp):
     _folder(tmp / "data", {"A": 10, "B": 10, "C": 10})
     return ["run", str(_write(tmp, _config(tmp, classifier={"target_sensitivity": 0.9})))]
@@ -256,6 +281,12 @@ CASES = [
     ("labelled-per-class-zero", _cfg_case(data={"labelled_per_class": 0}), "data.labelled_per_class"),
     ("section-not-a-mapping", _yaml_text("diffusion: 5\n"), "diffusion"),
     ("init-from-missing", _cfg_case(diffusion={"init_from": "/no/backbone.safetensors"}), "diffusion.init_from"),
+    # -- a fresh corpus, tried as a new user would: each of these was silently accepted, misreported, or late
+    ("class-of-copies", _data_case(_class_of_copies), "class 'A' has no image in the val and test splits"),
+    ("layers-empty-list", _cfg_case(features={"layers": []}), "features.layers: an empty list"),
+    ("synthetic-dir-not-a-set", _synthetic_not_a_set, "is not a set of `dcube synthesize`"),
+    ("init-from-a-folder", _init_from_folder, "diffusion.init_from: "),
+    ("unlabelled-npz-uint16", _unlabelled_uint16, "has dtype uint16"),
     ("weights-torch-zip-named-safetensors", _weights_case(_torch_zip), "not a readable safetensors file"),
     ("weights-pickle-named-safetensors", _weights_case(lambda p: p.write_bytes(b"\x80\x04fake pickle")),
      "not a readable safetensors file"),

@@ -99,3 +99,16 @@ def test_a_backbone_of_another_size_or_channel_count_or_no_backbone_is_refused(b
     assert main(["run", str(cfg), "--run-dir", str(tmp_path / "y")]) == 2
     assert "not a dcube step-1 model or backbone" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").rglob("*.safetensors"))
+
+
+def test_pretrain_refuses_an_output_it_would_overwrite_before_training(tmp_path, capsys):
+    _pngs(tmp_path / "data", 24, 0)
+    _pngs(tmp_path / "pool", 10, 1, classes=())
+    cfg = _config(tmp_path)
+    for out, needle in ((tmp_path / "pool", "must name a .safetensors file"), (cfg, "must name a .safetensors"),
+                        (tmp_path / "no" / "b.safetensors", "does not exist")):
+        assert main(["pretrain", str(cfg), "--pool", str(tmp_path / "pool"), "--out", str(out), "--run-dir",
+                     str(tmp_path / "pre")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "details" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pre" / "pretrain").exists()

@@ -71,7 +71,8 @@ def register(sub) -> None:
     cp.add_argument("runs", nargs="+", help="run directories (or metrics.json files) of arm A, e.g. one per seed")
     cp.add_argument("--against", nargs="+", required=True, help="the runs of arm B (paired with A's by position "
                     "when as many)")
-    cp.add_argument("--metric", default="auc", help="auc, accuracy, balanced_accuracy or f1_macro")
+    cp.add_argument("--metric", default="auc", choices=("auc", "accuracy", "balanced_accuracy", "f1_macro"),
+                    help="the test metric compared")
     cp.set_defaults(func=cmd_compare)
     rp = sub.add_parser("report", help="write RUN_DIR/report.html (one self-contained page)",
                         description=cmd_report.__doc__, formatter_class=Formatter)

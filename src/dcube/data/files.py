@@ -267,6 +267,12 @@ def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, sour
         if n < 2:
             raise DataError(f"{source}: class {c!r} keeps {n} training image(s) after the split; a class needs at "
                             f"least 2 (add images, or lower data.val_fraction / data.test_fraction)")
+        absent = [s for s in ("val", "test") if getattr(cfg, f"{s}_fraction") > 0
+                  and not ((labels == c) & (splits == s)).any()]
+        if absent:  # grouping (copies, patients) can put a whole class in one split: no score for it then
+            raise DataError(f"{source}: class {c!r} has no image in the {' and '.join(absent)} split{'s' * (len(absent) > 1)}: its "
+                            f"{int((labels == c).sum())} images form too few groups (copies of one another, or "
+                            f"one patient) to be split; add images, or check data.duplicates / data.group_pattern")
     for e, s in zip(entries, splits):
         if e.label not in classes:
             raise DataError(f"{source}: unknown label {e.label!r} ({e.where}, {s} split): the class "

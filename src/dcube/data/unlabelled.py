@@ -86,6 +86,9 @@ def load_unlabelled(path: str | Path, image_size: int, channels: int, store=None
             raise DataError(f"data.unlabelled: {path}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
         if arr.ndim not in (3, 4) or len(arr) == 0:
             raise DataError(f"data.unlabelled: {path}: '{key}' must be (N, H, W) or (N, H, W, 3), got {arr.shape}")
+        if not (arr.dtype == np.uint8 or np.issubdtype(arr.dtype, np.floating)):
+            raise DataError(f"data.unlabelled: {path}: '{key}' has dtype {arr.dtype}; expected uint8 or float "
+                            f"([0, 1] or [0, 255])")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise DataError(f"data.unlabelled: {path}: '{key}' holds NaN/inf values")
         check_float_range(arr, f"data.unlabelled: {path}: '{key}'")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dcube.config import DiffusionConfig
+from dcube.config import ConfigError, DiffusionConfig
 from dcube.utils.io import load_tensors, save_tensors
 
 KIND = "dcube step-1 backbone"
@@ -26,8 +26,10 @@ def read_meta(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"diffusion.init_from: {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"diffusion.init_from: {path} is a folder; name the backbone file (.safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("dcube", "{}"))
@@ -90,6 +92,13 @@ def pretrain(cfg, pool: str | Path, out: str | Path, with_train: bool = False, d
     from dcube.utils.io import read_json, sha256_tensor
     from dcube.utils.runtime import configure_torch, seed_everything
 
+    out = Path(out).expanduser()
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise ConfigError(f"--out: {out} must name a .safetensors file (not a folder)")
+    if out.exists():
+        raise ConfigError(f"--out: {out} exists; dcube does not overwrite it (choose another name)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out: the folder {out.parent} does not exist")
     configure_torch(cfg.threads)
     d = cfg.data
     images, ids = load_unlabelled(pool, d.image_size, d.channels)
