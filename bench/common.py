@@ -248,6 +248,8 @@ def two_level_test(runs: list[dict], ref: list[dict] | None = None, metric: str 
 
     from dcube.evaluate.stats import two_level_bootstrap
 
+    if not runs or (ref is not None and not ref):  # an arm without runs (yet): nothing to compare
+        return None
     y = _paired_labels(runs + (ref or []))
     if y is None:
         return None

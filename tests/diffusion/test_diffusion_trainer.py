@@ -81,8 +81,9 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(10):
-            # distinct files (byte-identical copies would be one group for the split)
-            Image.new("L", (8, 8), color=(40 if c == "a" else 200) + i).save(tmp_path / "imgs" / c / f"{i}.png")
+            # distinct images, 10 grey levels apart: copies (byte-identical, or within 8 levels RMS) would be one
+            # group for the split
+            Image.new("L", (8, 8), color=(10 if c == "a" else 140) + 10 * i).save(tmp_path / "imgs" / c / f"{i}.png")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
 run_dir: {tmp_path / 'run'}
