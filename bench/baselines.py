@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bench.common import SMOKE
+
 NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet-lite0": "EfficientNet-Lite0 (ImageNet, fine-tuned)",
          "linear-probe": "linear probe (frozen EfficientNet-Lite0)",
          "fixmatch": "FixMatch (ResNet-18; mu 7, tau 0.95, lambda_u 1; Adam as the ResNet-18 rows)"}
@@ -47,7 +49,7 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
 
         cfg = BaselineConfig(model="resnet18" if method == "fixmatch" else method, epochs=epochs, batch_size=128,
                              lr=DEFAULT_LR[method], lr_milestones=(0.5, 0.75), min_steps=min_steps,
-                             fixmatch=method == "fixmatch")
+                             fixmatch=method == "fixmatch", unlabelled_ratio=1 if SMOKE else 7)
         res = train_baseline(cfg, data, run_dir, score, seed=seed, device=device)
         val_p, test_p = res["val_probs"], res["test_probs"]
         extra = {"best_epoch": res["best_epoch"], "history": res["history"]}

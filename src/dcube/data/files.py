@@ -269,7 +269,9 @@ def check_splits(entries: list[Entry], splits: np.ndarray, cfg: DataConfig, sour
                             f"least 2 (add images, or lower data.val_fraction / data.test_fraction)")
         absent = [s for s in ("val", "test") if getattr(cfg, f"{s}_fraction") > 0
                   and not ((labels == c) & (splits == s)).any()]
-        if absent:  # grouping (copies, patients) can put a whole class in one split: no score for it then
+        # grouping (copies, patients) can put a whole class in training: no score for it then. (A class too small
+        # for the fractions to give it an evaluation image is the small-data case, allowed as before.)
+        if len(absent) == 2 and (labels == c).sum() * max(cfg.val_fraction, cfg.test_fraction) >= 1:
             raise DataError(f"{source}: class {c!r} has no image in the {' and '.join(absent)} split{'s' * (len(absent) > 1)}: its "
                             f"{int((labels == c).sum())} images form too few groups (copies of one another, or "
                             f"one patient) to be split; add images, or check data.duplicates / data.group_pattern")
