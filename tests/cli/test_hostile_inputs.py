@@ -570,3 +570,36 @@ def test_a_run_directory_edited_by_hand_is_refused_naming_the_file(tmp_path, cap
     best.write_bytes(original)
     assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p")]) == 0
     assert main(["run", str(cfg_path)]) == 0
+
+
+def test_a_bug_is_still_one_line_when_no_log_can_be_written(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    from dcube import pipeline
+
+    _folder(tmp_path / "data")
+    cfg = _write(tmp_path, _config(tmp_path))
+
+    def no_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def broken(self):  # the disk fills up, then a bug: the error handler cannot write its log anywhere
+        monkeypatch.setattr(Path, "write_text", no_disk)
+        monkeypatch.setattr(tempfile, "mkstemp", no_disk)
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(pipeline.DCube, "train_diffusion", broken)
+    assert main(["run", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "ZeroDivisionError" in err and "no log file" in err and "No space left" in err, err
+
+
+def test_the_report_names_a_folder_run_by_its_data_not_a_medmnist_default(tmp_path):
+    _folder(tmp_path / "data")
+    assert main(["run", str(_write(tmp_path, _config(tmp_path)))]) == 0
+    import json
+
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["dataset"] == "data"
+    assert "dataset data," in (tmp_path / "run" / "report.html").read_text()

@@ -55,8 +55,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirLocked, ValueError
 
 
-def _log_traceback(args) -> Path:
-    """The traceback in RUN_DIR/logs/ when the run directory exists, else in the temp folder."""
+def _log_traceback(args) -> Path | str:
+    """The traceback in RUN_DIR/logs/ when the run directory exists, else in the temp folder; when no log can be
+    written at all (a full or read-only disk), a phrase saying so instead of a path."""
     run_dir = Path(getattr(args, "_run_dir", None) or "")
     folder = run_dir / "logs" if str(run_dir) not in ("", ".") and run_dir.is_dir() else Path(tempfile.gettempdir())
     try:
@@ -64,8 +65,11 @@ def _log_traceback(args) -> Path:
         path = folder / f"dcube-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
         path.write_text(f"dcube {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
     except OSError:
-        path = Path(tempfile.mkstemp(prefix="dcube-error-", suffix=".log")[1])
-        path.write_text(traceback.format_exc())
+        try:
+            path = Path(tempfile.mkstemp(prefix="dcube-error-", suffix=".log")[1])
+            path.write_text(traceback.format_exc())
+        except OSError as exc:
+            return f"no log file (none could be written: {exc.strerror or exc})"
     return path
 
 
@@ -89,8 +93,9 @@ def guard(fn):
             return 2
         except Exception as exc:  # a bug: one line, the traceback in a file
             path = _log_traceback(args)
+            where = f"The traceback is in {path}" if isinstance(path, Path) else f"There is {path}"
             print(f"dcube: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}. "
-                  f"The traceback is in {path}; please report it.", file=sys.stderr)
+                  f"{where}; please report it.", file=sys.stderr)
             return 1
 
     handler.__name__, handler.__doc__ = fn.__name__, fn.__doc__
