@@ -135,10 +135,10 @@ def test_two_level_type_one_rate_on_a_simulated_two_level_null():
     rng = np.random.default_rng(11)
     y = np.repeat([0, 1], 60)
     rej, rej_images_only = [], []
-    for _ in range(200):
+    for _ in range(160):
         a, b = _two_level_runs(rng, y, 5, 0.25), _two_level_runs(rng, y, 5, 0.25)
-        rej.append(two_level_bootstrap(y, a, b, "auc", n_boot=200)["p"] < 0.05)
-        rej_images_only.append(paired_bootstrap(y, a, b, "auc", n_boot=200)["p"] < 0.05)
+        rej.append(two_level_bootstrap(y, a, b, "auc", n_boot=150)["p"] < 0.05)
+        rej_images_only.append(paired_bootstrap(y, a, b, "auc", n_boot=150)["p"] < 0.05)
     assert np.mean(rej) <= 0.06, np.mean(rej)
     assert np.mean(rej_images_only) > 0.15, np.mean(rej_images_only)  # why the image-only test was replaced
 

@@ -27,13 +27,18 @@ def _cfg(shared_data, run_dir, **sections):
 
 @pytest.mark.slow
 def test_pneumoniamnist_slice_reaches_auc(shared_data, tmp_path):
-    """The whole pipeline on a slice of the real data reaches test ROC-AUC >= 0.85."""
+    """The pipeline's diffusion path on a slice of the real data: the diffusion features alone (no ImageNet CNN,
+    whose frozen probe alone reaches 0.945 here, so a bar on the full head cannot see this path) reach test
+    ROC-AUC >= 0.90. Measured 0.929 by this config; a feature path that loses the image (constant or misaligned
+    maps, a head that ignores them) gives ~0.5. An untrained micro denoiser's features reach 0.930 too, so this
+    guards the feature path, not what step 1 learned (bench.convergence's untrained row, bench.controls). The
+    head with the sub-feature CNN is covered by the control-arm and subfeature=auto tests."""
     cfg = _cfg(shared_data, tmp_path / "run",
                data={"max_train": 800, "max_val": 200, "max_test": 400},
                diffusion={"max_steps": None, "epochs": 2, "batch_size": 64, "sample_grid": True},
-               classifier={"subfeature": "efficientnet-lite0", "epochs": 4, "batch_size": 64})
+               classifier={"subfeature": "none", "epochs": 4, "batch_size": 64})
     out = run(cfg)
-    assert out["test"]["auc"] >= 0.85, out["test"]
+    assert out["test"]["auc"] >= 0.90, out["test"]
     d = tmp_path / "run"
     for f in ("config.yaml", "run.json", "metrics.json", "diffusion/ema.safetensors", "diffusion/samples.png",
               "features/selection.json", "features/ks_pvalues.png", "classifier/best.safetensors"):
@@ -44,19 +49,6 @@ def test_pneumoniamnist_slice_reaches_auc(shared_data, tmp_path):
     assert set(out["layers"]) == set(sel["names"]) and sel["names"]
     # the best epoch was chosen on validation, and the val metrics are recorded next to test
     assert out["best_epoch"]["metric"] == "auc" and "val" in out
-    # the diffusion features alone (no ImageNet CNN: its frozen probe alone reaches 0.945 here, so the
-    # bar above cannot see the diffusion path). Measured 0.929 by this config as `dcube run --set ...`
-    # (README, report picture); a feature path that loses the image (constant or misaligned maps, a head
-    # that ignores them) gives ~0.5. An UNTRAINED micro denoiser's features (the same with
-    # --set diffusion.max_steps=1) reach 0.930, so this guards the feature path, not what step 1 learned
-    # (that is bench.convergence's untrained row).
-    import shutil
-
-    shutil.copytree(tmp_path / "run" / "diffusion", tmp_path / "alone" / "diffusion")
-    alone = run(_cfg(shared_data, tmp_path / "alone", data={"max_train": 800, "max_val": 200, "max_test": 400},
-                     diffusion={"max_steps": None, "epochs": 2, "batch_size": 64, "sample_grid": True},
-                     classifier={"subfeature": "none", "epochs": 4, "batch_size": 64}))
-    assert alone["test"]["auc"] >= 0.90, alone["test"]
 
 
 def test_same_seed_same_metrics(shared_data, tmp_path):

@@ -23,9 +23,16 @@ def _run(shared_data, tmp_path, name, seed, max_test=32, **classifier):
     return tmp_path / name
 
 
-def test_compare_pairs_two_arms_and_refuses_other_test_images(shared_data, tmp_path, capsys):
-    a = [_run(shared_data, tmp_path, f"a{s}", s) for s in (0, 1)]
-    b = [_run(shared_data, tmp_path, f"b{s}", s, lr=1e-2) for s in (0, 1)]
+@pytest.fixture(scope="module")
+def arms(shared_data, tmp_path_factory):
+    """Two arms of two seeds each on the same test images (module-wide: about 20 s)."""
+    tmp = tmp_path_factory.mktemp("arms")
+    return tmp, [_run(shared_data, tmp, f"a{s}", s) for s in (0, 1)], \
+        [_run(shared_data, tmp, f"b{s}", s, lr=1e-2) for s in (0, 1)]
+
+
+def test_compare_pairs_two_arms_and_refuses_other_test_images(shared_data, arms, tmp_path, capsys):
+    _, a, b = arms
     capsys.readouterr()
     assert main(["compare", *map(str, a), "--against", *map(str, b)]) == 0
     out = capsys.readouterr().out
@@ -43,9 +50,9 @@ def test_compare_pairs_two_arms_and_refuses_other_test_images(shared_data, tmp_p
     assert "other" in err and "not those of" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_train_baseline_writes_the_record_compare_pairs_with_a_dcube_run(shared_data, tmp_path, capsys):
-    a = _run(shared_data, tmp_path, "dcube", 0)
-    assert main(["train-baseline", str(tmp_path / "dcube.yaml"), "--model", "resnet18", "--epochs", "1",
+def test_train_baseline_writes_the_record_compare_pairs_with_a_dcube_run(arms, tmp_path, capsys):
+    root, (a, _), _ = arms
+    assert main(["train-baseline", str(root / "a0.yaml"), "--model", "resnet18", "--epochs", "1",
                  "--out", str(tmp_path / "resnet")]) == 0
     m = json.loads((tmp_path / "resnet" / "metrics.json").read_text())
     assert "auc" in m["test"]["ci95"] and len(m["test_probs"]) == len(m["test_ids"]) == 32
