@@ -193,9 +193,6 @@ def _paired_labels(runs: list[dict]):
     return ys[0]
 
 
-def ci_cell(runs: list[dict], metric: str = "auc") -> str:
-    """'[low, high]': 95 % CI of the seed-mean test metric (two-level bootstrap: test images, then seeds)."""
-    return two_level_ci_cell(runs, metric)
 
 
 def paired_cell(runs: list[dict], ref: list[dict], metric: str = "auc") -> str:
@@ -259,7 +256,8 @@ def two_level_test(runs: list[dict], ref: list[dict] | None = None, metric: str 
     return two_level_bootstrap(y, a, b, metric, paired=paired)
 
 
-def two_level_ci_cell(runs: list[dict], metric: str = "auc") -> str:
+def ci_cell(runs: list[dict], metric: str = "auc") -> str:
+    """'[low, high]': 95 % CI of the seed-mean test metric (two-level bootstrap: test images, then seeds)."""
     r = two_level_test(runs, None, metric)
     return "-" if r is None else f"[{max(r['ci'][0], 0.0):.3f}, {min(r['ci'][1], 1.0):.3f}]"  # a metric in [0, 1]
 

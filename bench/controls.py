@@ -29,8 +29,9 @@ import sys
 from functools import partial
 
 from bench.baselines import run_baseline
-from bench.common import (RESULTS, SMOKE, THREADS, Family, load_results, machine, mean_std, run_study, runs_root,
-                          shared_data, shrink, smoke_epochs, two_level_ci_cell)
+from bench.common import (RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
+                          runs_root,
+                          shared_data, shrink, smoke_epochs)
 
 STUDY = "controls"
 DATASETS = ("pneumoniamnist", "breastmnist", "covid")
@@ -172,7 +173,7 @@ def table() -> str:
                 cell = fam.cell([r for r in dc if r["seed"] in common], [r for r in rs if r["seed"] in common])
             seeds = ", ".join(f"{r['seed']}{chr(8224) if r.get('reused_from') else ''}" for r in rs)
             lines.append(f"| {ARMS[arm]} | {len(rs)} ({seeds}) | {mean_std([r['test']['auc'] for r in rs])} | "
-                         f"{two_level_ci_cell(rs)} | {mean_std([r['val']['auc'] for r in rs])} | "
+                         f"{ci_cell(rs)} | {mean_std([r['val']['auc'] for r in rs])} | "
                          f"{mean_std([r['test']['f1_macro'] for r in rs])} | {cell} |")
     n_primary = {ds: len({r["seed"] for r in rows if r["dataset"] == ds and _arm(r) in PRIMARY and
                           all(any(q["seed"] == r["seed"] and _arm(q) == a and q["dataset"] == ds for q in rows)

@@ -20,8 +20,8 @@ from functools import partial
 
 import numpy as np
 
-from bench.common import (RESULTS, SMOKE, THREADS, load_results, machine, mean_std, run_study, runs_root,
-                          shared_data, shrink)
+from bench.common import RESULTS, SMOKE, THREADS, load_results, machine, mean_std, run_study, runs_root, shrink
+from bench.controls import data_dict  # the same splits as the control arms
 from bench.convergence import probe_run
 
 STUDY = "size_curve"
@@ -32,13 +32,6 @@ EVALS = 5  # validation probes per run
 # the default changes only when another model's seed-mean validation probe AUC is higher than the default's on
 # BOTH datasets by at least this much (fixed before any run: the seed spread of the probe in bench.convergence)
 MARGIN = 0.01
-
-
-def data_dict(dataset: str) -> dict:
-    if dataset == "covid":
-        return {"source": "folder", "path": str(shared_data() / "covid_radiography_128"), "image_size": 64,
-                "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0, "duplicates": "near"}
-    return {"name": dataset, "path": str(shared_data() / "medmnist" / f"{dataset}.npz"), "download": False}
 
 
 def seconds_per_step(backbone: str, preset: str, channels: int, size: int, batch: int, steps: int = 3) -> float:

@@ -197,8 +197,8 @@ class ComputeConfig:
     grad_accum: int = 1  # each process runs its share of a batch in this many micro-batches
     compile: bool = False  # torch.compile the denoiser for step-1 training
     # channels-last memory format in training: no | step2 (the head only) | all (step 1 too); YAML false / true
-    # mean no / all. step2: a BreastMNIST step-2 epoch 20.0 -> 12.0 s at the same validation AUC (+0.015,
-    # p = 0.47, 3 seeds); step 1 gained nothing (9.6 -> 9.5 s), so it stays contiguous (BENCHMARKS.md, speed)
+    # mean no / all. step2 by default: it speeds step 2 up without changing its validation AUC, and step 1 gains
+    # nothing from it (BENCHMARKS.md, speed)
     channels_last: str = "step2"
 
 
