@@ -30,8 +30,7 @@ from functools import partial
 
 from bench.baselines import run_baseline
 from bench.common import (RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
-                          runs_root,
-                          shared_data, shrink, smoke_epochs)
+                          runs_root, shared_data, shrink, smoke_epochs)
 
 STUDY = "controls"
 DATASETS = ("pneumoniamnist", "breastmnist", "covid")
