@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dcube-installed
 
-.PHONY: demo test venv clean browser
+.PHONY: demo test venv clean browser docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ browser:
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "make test: could not install chromium; the report's browser test needs it"
+
+# the generated configuration reference (tests/test_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(PY) -m dcube.config > docs/config.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: one JSON per run (skip finished runs), tables regenerated
-from those JSON files into BENCHMARKS.md between `<!-- study:begin -->` markers."""
+from those JSON files into one page per study (docs/benchmarks/<study>.md) and its entry in the BENCHMARKS.md
+index (between `<!-- study:begin -->` markers)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # DCUBE_BENCH_OUT redirects results and the tables (smoke tests); DCUBE_BENCH_SMOKE=1 shrinks every run
 _OUT = os.environ.get("DCUBE_BENCH_OUT")
 RESULTS = Path(_OUT) / "results" if _OUT else ROOT / "bench" / "results"
-BENCHMARKS = Path(_OUT) / "BENCHMARKS.md" if _OUT else ROOT / "BENCHMARKS.md"
+BENCHMARKS = Path(_OUT) / "BENCHMARKS.md" if _OUT else ROOT / "BENCHMARKS.md"  # the index: question -> answer, link
+PAGES = Path(_OUT) / "docs" / "benchmarks" if _OUT else ROOT / "docs" / "benchmarks"  # one page per study
 SMOKE = os.environ.get("DCUBE_BENCH_SMOKE") == "1"
 THREADS = int(os.environ.get("DCUBE_BENCH_THREADS", "1"))  # 1: other jobs share this 2-core machine
 # DCUBE_BENCH_RUNS: where studies that support it keep their run directories (checkpoints that must outlive a
@@ -158,13 +160,20 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def write_section(study: str, markdown: str) -> None:
-    """Replace this study's section of BENCHMARKS.md (created if absent)."""
+    """Write the study's page (docs/benchmarks/<study>.md) and its entry in the BENCHMARKS.md index: the page's
+    title, its "**Answer.**" / "**In progress**" lines (when the table writes them) and the link."""
+    page = markdown.replace("](bench/", "](../../bench/").replace("](docs/", "](../").replace("](BENCHMARKS.md", "](../../BENCHMARKS.md")
+    PAGES.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(PAGES / f"{study}.md", f"[Benchmarks index](../../BENCHMARKS.md)\n\n{page.rstrip()}\n")
+    title = next((line[3:].strip() for line in markdown.splitlines() if line.startswith("## ")), study)
+    answers = [line.strip() for line in markdown.splitlines() if line.strip().startswith(("**Answer", "**In progress"))]
+    entry = "\n\n".join([f"### [{title}](docs/benchmarks/{study}.md)", *answers])
     begin, end = f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
-        "# Benchmarks\n\nEvery table below is regenerated from the JSON files in `bench/results/` by the "
-        "command shown with it; nothing is typed by hand. Model selection uses the validation split "
-        "only; results are mean ± std over seeds.\n")
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+        "# Benchmarks\n\nOne page per study under `docs/benchmarks/`, each regenerated from the JSON files in "
+        "`bench/results/` by the command shown on it; nothing is typed by hand. Model selection uses the validation "
+        "split only; results are mean ± std over seeds.\n")
+    block = f"{begin}\n{entry}\n{end}"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:

@@ -145,14 +145,15 @@ def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Control arms: does the diffusion model earn its place?\n",
              f"Command: `python -m bench.controls` (resumable). Machine: {machine()}. The comparisons, data, seeds, "
-             "metric and decision rule were committed before these runs (\"Control arms: pre-registration\" above). "
+             "metric and decision rule were committed before these runs ([the registration](docs/benchmarks/controls-preregistration.md)). "
              "Test AUC: seed mean ± std; 95 % CI and every difference: two-level bootstrap (test images, then "
              "seeds), t with Satterthwaite df; \"beats\" / \"below\" only at Holm-adjusted p < 0.05. Rows marked "
-             "\u2020 reuse bench.accuracy's stored run of the same schedule, split and seed.\n"]
+             "\u2020 reuse bench.accuracy's stored run of the same schedule, split and seed.\n", "@@ANSWER@@"]
     primary, secondary = Family("D-Cube minus CNN-only, test AUC, 3 datasets"), Family(
         "D-Cube minus {untrained, diffusion-only, ResNet-18}, test AUC, 3 datasets")
     table_vi = Family("Table VI: least minus most Gaussian layers (the same step-1 model), test AUC, 3 datasets; "
                       "added after the registration")
+    primary_ds = []  # the dataset of each primary comparison, in the family's order
     for ds in DATASETS:
         runs = [r for r in rows if r["dataset"] == ds]
         if not runs:
@@ -170,6 +171,8 @@ def table() -> str:
             if arm != "dcube" and len(common) >= 2:
                 fam = primary if arm in PRIMARY else table_vi if arm in TABLE_VI else secondary
                 cell = fam.cell([r for r in dc if r["seed"] in common], [r for r in rs if r["seed"] in common])
+                if fam is primary and cell != "-":
+                    primary_ds.append((ds, len(common)))
             seeds = ", ".join(f"{r['seed']}{chr(8224) if r.get('reused_from') else ''}" for r in rs)
             lines.append(f"| {ARMS[arm]} | {len(rs)} ({seeds}) | {mean_std([r['test']['auc'] for r in rs])} | "
                          f"{ci_cell(rs)} | {mean_std([r['val']['auc'] for r in rs])} | "
@@ -182,7 +185,26 @@ def table() -> str:
               "" if done else "\n**In progress**: the primary comparison has "
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())
               + " of 5 paired seeds; no verdict of the pre-registered rule is drawn before all 5 are in."]
-    return table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
+    md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
+    return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done))
+
+
+def _answer(primary, datasets: list, done: bool) -> str:
+    """The section's one-line answer (the index of BENCHMARKS.md shows it): the primary family, Holm-adjusted."""
+    if not primary.results:
+        return "**Answer.** Not yet: no paired runs."
+    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], Holm p = {r['p_holm']:.3f} ({n} seeds)"
+             for (ds, n), r in zip(datasets, primary.results)]
+    wins = sum(r["diff"] > 0 and r["p_holm"] < 0.05 for r in primary.results)
+    rule = "at least 2 of the 3 datasets with D-Cube minus CNN-only > 0 at Holm p < 0.05"
+    if done:
+        verdict = f"the pre-registered bar ({rule}) is {'met' if wins >= 2 else 'not met'}."
+    elif sum(not (n == 5 and (r["diff"] <= 0 or r["p"] >= 0.05))  # a Holm p is never below its raw p
+             for (_, n), r in zip(datasets, primary.results)) + len(DATASETS) - len(datasets) < 2:
+        verdict = f"the pre-registered bar ({rule}) cannot be met, whatever the missing seeds show."
+    else:
+        verdict = "no verdict before all 5 seeds are in."
+    return f"**Answer.** Test AUC, D-Cube minus the CNN-only arm: {'; '.join(parts)}; {verdict}"
 
 
 def main(argv=None):

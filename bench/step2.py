@@ -151,7 +151,7 @@ def val_probs_of(run_dir) -> list:
     computed; for records made before metrics.json stored them)."""
     import yaml
 
-    from dcube.classify.trainer import BEST, build_head, predict
+    from dcube.classify.trainer import BEST, build_head, head_probabilities
     from dcube.config import from_dict
     from dcube.pipeline import DCube
     from dcube.utils.io import load_checkpoint
@@ -163,7 +163,7 @@ def val_probs_of(run_dir) -> list:
     val = r.feature_split("val", names, model, dcfg)
     head = build_head(cfg.classifier, val, len(r.data.class_names), len(cfg.features.timesteps or [0]))
     load_checkpoint(run_dir / "classifier" / BEST, {"head": head})
-    return [[round(float(v), 6) for v in row] for row in predict(head, val).tolist()]
+    return [[round(float(v), 6) for v in row] for row in head_probabilities(head, val).tolist()]
 
 
 def backfill_val_probs() -> None:

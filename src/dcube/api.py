@@ -13,15 +13,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dcube.config import RunConfig, from_dict, load_config
+from dcube.compare import compare_runs as compare
+from dcube.config import RunConfig, apply_overrides, from_dict, load_config
+from dcube.data.images import array_to_tensor, check_float_range, read_image
+from dcube.pipeline import run
+from dcube.predict import Predictor
+from dcube.report import write_report
+from dcube.utils.io import read_json
 
 
 class TrainedRun:
     """A finished run, ready to classify images. ``TrainedRun(run_dir)`` or :func:`load_run`."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
-        from dcube.predict import Predictor
-
         self.run_dir = Path(run_dir)
         self._predictor = Predictor(self.run_dir, device)
         self.classes_ = list(self._predictor.class_names)
@@ -31,8 +35,6 @@ class TrainedRun:
         """Arrays (N, H, W) / (N, H, W, 3) (uint8, or float in [0, 1] or [0, 255]), a list of such images, or a
         list of file paths -> (N, C, S, S) in [-1, 1], preprocessed exactly as the run's training images."""
         import torch
-
-        from dcube.data.images import array_to_tensor, check_float_range, read_image
 
         d = self.config.data
         if isinstance(images, (str, Path)):
@@ -82,30 +84,24 @@ def fit(config: dict | str | Path | RunConfig, overrides: Sequence[str] = (), re
 
     `config`: a dict of sections (``{"run_dir": ..., "data": {...}, ...}``), a YAML file or a RunConfig;
     `overrides`: ``"section.key=value"`` strings, as ``--set``."""
-    from dcube.config import apply_overrides
-    from dcube.pipeline import run
-
     if isinstance(config, RunConfig):
         cfg = from_dict(apply_overrides(config.to_dict(), list(overrides)))
     elif isinstance(config, dict):
         cfg = from_dict(apply_overrides(config, list(overrides)))
     else:
         cfg = load_config(config, list(overrides))
-    run(cfg, report_heatmaps=report_heatmaps)
+    if run(cfg) is not None and report_heatmaps >= 0:
+        write_report(cfg.run_dir, heatmaps=report_heatmaps)
     return TrainedRun(cfg.run_dir)
 
 
 def compare_runs(runs_a, runs_b, metric: str = "auc") -> dict:
     """A's runs minus B's on the same test images (:func:`dcube.compare.compare_runs`): diff, ci, p, ..."""
-    from dcube.compare import compare_runs as compare
-
     return compare(runs_a, runs_b, metric)
 
 
 def read_metrics(run_dir: str | Path) -> dict:
     """``run_dir/metrics.json`` as a dict."""
-    from dcube.utils.io import read_json
-
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics yet; run 'dcube run' (or dcube.fit) first")

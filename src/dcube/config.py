@@ -8,6 +8,7 @@ dataclasses one to one; an unknown or mistyped key is an error that names the fi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import types
 import typing
@@ -17,12 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
+from dcube.utils.errors import ConfigError  # noqa: F401  (dcube.config.ConfigError is the public name)
+from dcube.utils.io import atomic_write_text
 
 CONFIG_MARK = "# dcube: the resolved configuration of this run"  # the first line of every config.yaml it writes
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the field."""
 
 
 @dataclass
@@ -33,13 +32,13 @@ class DataConfig:
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale, 3 = RGB
     val_fraction: float = 0.1  # used when the source has no predefined split
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # used when the source has no predefined split
     split_seed: Optional[int] = None  # seed of the split and the caps; None = the run's seed
     max_train: Optional[int] = None  # stratified subsample caps (quick runs, tests)
     minority_ratio: Optional[float] = None  # cut the smallest training class to ratio x the largest
     labelled_per_class: Optional[int] = None  # keep k labelled training images per class (seeded; nested over k)
-    max_val: Optional[int] = None
-    max_test: Optional[int] = None
+    max_val: Optional[int] = None  # stratified cap on the validation split
+    max_test: Optional[int] = None  # stratified cap on the test split
     download: bool = True  # MedMNIST: download when absent from the cache
     unlabelled: Optional[str] = None  # folder / CSV (path column) / npz of images WITHOUT labels: step 1 only
     unlabelled_rest: bool = False  # the training images max_train / minority_ratio leave out join step 1 unlabelled
@@ -58,24 +57,24 @@ class DataConfig:
 class DiffusionConfig:
     backbone: str = "unet"  # unet (MONAI DiffusionModelUNet) | uvit
     preset: str = "tiny"  # size preset of the backbone, see dcube.diffusion
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_train_timesteps: int = 1000  # DDPM steps T
+    beta_start: float = 1e-4  # linear beta schedule, first value
+    beta_end: float = 0.02  # linear beta schedule, last value
     epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every); 0: the seeded initialisation (the untrained control arm)
     max_steps: Optional[int] = None  # stop after this many optimiser steps
     patience: int = 5  # epochs=auto: probe evaluations without improvement before stopping
     eval_every: int = 200  # epochs=auto: optimiser steps between probe evaluations of the EMA model
     auto_max_epochs: int = 1000  # epochs=auto: the cap when max_steps is not set
     probe_images: int = 512  # epochs=auto: training images the probe is fitted on (stratified, seeded)
-    batch_size: int = 64
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    batch_size: int = 64  # step-1 images per optimiser step
+    lr: float = 2e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    ema_decay: float = 0.999  # EMA of the denoiser's weights (the EMA model is the one saved and used)
     contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
     contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
     contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
     loss_weighting: str = "uniform"  # uniform | min_snr (min(SNR, gamma) / SNR per row; Hang et al. 2023)
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 5.0  # gamma of loss_weighting: min_snr
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
@@ -97,14 +96,14 @@ class FeatureConfig:
     ks_min_effect: float = 0.02  # ks_map: least KS distance above Gaussian noise's for a layer to count
     ks_map_values: int = 4096  # ks_map: values per image's map (a fixed stride through it)
     probe_layers: int = 2  # layers kept by select=probe
-    probe_folds: int = 5
-    ks_alpha: float = 0.05
+    probe_folds: int = 5  # select: probe: cross-validation folds
+    ks_alpha: float = 0.05  # KS test level: a layer is Gaussian when p >= ks_alpha
     ks_images: int = 256  # training images used for the KS test
     ks_values: int = 1000  # standardised values drawn per layer for the test
     ks_fallback_k: int = 2  # when no layer has p < alpha, keep the k least Gaussian
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
     ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
-    batch_size: int = 128
+    batch_size: int = 128  # images per feature-extraction batch
     map_size: Optional[int] = None  # the head's maps stored at most this size (antialiased); None = as the layer gives them
 
 
@@ -116,16 +115,16 @@ class ClassifierConfig:
     fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
     score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
-    epochs: int = 10
+    epochs: int = 10  # step-2 epochs (the model kept is the best on validation)
     min_steps: int = 0  # at least this many optimiser steps: repeated passes per epoch on a small training set
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 64  # step-2 images per optimiser step
+    lr: float = 1e-3  # AdamW learning rate
     cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
     cnn_frozen_blocks: int = 0  # the sub-feature CNN's stem + first k blocks stay frozen; their output is cached once
     cnn_input_size: int = 64  # efficientnet-lite0: smaller images are upsampled to this size first (its cost ~ size^2)
-    weight_decay: float = 1e-4
-    ema_decay: float = 0.999
-    ce_weight: float = 1.0
+    weight_decay: float = 1e-4  # AdamW weight decay
+    ema_decay: float = 0.999  # EMA of the head's weights (evaluated and saved)
+    ce_weight: float = 1.0  # weight of the cross-entropy term
     cycle_weight: float = 0.0  # > 0 switches the cycle loss on (the paper: 10 and 100); off: validation did not choose it
     cycle_form: str = "soft"  # soft (denoiser MSE under the soft label) | posterior (KL to its class posterior)
     cycle_trials: int = 8  # posterior: (t, noise) trials per image and class, computed once
@@ -146,42 +145,42 @@ class LatentConfig:
 
     autoencoder: Optional[str] = None  # safetensors AutoencoderKL weights to use; None = train one
     ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
-    ae_latent_channels: int = 4
-    ae_num_res_blocks: int = 1
+    ae_latent_channels: int = 4  # autoencoder latent channels
+    ae_num_res_blocks: int = 1  # autoencoder residual blocks per level
     ae_norm_groups: int = 8  # GroupNorm groups; must divide every ae_channels entry
-    ae_epochs: int = 5
-    ae_max_steps: Optional[int] = None
-    ae_batch_size: int = 16
-    ae_lr: float = 5e-4
-    ae_kl_weight: float = 1e-6
+    ae_epochs: int = 5  # autoencoder epochs
+    ae_max_steps: Optional[int] = None  # autoencoder: stop after this many optimiser steps
+    ae_batch_size: int = 16  # autoencoder images per step
+    ae_lr: float = 5e-4  # autoencoder learning rate
+    ae_kl_weight: float = 1e-6  # weight of the autoencoder's KL term
     ae_crop: Optional[int] = 64  # train on random square crops (fully convolutional); None = whole images
-    ae_checkpoint_every: int = 100
+    ae_checkpoint_every: int = 100  # autoencoder optimiser steps between checkpoints
     contrastive: bool = False  # the latent denoiser with diffusion.contrastive_weight (dcube 0.1); false: pure class-conditional
     zs_trials: int = 16  # K (t, noise) pairs per image, shared by all classes
     zs_timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
-    zs_t_min: int = 50
-    zs_t_max: int = 950
+    zs_t_min: int = 50  # zero-shot trials: smallest timestep
+    zs_t_max: int = 950  # zero-shot trials: largest timestep
     zs_weighting: str = "uniform"  # uniform | min_snr
     zs_temperature: float = 1.0  # scores = softmax(-mean error / temperature)
     zs_adaptive: bool = False  # drop clearly worse classes after a first round
     zs_first_round: int = 4  # trials of the first round (adaptive)
     zs_drop_z: float = 2.0  # drop a class when its paired error excess exceeds z standard errors
     zs_batch_size: int = 256  # denoiser inputs per forward pass (images x classes x trials)
-    analysis_timesteps: list = field(default_factory=lambda: [10, 50, 100, 200, 400, 600, 800])
+    analysis_timesteps: list = field(default_factory=lambda: [10, 50, 100, 200, 400, 600, 800])  # latent analyze: the timesteps of the timestep x layer probe
     analysis_images: int = 512  # training images for the probes (stratified)
     analysis_zs_images: int = 128  # training images for the per-t zero-shot accuracy
     analysis_zs_trials: int = 4  # noise draws per t for it
-    analysis_folds: int = 5
+    analysis_folds: int = 5  # latent analyze: probe cross-validation folds
     analysis_top_layers: int = 2  # layers in the recommended set
-    head_hidden: int = 128
-    head_epochs: int = 60
-    head_lr: float = 1e-3
-    head_weight_decay: float = 1e-4
-    finetune_epochs: int = 3
+    head_hidden: int = 128  # light head: hidden units
+    head_epochs: int = 60  # light head: epochs
+    head_lr: float = 1e-3  # light head: learning rate
+    head_weight_decay: float = 1e-4  # light head: weight decay
+    finetune_epochs: int = 3  # latent finetune: epochs
     finetune_lr: float = 1e-5  # denoiser LR when fine-tuning end to end (the head keeps head_lr)
-    finetune_batch_size: int = 32
-    errormap_timesteps: list = field(default_factory=lambda: [100, 250, 400])
-    errormap_noises: int = 2
+    finetune_batch_size: int = 32  # latent finetune: images per step
+    errormap_timesteps: list = field(default_factory=lambda: [100, 250, 400])  # error maps: timesteps averaged
+    errormap_noises: int = 2  # error maps: noise draws per timestep
 
 
 @dataclass
@@ -204,8 +203,8 @@ class ComputeConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/demo"
-    seed: int = 0
+    run_dir: str = "runs/demo"  # the run directory: every output, checkpoint and lock of the run
+    seed: int = 0  # seed of the split, the initialisations and every sampler
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads (None = torch default)
     data: DataConfig = field(default_factory=DataConfig)
@@ -530,10 +529,6 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    from dcube.utils.io import atomic_write_text
-
-    import hashlib
-
     body = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write_text(path, f"{CONFIG_MARK} (written by dcube; edit your own file, not this one) "
                       f"sha256:{hashlib.sha256(body.encode()).hexdigest()}\n" + body)
@@ -542,8 +537,6 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
 def read_run_config(path: str | Path) -> dict:
     """A run directory's config.yaml as a dict; ConfigError naming it when its text no longer matches the
     sha256 dcube wrote into its first line (edited by hand: the run's outputs were made with the old one)."""
-    import hashlib
-
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     first, _, body = text.partition("\n")
@@ -563,3 +556,66 @@ def with_legacy_values(values: dict) -> dict:
             out[section][name] = old
     return out
 
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} from the dataclass's own source: the comment at the end of the field's
+    line, else the comment lines right above it (the definitions are the documentation)."""
+    import inspect
+    import io
+    import tokenize
+
+    out, above, line_of = {}, [], {}
+    src = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#"):
+                above.append(text)
+            elif tok.start[0] in line_of:
+                out[line_of[tok.start[0]]] = text
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.line[4:].split(":")[0].strip() == tok.string:
+            line_of[tok.start[0]] = tok.string
+            if above:
+                out[tok.string] = " ".join(above)
+            above = []
+        elif tok.type == tokenize.NL and not tok.line.strip():
+            above = []
+    return out
+
+
+def config_reference() -> str:
+    """docs/config.md: one line per key (name, default, choices, what it does), generated from the
+    dataclasses above; `make docs` writes it and a test fails when it is stale."""
+    rows = ["# Configuration reference", "",
+            "Generated from `dcube.config` by `python -m dcube.config > docs/config.md` (a test fails when it "
+            "is stale). `dcube config` prints the full configuration; `--set section.key=value` overrides a key.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        notes = _field_comments(cls)
+        rows.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | default | what it does |", "|---|---|---|"])
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            key = prefix + f.name
+            choices = _CHOICES.get(key)
+            note = notes.get(f.name, "")
+            if choices and not all(str(c) in note for c in choices):
+                note = f"{note} (one of: {', '.join(map(str, choices))})".strip()
+            cell = note.replace("|", "\\|")
+            rows.append(f"| `{key}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {cell} |")
+        rows.append("")
+
+    section(RunConfig, "")
+    for f in dataclasses.fields(RunConfig):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            section(f.default_factory, f.name + ".")
+    n = sum(1 for r in rows if r.startswith("| `"))
+    rows.insert(4, f"{n} keys.")
+    rows.insert(5, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_reference())

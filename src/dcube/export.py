@@ -17,12 +17,14 @@ The whole denoiser is kept, although only the blocks up to the deepest selected 
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from dcube.features.extract import shrink_map
+from dcube.predict import Predictor
+from dcube.utils.io import atomic_write, write_json
 
 FORMATS = ("torchscript", "onnx")
 
@@ -66,9 +68,6 @@ class ExportedModel(torch.nn.Module):
 
 def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None) -> Path:
     """Write the run's model as `fmt` (+ a JSON sidecar: classes, input size, preprocessing) -> its path."""
-    from dcube.predict import Predictor
-    from dcube.utils.io import atomic_write, write_json
-
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {list(FORMATS)}")
     pred = Predictor(run_dir)
@@ -76,7 +75,6 @@ def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None
     d = pred.cfg.data
     example = torch.zeros(2, d.channels, d.image_size, d.image_size)
     out = Path(out) if out else Path(run_dir) / "export" / f"model.{'pt' if fmt == 'torchscript' else 'onnx'}"
-    import warnings
 
     with torch.no_grad(), warnings.catch_warnings():
         # the head's resize branches on the (fixed) input size: constants in the graph, as they should be
@@ -94,7 +92,3 @@ def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None
         "output": "calibrated class probabilities (N, K), classes in class_names order",
         "layers": pred.layers, "timesteps": model.timesteps})
     return out
-
-
-def exported_info(path: str | Path) -> dict:
-    return json.loads(Path(path).with_suffix(".json").read_text())

@@ -19,14 +19,32 @@ run_dir/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from dcube.config import RunConfig
+from dcube.classify.losses import calibrate_posterior
+from dcube.classify.trainer import BEST, FeatureSplit, train_auto, train_classifier
+from dcube.config import ConfigError, LatentConfig, RunConfig
+from dcube.data.store import cat_images
+from dcube.diffusion.schedule import ddpm_scheduler
+from dcube.diffusion.trainer import load_denoiser, train_diffusion
+from dcube.diffusion.zeroshot import classify_zero_shot
+from dcube.evaluate import compute_metrics, select_score
+from dcube.evaluate.calibration import apply_temperature, calibrate, calibration_warning, plot_reliability
+from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
+from dcube.evaluate.stats import bootstrap_ci
+from dcube.features import extract
+from dcube.features.cache import FeatureWriter, load_features, save_features
+from dcube.features.ks import plot_pvalues
+from dcube.features.probe import validation_probe
+from dcube.generate import MANIFEST
+from dcube.preflight import check_run
 from dcube.run import Method
-from dcube.utils.io import read_json, sha256_file, write_json
+from dcube.utils import dist
+from dcube.utils.io import load_checkpoint, read_json, sha256_file, write_json
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
 MODEL_FILES = ("diffusion/ema.safetensors", "classifier/best.safetensors")  # fingerprinted in run.json
@@ -36,7 +54,7 @@ class DCube(Method):
     """The pixel-space D-Cube method: its stages on the run directory of :class:`dcube.run.Run`."""
 
     STAGES = {"diffusion": "train_diffusion", "select": "select_layers", "classify": "train_classifier",
-              "evaluate": "evaluate_and_report"}
+              "evaluate": "evaluate"}
     # which output each config section produced: a section may change until its output exists
     MADE = {"data": "diffusion/ema.safetensors", "diffusion": "diffusion/ema.safetensors",
             "features": "features/selection.json", "classifier": "classifier/best.safetensors",
@@ -44,21 +62,16 @@ class DCube(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        from dcube.preflight import check_run
-
         check_run(cfg)
 
     def check_data(self, data) -> None:
-        from dcube.config import ConfigError
-
         if self.cfg.classifier.target_sensitivity is not None and len(data.class_names) != 2:
             raise ConfigError(f"classifier.target_sensitivity: needs a binary task, this data has "
                               f"{len(data.class_names)} classes ({', '.join(data.class_names[:5])}); remove the key")
 
-    def __init__(self, cfg: RunConfig, report_heatmaps: int = 0):
+    def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self._train = None  # training split with synthetic images, when configured
-        self.report_heatmaps = report_heatmaps  # heat maps of this many test images in report.html
 
     # -- step 1 ---------------------------------------------------------------------------
     @property
@@ -71,9 +84,6 @@ class DCube(Method):
         return self.cfg.classifier.diffusion_features
 
     def train_diffusion(self):
-        from dcube.data.store import cat_images
-        from dcube.diffusion.trainer import train_diffusion
-
         if not self.uses_diffusion:
             print("[step 1] skipped: classifier.diffusion_features is false (the head on the sub-feature CNN alone)")
             return None
@@ -98,9 +108,6 @@ class DCube(Method):
         VALIDATION split; the test split is never read)."""
         from sklearn.model_selection import train_test_split
 
-        from dcube.features import extract
-        from dcube.features.probe import validation_probe
-
         d, dc = self.data, self.cfg.diffusion
         tr, va = d.train, d.val
         rows = torch.arange(len(tr.labels))
@@ -121,8 +128,6 @@ class DCube(Method):
 
     def denoiser(self):
         """(frozen step-1 model, its DiffusionConfig); (None, the run's) for the CNN-only arm."""
-        from dcube.diffusion.trainer import load_denoiser
-
         if not self.uses_diffusion:
             return None, self.cfg.diffusion
 
@@ -133,8 +138,6 @@ class DCube(Method):
     # -- step 2a: KS selection and cached features -----------------------------------------
     def select_layers(self):
         from dcube.features import extract, select_layers
-        from dcube.features.ks import plot_pvalues
-
         fdir = self.dir / "features"
         if not self.uses_diffusion:
             return []
@@ -186,8 +189,6 @@ class DCube(Method):
         return self.timed("select_layers", work)
 
     def _scheduler(self, dcfg):
-        from dcube.diffusion.schedule import ddpm_scheduler
-
         return ddpm_scheduler(dcfg)
 
     def features(self, split: str, names: list[str], model, dcfg, flipped: bool = False):
@@ -195,11 +196,6 @@ class DCube(Method):
 
         With ``features.timesteps`` every layer comes once per t, layer-major ([l0@t0, l0@t1, ...,
         l1@t0, ...]): the head mixes the timesteps of each layer (``DCubeHead`` timestep mixing)."""
-        import dataclasses
-
-        from dcube.features import extract
-        from dcube.features.cache import FeatureWriter, load_features, save_features
-        from dcube.utils import dist
 
         if not names:  # the CNN-only arm: no diffusion input at all
             return []
@@ -262,8 +258,6 @@ class DCube(Method):
 
     def synthetic_key(self) -> dict | None:
         """What the synthetic part of the training split was made from (for caches and run.json)."""
-        from dcube.generate import MANIFEST
-
         cc = self.cfg.classifier
         if not cc.synthetic_dir:
             return None
@@ -272,8 +266,6 @@ class DCube(Method):
 
     # -- step 2b ----------------------------------------------------------------------------
     def feature_split(self, split, names, model, dcfg, with_flip=False):
-        from dcube.classify.trainer import FeatureSplit
-
         s = self.split(split)
         flip = self.features(split, names, model, dcfg, flipped=True) if with_flip else None
         return FeatureSplit(self.features(split, names, model, dcfg), s.images, s.labels, flip)
@@ -282,10 +274,6 @@ class DCube(Method):
         """The frozen denoiser's class posterior of every training image (cycle_form=posterior):
         zero-shot denoising errors over ``classifier.cycle_trials`` shared (t, noise) trials, calibrated
         on the training labels; cached in features/ like the feature maps."""
-        from dcube.classify.losses import calibrate_posterior
-        from dcube.config import LatentConfig
-        from dcube.latent.zeroshot import classify_zero_shot
-
         cc, tr = self.cfg.classifier, self.split("train")
         key = {"model": sha256_file(self.denoiser_path), "trials": cc.cycle_trials, "data": self.data.info.get("sha256"),
                "n": len(tr), "synthetic": self.synthetic_key(), "seed": self.cfg.seed}
@@ -305,8 +293,6 @@ class DCube(Method):
         return probs
 
     def train_classifier(self):
-        from dcube.classify.trainer import BEST, train_auto, train_classifier
-
         cdir = self.dir / "classifier"
         names = self.select_layers()
         cc = self.cfg.classifier
@@ -326,20 +312,13 @@ class DCube(Method):
                               label="step 2")
 
     def _val_score(self, y_true, probs):
-        from dcube.evaluate import compute_metrics, select_score
-
         m = compute_metrics(y_true, probs, self.data.class_names)
         return select_score(m, self.cfg.classifier.select_metric), m["accuracy"]
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        from dcube.classify.trainer import BEST, CHOICE, build_head, predict, resolve_subfeature
+        from dcube.classify.trainer import BEST, CHOICE, build_head, head_probabilities, resolve_subfeature
         from dcube.evaluate import compute_metrics, format_table
-        from dcube.evaluate.calibration import apply_temperature, calibrate, calibration_warning, plot_reliability
-        from dcube.evaluate.stats import bootstrap_ci
-        from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
-        from dcube.utils.io import load_checkpoint
-
         names = self.select_layers()
         model, dcfg = self.denoiser()
         d = self.data
@@ -349,8 +328,8 @@ class DCube(Method):
         head = build_head(cc, test, len(d.class_names),
                           len(self.cfg.features.timesteps or [0])).to(self.device)
         best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
-        probs = predict(head, test, device=self.device)
-        val_probs = predict(head, val, device=self.device).numpy()
+        probs = head_probabilities(head, test, device=self.device)
+        val_probs = head_probabilities(head, val, device=self.device).numpy()
         val_metrics = compute_metrics(val.labels.numpy(), val_probs, d.class_names)
         metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
         metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=self.cfg.seed)
@@ -392,7 +371,6 @@ class DCube(Method):
                   f"{op['sensitivity_ci95']}, specificity {op['specificity']:.3f} {op['specificity_ci95']}")
         return full
 
-
     def dataset_name(self) -> str:
         """What the data is called in metrics.json and report.html: the MedMNIST name, else the file or folder."""
         dc = self.cfg.data
@@ -400,15 +378,7 @@ class DCube(Method):
             return self.data.info["name"]
         return dc.name if dc.source == "medmnist" else Path(dc.path).expanduser().name
 
-    def evaluate_and_report(self) -> dict:
-        from dcube.report import write_report
-
-        out = self.evaluate()
-        print(f"report: {write_report(self.dir, self.report_heatmaps)}")
-        return out
-
-
-def run(cfg: RunConfig, stages=STAGES, report_heatmaps: int = 0) -> dict | None:
-    """Run the stages; after `evaluate`, write report.html (with heat maps of `report_heatmaps` test
-    images: `dcube run` asks for 2). -> the test metrics (evaluate), else None."""
-    return DCube(cfg, report_heatmaps).run.execute(stages).get("evaluate")
+def run(cfg: RunConfig, stages=STAGES) -> dict | None:
+    """Run the stages (each skipped when its output exists). -> the test metrics (evaluate), else None.
+    report.html is an application on top (:func:`dcube.report.write_report`), written by its callers."""
+    return DCube(cfg).run.execute(stages).get("evaluate")

@@ -16,6 +16,7 @@ sha256, the dcube version, the preprocessing and "research use only").
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dcube.utils.io import safe_name
+from dcube.classify.trainer import BEST, FeatureSplit, build_head, resolve_subfeature
+from dcube.config import from_dict, read_run_config
+from dcube.data.dicom import dicom_frames, is_dicom
+from dcube.data.images import IMAGE_SUFFIXES, finish, read_image
+from dcube.data.nifti import is_nifti, load_volume, volume_shape, volume_slice, volume_window
+from dcube.diffusion.schedule import ddpm_scheduler
+from dcube.diffusion.trainer import load_denoiser
+from dcube.evaluate.calibration import apply_temperature
+from dcube.features import extract
+from dcube.latent.autoencoder import LatentCodec
+from dcube.latent.errormaps import error_map, save_overlay
+from dcube.utils.io import atomic_write_text, load_checkpoint, read_json, safe_name, sha256_file, write_json
+from dcube.utils.runtime import package_versions
 
 NOTICE = "research use only, not for diagnostic use"
 
@@ -46,7 +59,7 @@ class Item:
 
 
 @dataclass
-class Selection:
+class FrameSelection:
     """Which frames / slices of multi-image inputs: `frame` (DICOM; None = every frame), `axis` and
     `slices` (NIfTI; slices a Python-style range 'a:b' or None = all)."""
 
@@ -67,11 +80,8 @@ class Selection:
         return r
 
 
-def _expand(f: Path, sel: Selection) -> list[Item]:
+def _expand(f: Path, sel: FrameSelection) -> list[Item]:
     """A file -> its items: every frame of a multi-frame DICOM (or `sel.frame`), the selected NIfTI slices."""
-    from dcube.data.dicom import dicom_frames, is_dicom
-    from dcube.data.nifti import is_nifti, volume_shape
-
     try:
         if is_nifti(f):
             if not 0 <= sel.axis < 3:
@@ -88,14 +98,13 @@ def _expand(f: Path, sel: Selection) -> list[Item]:
     return [Item(f)]
 
 
-def collect_inputs(inputs: list[str], sel: Selection | None = None) -> list[Item]:
+def collect_inputs(inputs: list[str], sel: FrameSelection | None = None) -> list[Item]:
     """Items of the given files, folders (recursive: image, DICOM and NIfTI files) and CSVs (``path``
     column); multi-frame DICOMs and NIfTI volumes expand to one item per frame / slice."""
     from dcube.data.dicom import is_dicom
-    from dcube.data.images import IMAGE_SUFFIXES
     from dcube.data.nifti import is_nifti
 
-    sel = sel or Selection()
+    sel = sel or FrameSelection()
     out: list[Item] = []
     for raw in inputs:
         p = Path(raw).expanduser()
@@ -121,9 +130,6 @@ def collect_inputs(inputs: list[str], sel: Selection | None = None) -> list[Item
 def read_items(items: list[Item], image_size: int, channels: int, dicom_window: str) -> list[tuple[Item, np.ndarray]]:
     """Decode every item through the training readers (`dcube.data.images.read_image` / `finish`); an
     unreadable item gets its error set and is left out. A NIfTI volume is read once for all its slices."""
-    from dcube.data.images import finish, read_image
-    from dcube.data.nifti import load_volume, volume_slice, volume_window
-
     ok, volume = [], (None, None, None)  # (path, voxels, window): one volume in memory at a time
     for it in items:
         if it.error is not None:
@@ -149,12 +155,6 @@ class Predictor:
     """The run's model as one callable: images (N, C, S, S) in [-1, 1] -> (raw, calibrated) probabilities."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
-        from dcube.classify.trainer import BEST, FeatureSplit, build_head, resolve_subfeature
-        from dcube.config import from_dict, read_run_config
-        from dcube.diffusion.schedule import ddpm_scheduler
-        from dcube.diffusion.trainer import load_denoiser
-        from dcube.utils.io import load_checkpoint, read_json, sha256_file
-
         self.dir = Path(run_dir)
 
         def need(*files):
@@ -191,10 +191,6 @@ class Predictor:
         self.calibration = read_json(cal) if cal.exists() else {"temperature": 1.0}
 
     def _features(self, images: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
-        import dataclasses
-
-        from dcube.features import extract
-
         fc = self.cfg.features
         if not self.layers:  # the CNN-only arm
             return []
@@ -209,8 +205,6 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from dcube.evaluate.calibration import apply_temperature
-
         feats = self._features(images)
         raw = self.head([f.to(self.device) for f in feats], images.to(self.device)).softmax(1).cpu().double().numpy()
         return raw, apply_temperature(raw, self.calibration["temperature"])
@@ -241,8 +235,6 @@ class Predictor:
         None for the CNN-only arm, which has no denoiser."""
         if self.model is None:
             return None
-        from dcube.latent.autoencoder import LatentCodec
-        from dcube.latent.errormaps import error_map
 
         order = np.argsort(-probs)
         lc = self.cfg.latent
@@ -251,8 +243,6 @@ class Predictor:
 
     def header(self) -> dict:
         from dcube.utils.io import sha256_file
-        from dcube.utils.runtime import package_versions
-
         d = self.cfg.data
         return {"notice": NOTICE, "run_dir": str(self.dir.resolve()), "dcube": package_versions()["dcube"],
                 "model_sha256": {"head": sha256_file(self.dir / "classifier" / "best.safetensors"),
@@ -266,10 +256,8 @@ class Predictor:
                 "positive_class": self.calibration.get("positive_class")}
 
 
-def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, limit: int) -> None:
+def write_prediction_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, limit: int) -> None:
     """Grad-CAM and the diffusion evidence map of the first `limit` predictions, as overlay PNGs."""
-    from dcube.latent.errormaps import save_overlay
-
     for k, ((it, x), row) in enumerate(zip(ok[:limit], rows[:limit])):
         image = torch.from_numpy(x)
         probs = np.array([row[f"raw_prob_{n}"] for n in pred.class_names])
@@ -285,12 +273,10 @@ def write_heatmaps(pred: Predictor, ok: list, rows: list[dict], out_dir: Path, l
 
 
 def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, batch_size: int = 64,
-                  device: str = "cpu", heatmaps: int = 0, selection: Selection | None = None
+                  device: str = "cpu", heatmaps: int = 0, selection: FrameSelection | None = None
                   ) -> tuple[list[dict], list[Item]]:
     """Predict every readable input; write predictions.csv / .json to `out_dir` (and, with `heatmaps` > 0,
     that many Grad-CAM / diffusion-evidence overlays under out_dir/heatmaps). Returns (rows, failed)."""
-    from dcube.utils.io import atomic_write_text, write_json
-
     pred = Predictor(run_dir, device)
     items = collect_inputs(inputs, selection)
     d = pred.cfg.data
@@ -311,7 +297,7 @@ def predict_files(run_dir: str | Path, inputs: list[str], out_dir: str | Path, b
     failed = [it for it in items if it.error is not None]
     out_dir = Path(out_dir)
     if heatmaps > 0:
-        write_heatmaps(pred, ok, rows, out_dir / "heatmaps", heatmaps)
+        write_prediction_heatmaps(pred, ok, rows, out_dir / "heatmaps", heatmaps)
     header = pred.header()
     write_json(out_dir / "predictions.json", {**header, "predictions": rows,
                                               "failed": [{"path": str(i.path), "error": i.error} for i in failed]})

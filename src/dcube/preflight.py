@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dcube.classify.subfeatures import build_subfeature_cnn, check_weights_path
 from dcube.config import CONFIG_MARK, ConfigError, RunConfig
+from dcube.diffusion import build_denoiser
+from dcube.diffusion.backbone import check_backbone
+from dcube.utils.runtime import pick_device
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -58,15 +62,11 @@ def check_config_file_is_ours(path: Path) -> None:
 
 def check_device(name: str) -> None:
     """`device: cuda` on a machine without one: the ConfigError of the device choice itself."""
-    from dcube.utils.runtime import pick_device
-
     pick_device(name)
 
 
-def check_backbone(cfg: RunConfig) -> None:
+def check_denoiser_spec(cfg: RunConfig) -> None:
     """Build the step-1 denoiser once (on the CPU, seconds) to check preset, image size and layer names."""
-    from dcube.diffusion import build_denoiser
-
     try:
         model = build_denoiser(cfg.diffusion, cfg.data.channels, cfg.data.image_size, num_classes=2)
     except ValueError as exc:
@@ -80,8 +80,6 @@ def check_backbone(cfg: RunConfig) -> None:
 
 def check_init_from(cfg: RunConfig) -> None:
     """diffusion.init_from: a dcube step-1 model of this run's architecture, preset, image size and channels."""
-    from dcube.diffusion.backbone import check_backbone
-
     if cfg.diffusion.init_from is None:
         return
     try:
@@ -91,8 +89,6 @@ def check_init_from(cfg: RunConfig) -> None:
 
 
 def check_subfeature(cfg: RunConfig) -> None:
-    from dcube.classify.subfeatures import build_subfeature_cnn, check_weights_path
-
     cc = cfg.classifier
     if cc.subfeature == "none" or cc.subfeature_weights is None:
         return
@@ -123,7 +119,7 @@ def check_run(cfg: RunConfig) -> None:
     """Every config-level check, in the order a user would fix them (the run directory is checked where it
     is opened, dcube.run.open_run_dir)."""
     check_device(cfg.device)
-    check_backbone(cfg)
+    check_denoiser_spec(cfg)
     check_init_from(cfg)
     check_subfeature(cfg)
     check_paths(cfg)

@@ -18,7 +18,12 @@ from pathlib import Path
 import yaml
 
 from dcube.config import read_run_config
-from dcube.predict import NOTICE
+from dcube.data import DataError, load_data
+from dcube.evaluate.calibration import calibration_warning
+from dcube.predict import NOTICE, Item, Predictor
+from dcube.predict import write_prediction_heatmaps as draw
+from dcube.utils.io import atomic_write_text
+from dcube.utils.runtime import package_versions
 
 REPORT = "report.html"
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -56,8 +61,6 @@ def _fmt(v) -> str:
 
 
 def _metrics_section(m: dict) -> str:
-    from dcube.evaluate.calibration import calibration_warning
-
     test, val, ci = m["test"], m.get("val", {}), m["test"].get("ci95", {})
     rows = []
     for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc"):
@@ -115,14 +118,11 @@ def _selection_section(run_dir: Path) -> str:
             + _img(run_dir / "features" / "ks_pvalues.png", "layer selection"))
 
 
-def write_heatmaps(run_dir: Path, n: int) -> list[Path]:
+def write_test_heatmaps(run_dir: Path, n: int) -> list[Path]:
     """Grad-CAM + evidence overlays of `n` test images (alternating classes), via dcube.predict; [] when the
     run's data cannot be read on this machine."""
     import numpy as np
     import torch
-
-    from dcube.data import DataError, load_data
-    from dcube.predict import Item, Predictor, write_heatmaps as draw
 
     pred = Predictor(run_dir)
     try:
@@ -153,9 +153,6 @@ def _choice_section(choice: dict | None) -> str:
 
 def write_report(run_dir: str | Path, heatmaps: int = 2) -> Path:
     """Write RUN_DIR/report.html from the run's files (see the module doc) -> its path."""
-    from dcube.utils.io import atomic_write_text
-    from dcube.utils.runtime import package_versions
-
     run_dir = Path(run_dir)
     for need in ("config.yaml", "metrics.json", "run.json"):
         if not (run_dir / need).is_file():
@@ -163,7 +160,7 @@ def write_report(run_dir: str | Path, heatmaps: int = 2) -> Path:
     cfg = read_run_config(run_dir / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "run.json").read_text())
-    maps = write_heatmaps(run_dir, heatmaps) if heatmaps > 0 else []
+    maps = write_test_heatmaps(run_dir, heatmaps) if heatmaps > 0 else []
     title = f"dcube run {run_dir.name}"
     parts = [
         f"<h1>{esc(title)}</h1>",

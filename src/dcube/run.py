@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from dcube.config import ConfigError, RunConfig, dump_config, from_dict, read_run_config, with_legacy_values
+from dcube.preflight import check_config_file_is_ours, check_run_dir, check_run_dir_outside_data
+from dcube.utils import dist
 from dcube.utils.io import load_tensors, read_json, save_tensors, write_json
+from dcube.utils.lock import lock_run_dir, unlock_run_dir
 from dcube.utils.runtime import configure_torch, package_versions, pick_device, seed_everything
-
 
 # keys that change how a stage runs or what is drawn and reported after it, never the weights or features it
 # writes: changing one never makes a finished stage stale
@@ -69,9 +71,6 @@ def check_saved_config(cfg: RunConfig, config_file: Path, root: Path, made: dict
 
 def open_run_dir(cfg: RunConfig, made: dict[str, str], config_file: str = "config.yaml") -> Path:
     """Make and lock ``cfg.run_dir``, check the saved config against `cfg`, save `cfg`; -> the directory."""
-    from dcube.preflight import check_config_file_is_ours, check_run_dir, check_run_dir_outside_data
-    from dcube.utils.lock import lock_run_dir
-
     check_run_dir(cfg.run_dir)
     check_run_dir_outside_data(cfg)
     check_config_file_is_ours(Path(cfg.run_dir).expanduser() / config_file)
@@ -121,8 +120,6 @@ class Run:
         return self._data
 
     def save_info(self) -> None:
-        from dcube.utils import dist
-
         self.info.update(seed=self.cfg.seed, versions=package_versions(), device=str(self.device),
                          processes=dist.world_size())
         write_json(self.dir / "run.json", self.info)
@@ -172,8 +169,6 @@ class Run:
             self.close()
 
     def close(self) -> None:
-        from dcube.utils.lock import unlock_run_dir
-
         unlock_run_dir(self.dir)
 
 

@@ -38,6 +38,7 @@ def test_a_later_run_does_not_inherit_an_earlier_runs_peak(results):
 
 def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(common, "PAGES", tmp_path / "pages")
     started = []
 
     def jobs():
@@ -45,9 +46,11 @@ def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path
         for key in ("a", "b"):
             yield key, lambda key=key: {"v": key}
 
-    table = lambda: "| " + " | ".join(r["v"] for r in common.load_results("s")) + " |"  # noqa: E731
+    table = lambda: "## S\n\n**Answer.** " + " | ".join(r["v"] for r in common.load_results("s")) + "\n\n| x |"  # noqa: E731
     assert common.run_study("s", jobs(), table, table_only=True) == 0 and not started
     common.run_study("s", jobs(), table)
     common.run_study("s", jobs(), table)  # resumed: nothing reruns
     assert sorted(p.name for p in (results / "s").glob("*.json")) == ["a.json", "b.json"]
-    assert "| a | b |" in (tmp_path / "BENCHMARKS.md").read_text()
+    page, index = (tmp_path / "pages" / "s.md").read_text(), (tmp_path / "BENCHMARKS.md").read_text()
+    assert "**Answer.** a | b" in page and "| x |" in page  # the study's page: the whole table
+    assert "### [S](docs/benchmarks/s.md)" in index and "**Answer.** a | b" in index and "| x |" not in index

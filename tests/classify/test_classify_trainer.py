@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dcube.classify.trainer import BEST, LAST, FeatureSplit, predict, train_classifier
+from dcube.classify.trainer import BEST, LAST, FeatureSplit, head_probabilities, train_classifier
 from dcube.config import ClassifierConfig
 from dcube.utils.io import load_tensors
 
@@ -27,9 +27,9 @@ def test_learns_and_selects_on_validation(tmp_path):
     head, best = train_classifier(CFG, _split(64, 0), _split(32, 1), ["a", "b"], tmp_path, _score)
     assert best["epoch"] >= 1 and best["score"] >= 0.9
     assert (tmp_path / BEST).exists()
-    probs = predict(head, _split(32, 2))
+    probs = head_probabilities(head, _split(32, 2))
     assert torch.allclose(probs.sum(1), torch.ones(32))
-    assert torch.equal(probs, predict(head, _split(32, 2)))  # deterministic prediction
+    assert torch.equal(probs, head_probabilities(head, _split(32, 2)))  # deterministic prediction
 
 
 def test_interrupted_classifier_resumes_to_identical_result(tmp_path):

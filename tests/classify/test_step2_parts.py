@@ -10,7 +10,7 @@ from dcube.classify.losses import calibrate_posterior, posterior_cycle_loss
 from dcube.classify.trainer import FeatureSplit, train_classifier
 from dcube.config import ClassifierConfig, DiffusionConfig, LatentConfig
 from dcube.diffusion.schedule import ddpm_scheduler
-from dcube.latent.zeroshot import classify_zero_shot
+from dcube.diffusion.zeroshot import classify_zero_shot
 from dcube.utils.io import read_json
 
 
@@ -139,10 +139,10 @@ def test_gradient_share_is_measured_on_a_sparse_schedule_and_changes_no_weight(t
 
 
 def test_channels_last_step2_is_the_same_arithmetic_and_returns_a_plain_head(tmp_path):
-    from dcube.classify.trainer import predict
+    from dcube.classify.trainer import head_probabilities
 
     head, val, _ = _posterior_run(tmp_path / "plain", 2)
     head_cl, _, _ = _posterior_run(tmp_path / "cl", 2, channels_last=True)
     convs = [m.weight for m in head_cl.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(w.is_contiguous() for w in convs)  # evaluated as `dcube predict` loads it
-    assert torch.allclose(predict(head, val), predict(head_cl, val), atol=1e-4)
+    assert torch.allclose(head_probabilities(head, val), head_probabilities(head_cl, val), atol=1e-4)

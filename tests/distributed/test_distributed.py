@@ -82,7 +82,7 @@ def test_gathered_results_equal_one_process(two_procs):
     """Features, samples and zero-shot scores gathered from 2 ranks = one process, bit for bit."""
     from dcube.diffusion.sampling import sample_images
     from dcube.features import extract
-    from dcube.latent.zeroshot import classify_zero_shot
+    from dcube.diffusion.zeroshot import classify_zero_shot
     from dcube.utils.io import load_tensors
 
     work, _ = two_procs
@@ -120,7 +120,7 @@ def test_autoencoder_on_two_processes_matches_one(two_procs, tmp_path):
 
 
 def test_metrics_equal_one_process_on_the_same_predictions(two_procs):
-    from dcube.classify.trainer import BEST, build_head, predict
+    from dcube.classify.trainer import BEST, build_head, head_probabilities
     from dcube.evaluate import compute_metrics
     from dcube.evaluate.stats import bootstrap_ci
     from dcube.utils.io import load_checkpoint, read_json
@@ -132,7 +132,7 @@ def test_metrics_equal_one_process_on_the_same_predictions(two_procs):
     test = r.feature_split("test", names, model, dcfg)
     head = build_head(r.cfg.classifier, test, 2)
     load_checkpoint(work / "run" / "classifier" / BEST, {"head": head})
-    probs = predict(head, test)
+    probs = head_probabilities(head, test)
     metrics = compute_metrics(test.labels.numpy(), probs.numpy(), r.data.class_names)
     metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=r.cfg.seed)
     assert read_json(work / "run" / "metrics.json")["test"] == json.loads(json.dumps(metrics))

@@ -67,7 +67,7 @@ maps_disk = extract(model, on_disk.train.images, model.feature_names, fc, r.cfg.
                     progress=False, workers=1)
 
 from dcube.diffusion.sampling import sample_images  # noqa: E402
-from dcube.latent.zeroshot import classify_zero_shot  # noqa: E402
+from dcube.diffusion.zeroshot import classify_zero_shot  # noqa: E402
 
 samples = sample_images(model, dcfg, torch.tensor([0, 1, 0, 1, 1]), steps=3, seed=5, batch_size=2, progress=False)
 zs = classify_zero_shot(model, r._scheduler(dcfg), images[:5], r.cfg.latent, seed=3, progress=False)

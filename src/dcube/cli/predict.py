@@ -12,12 +12,12 @@ from dcube.cli.common import Formatter, guard
 @guard
 def cmd_predict(args) -> int:
     """0: every input predicted; 1: some inputs could not be read (named on stderr); 2: nothing to do."""
-    from dcube.predict import NOTICE, Selection, predict_files
+    from dcube.predict import NOTICE, FrameSelection, predict_files
 
     args._run_dir = args.run_dir
     out = Path(args.out) if args.out else Path(args.run_dir) / "predictions"
     rows, failed = predict_files(args.run_dir, args.inputs, out, args.batch_size, args.device, args.heatmaps,
-                                 Selection(args.frame, args.axis, args.slices))
+                                 FrameSelection(args.frame, args.axis, args.slices))
     for it in failed:
         print(f"dcube: cannot predict {it.name}: {it.error}", file=sys.stderr)
     print(f"predicted {len(rows)} image(s), {len(failed)} failed -> {out / 'predictions.csv'} ({NOTICE})")

@@ -36,7 +36,15 @@ def demo_config(quick: bool = False) -> RunConfig:
 def cmd_steps(args) -> int:
     from dcube.pipeline import run
 
-    run(config_from_args(args), STEPS[args.cmd][1], report_heatmaps=2)
+    cfg = config_from_args(args)
+    if run(cfg, STEPS[args.cmd][1]) is not None:  # evaluate ran: the report is rewritten from its files
+        _report(cfg.run_dir)
+
+
+def _report(run_dir) -> None:
+    from dcube.report import write_report
+
+    print(f"report: {write_report(run_dir, heatmaps=2)}")
 
 
 @guard
@@ -50,7 +58,8 @@ def cmd_demo(args) -> int:
         cfg.run_dir = args.run_dir
     args._run_dir = cfg.run_dir
     t0 = time.time()
-    out = run(cfg, report_heatmaps=2)
+    out = run(cfg)
+    _report(cfg.run_dir)
     print(f"demo finished in {time.time() - t0:.0f} s; run directory: {cfg.run_dir}")
     t = out["test"]
     print(f"PneumoniaMNIST test: AUC {t['auc']:.3f}  ACC {t['accuracy']:.3f}   "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -17,6 +19,7 @@ from dcube.data.folder import absolute, read_manifest, scan_folder
 from dcube.data.medmnist import file_size_for, get_info
 from dcube.data.npz import load_npz
 from dcube.data.splits import nested_per_class, stratified_subsample
+from dcube.utils import dist
 from dcube.utils.io import sha256_file
 
 
@@ -81,13 +84,10 @@ def _cache(cfg: DataConfig, run_dir: Optional[Path], split: str, members: list, 
     decoded pixels depend on: the data fingerprint, the split's members and the decoding settings."""
     if not members or not on_disk(cfg, len(members)):
         return None
-    import hashlib
-    import tempfile
 
     ids = hashlib.sha256("\n".join(str(getattr(e, "path", e)) for e in members).encode()).hexdigest()
     key = {"data": data_sha, "split": split, "members": ids, "image_size": cfg.image_size,
            "channels": cfg.channels, "dicom_window": cfg.dicom_window, "max_pixels": cfg.max_pixels}
-    from dcube.utils import dist
 
     root = Path(run_dir) / "cache" / "images" if run_dir else Path(tempfile.gettempdir()) / "dcube-images"
     if not dist.is_main():  # several processes: files in the run directory come from rank 0 only

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -18,6 +20,7 @@ from dcube.data.folder import Entry, sort_classes
 from dcube.data.images import read_image
 from dcube.data.splitfile import SPLIT_FILE, read_splits, write_splits
 from dcube.data.splits import grouped_split, stratified_split
+from dcube.utils.io import sha256_file
 
 PROGRESS_ABOVE = 500  # show a progress bar when reading more files than this
 
@@ -55,9 +58,6 @@ def check_labels(entries: list[Entry], cfg: DataConfig, source: str, split_given
 def content_hashes(entries: list[Entry]) -> list[str]:
     """A key per file that is equal exactly for byte-identical files: the sha256 of its bytes when another
     file has its size (threads), else the size alone, so a file without a same-size twin is not read."""
-    from collections import Counter
-
-    from dcube.utils.io import sha256_file
 
     sizes = [e.path.stat().st_size for e in entries]
     twins = Counter(sizes)
@@ -120,8 +120,6 @@ def split_groups(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, dic
     """One group id per entry: the CSV's patient_id, or data.group_pattern's match on the file name, else
     the file itself; copies (data.duplicates: byte-identical files, and with 'near' re-encoded or resaved
     ones) are merged into one group (union-find) so they share a split."""
-    import re
-
     n = len(entries)
     parent = list(range(n))
 

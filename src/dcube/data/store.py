@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dcube.utils.io import atomic_write_text
 from dcube.utils.rows import Concat, DiskRows, batches, cat_images, is_on_disk  # noqa: F401  (re-exported)
 
 
@@ -45,8 +46,6 @@ class ImageWriter:
         os.pwrite(self.fd, quantize(images).tobytes(), int(i) * self.row_bytes)
 
     def close(self) -> DiskRows:
-        from dcube.utils.io import atomic_write_text
-
         os.fsync(self.fd)
         os.close(self.fd)
         os.replace(self.tmp, self.path)

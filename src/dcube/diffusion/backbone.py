@@ -9,19 +9,22 @@ the null class) all start from the backbone's null row: the conditioning for the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from dcube.config import ConfigError, DiffusionConfig
-from dcube.utils.io import load_tensors, save_tensors
+from dcube.data.unlabelled import load_unlabelled
+from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_tensor
+from dcube.utils.runtime import configure_torch, seed_everything
 
 KIND = "dcube step-1 backbone"
 
 
 def read_meta(path: str | Path) -> dict:
     """The JSON metadata of a step-1 checkpoint or backbone file (the header only; never unpickled)."""
-    import json
 
     from safetensors import safe_open
 
@@ -85,13 +88,8 @@ def pretrain(cfg, pool: str | Path, out: str | Path, with_train: bool = False, d
     the null class, with `cfg`'s data size, channels and diffusion settings (no contrastive term: there are no
     labels); with `with_train` the task's training images join it, without their labels. Checkpoints (resume)
     go to ``cfg.run_dir/pretrain``; the backbone file to `out`. -> `out`."""
-    import dataclasses
 
-    from dcube.data.unlabelled import load_unlabelled
     from dcube.diffusion.trainer import train_diffusion
-    from dcube.utils.io import read_json, sha256_tensor
-    from dcube.utils.runtime import configure_torch, seed_everything
-
     out = Path(out).expanduser()
     if out.is_dir() or out.suffix != ".safetensors":
         raise ConfigError(f"--out: {out} must name a .safetensors file (not a folder)")

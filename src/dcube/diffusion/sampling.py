@@ -12,15 +12,13 @@ from dcube.config import DiffusionConfig
 from dcube.diffusion.guidance import guided_eps
 from dcube.diffusion.schedule import ddim_scheduler, ddpm_scheduler
 from dcube.utils import dist
+from dcube.utils.io import atomic_write
+from dcube.utils.plotting import pyplot
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: str | Path) -> Path:
     """One row per class of generated images, saved as PNG."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
-
-    from dcube.utils.io import atomic_write
 
     rows = len(class_names)
     per = max(int((labels == c).sum()) for c in range(rows))

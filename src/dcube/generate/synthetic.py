@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dcube.data import DataBundle, DataError, Split, read_image
+from dcube.data.store import cat_images
 from dcube.utils.io import read_json, sha256_tensor
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -105,7 +106,6 @@ def augment_train(bundle: DataBundle, synth: SyntheticSet, ratio: float | None =
         if ratio < 0:
             raise ValueError(f"synthetic ratio: must be >= 0, got {ratio}")
         idx = _subsample(synth, min(len(synth), int(round(ratio * len(train)))), seed)
-    from dcube.data.store import cat_images
 
     return Split(cat_images([train.images, synth.images[idx]]), torch.cat([train.labels, synth.labels[idx]]),
                  list(train.ids) + [synth.ids[i] for i in idx.tolist()])

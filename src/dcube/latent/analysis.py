@@ -18,8 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dcube.config import FeatureConfig, LatentConfig
+from dcube.data.splits import stratified_subsample
+from dcube.diffusion.zeroshot import classify_zero_shot
 from dcube.features.extract import extract
 from dcube.features.probe import probe_score
+from dcube.utils.io import atomic_write
+from dcube.utils.plotting import pyplot
 
 
 def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, seed: int = 0, device="cpu",
@@ -33,9 +37,6 @@ def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, se
 def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: LatentConfig, seed: int = 0,
             device="cpu", progress: bool = True) -> dict:
     """The probe grid, the zero-shot accuracy per t and the recommended (layers, t); JSON-able."""
-    from dcube.data.splits import stratified_subsample
-    from dcube.latent.zeroshot import classify_zero_shot
-
     ts = [int(t) for t in cfg.analysis_timesteps]
     if not ts:
         raise ValueError("latent.analysis_timesteps: must list at least one timestep")
@@ -73,11 +74,7 @@ def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: 
 
 def plot_analysis(result: dict, path: str | Path) -> Path:
     """Heat map (layer x t) of the probes' balanced accuracy, plus zero-shot accuracy per t."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
-
-    from dcube.utils.io import atomic_write
 
     ts, names = result["timesteps"], result["layers"]
     m = np.array([[result["probe_balanced_accuracy"][n][str(t)] for t in ts] for n in names])

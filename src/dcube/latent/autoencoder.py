@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcube.config import LatentConfig
+from dcube.diffusion.sampling import save_grid
 from dcube.utils import dist
 from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, save_tensors, sha256_file, write_json
 
@@ -251,8 +252,6 @@ def load_codec(path: str | Path, device="cpu") -> LatentCodec:
 
 def save_recon_grid(codec: LatentCodec, images: torch.Tensor, path: str | Path, device="cpu") -> Path:
     """Two rows: originals and their reconstructions."""
-    from dcube.diffusion.sampling import save_grid
-
     with torch.no_grad():
         rec = codec.decode_all(codec.encode_all(images, device=device, progress=False), device=device)
     labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()

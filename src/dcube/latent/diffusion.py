@@ -10,11 +10,13 @@ model and the identity codec).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from dcube.config import DiffusionConfig
+from dcube.diffusion.sampling import sample_images, save_grid
 from dcube.diffusion.trainer import load_denoiser, train_diffusion
 from dcube.latent.autoencoder import LatentCodec, load_codec
 from dcube.utils.io import read_json, sha256_file, write_json
@@ -30,8 +32,6 @@ def train_latent_diffusion(cfg: DiffusionConfig, codec: LatentCodec, latents: to
     Pure class-conditional training, as the ISBI method has it: the zero-shot classifier compares
     class-conditional likelihoods, so no row is spent on contrastive pairs under the uniform condition
     (``diffusion.contrastive_weight`` is ignored here; ``contrastive=True`` keeps it, dcube <= 0.1)."""
-    import dataclasses
-
     out_dir = Path(out_dir)
     if not contrastive and cfg.contrastive_weight:
         cfg = dataclasses.replace(cfg, contrastive_weight=0.0)
@@ -66,14 +66,10 @@ def load_model(path: str | Path, device="cpu"):
 def sample_decoded(model, dcfg, codec: LatentCodec, labels: torch.Tensor, steps: int = 50, seed: int = 0,
                    device="cpu") -> torch.Tensor:
     """Class-conditional DDIM samples in latent space, decoded to images in [-1, 1]."""
-    from dcube.diffusion.sampling import sample_images
-
     z = sample_images(model, dcfg, labels, steps=steps, seed=seed, device=device, progress=False)
     return codec.decode_all(z, device=device)
 
 
 def save_samples(model, dcfg, codec, class_names, path, steps=50, seed=0, device="cpu", per_class: int = 8):
-    from dcube.diffusion.sampling import save_grid
-
     labels = torch.arange(len(class_names)).repeat_interleave(per_class)
     return save_grid(sample_decoded(model, dcfg, codec, labels, steps, seed, device), labels, class_names, path)

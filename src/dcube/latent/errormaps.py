@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from dcube.latent.autoencoder import LatentCodec
-from dcube.utils.io import safe_name
+from dcube.utils.io import atomic_write, safe_name
+from dcube.utils.plotting import pyplot
 
 
 @torch.no_grad()
@@ -50,12 +51,8 @@ def save_overlay(image: torch.Tensor, emap: torch.Tensor, path: str | Path, titl
     """Image | image with the map as a diverging heat-map overlay (red = evidence for the
     predicted class), with a colour bar. PNG, written atomically. Also draws Grad-CAM maps
     (``dcube predict --heatmaps``: non-negative, so red only)."""
-    from dcube.utils.plotting import pyplot
-
     plt = pyplot()
     from scipy.ndimage import gaussian_filter
-
-    from dcube.utils.io import atomic_write
 
     img = ((image.cpu().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
     img = img[..., 0] if img.shape[-1] == 1 else img

@@ -21,9 +21,15 @@ from pathlib import Path
 
 import torch
 
-from dcube.config import RunConfig
+from dcube.config import ConfigError, RunConfig
+from dcube.data.splits import stratified_subsample
+from dcube.diffusion.schedule import ddpm_scheduler
+from dcube.diffusion.zeroshot import classify_zero_shot
+from dcube.evaluate import compute_metrics
+from dcube.preflight import check_device
 from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from dcube.utils.runtime import seed_everything
 
 _POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
              "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "analysis_images", "analysis_zs_images",
@@ -34,8 +40,6 @@ _NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay"
 
 def check_latent_config(lc) -> None:
     """Raise ConfigError naming the ``latent.*`` field that is out of range."""
-    from dcube.config import ConfigError
-
     for name in _POSITIVE:
         if getattr(lc, name) <= 0:
             raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
@@ -61,8 +65,6 @@ class Latent(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        from dcube.preflight import check_device
-
         check_latent_config(cfg.latent)
         check_device(cfg.device)
         if cfg.diffusion.init_from is not None:
@@ -129,7 +131,6 @@ class Latent(Method):
 
     def model(self):
         """(denoiser, diffusion config, codec, scheduler) of the step-1 model (latent or pixel)."""
-        from dcube.diffusion.schedule import ddpm_scheduler
         from dcube.latent.diffusion import load_model
 
         if self._model is None:
@@ -149,10 +150,6 @@ class Latent(Method):
     def zero_shot(self, split: str = "test", adaptive: bool | None = None, max_images: int | None = None,
                   error_maps: int = 0, tag: str = "") -> dict:
         """Zero-shot metrics of a split (or a stratified subset); `tag` suffixes the output file."""
-        from dcube.data.splits import stratified_subsample
-        from dcube.evaluate import compute_metrics
-        from dcube.latent.zeroshot import classify_zero_shot
-
         model, dcfg, codec, sched = self.model()
         adaptive = self.lc.zs_adaptive if adaptive is None else adaptive
         s, names = getattr(self.data, split), self.data.class_names
@@ -205,7 +202,6 @@ class Latent(Method):
                               label="latent head")
 
     def _head(self, path: Path) -> dict:
-        from dcube.evaluate import compute_metrics
         from dcube.latent.head import features, linear_probe, train_mlp_head
 
         rec = self.analyze()["recommended"]
@@ -233,12 +229,8 @@ class Latent(Method):
                               label="fine-tune")
 
     def _finetune(self, path: Path) -> dict:
-        from dcube.diffusion.schedule import ddpm_scheduler
-        from dcube.evaluate import compute_metrics
         from dcube.latent.diffusion import load_model
         from dcube.latent.head import FineTuneModel, MLPHead, finetune
-        from dcube.utils.runtime import seed_everything
-
         self.head()
         tensors, meta = load_tensors(self.ldir / "head" / "mlp.safetensors")
         model, dcfg, _ = load_model(self.model_path, self.device)  # a fresh copy: this one is trained

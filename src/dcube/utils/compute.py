@@ -9,10 +9,12 @@ Accelerate's ``Accelerator(mixed_precision=...)`` wraps.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
-from dcube.config import ComputeConfig
+if TYPE_CHECKING:  # annotations only: utils never imports config at run time
+    from dcube.config import ComputeConfig
 
 _DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

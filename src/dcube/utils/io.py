@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,6 @@ def safe_name(text: str, fallback: str = "file") -> str:
     """The one place a name from the data (class name, input file name) becomes part of a file name:
     letters, digits and ``._+-`` only, at most 80 characters, so no label can steer where a file goes
     (``../../x`` becomes ``x``)."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")[:80] or fallback
 
 

@@ -9,6 +9,7 @@ holds it for all of them. ``filelock`` would do the same job; fcntl is in the st
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -21,8 +22,6 @@ class RunDirLocked(RuntimeError):
 
 
 def lock_run_dir(run_dir: str | Path) -> None:
-    import fcntl
-
     from dcube.utils import dist
 
     if not dist.is_main():
@@ -45,8 +44,6 @@ def lock_run_dir(run_dir: str | Path) -> None:
 
 
 def unlock_run_dir(run_dir: str | Path) -> None:
-    import fcntl
-
     fd = _held.pop(str(Path(run_dir).resolve()), None)
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -11,6 +11,8 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from dcube.utils.errors import ConfigError
+
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
@@ -35,8 +37,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
-        from dcube.config import ConfigError
-
         raise ConfigError("device: 'cuda' was asked for but this machine has no usable CUDA device; set device: cpu or auto")
     return local_device(torch.device(name))
 

@@ -196,11 +196,3 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
     mean = combine(errors, trials.weight)
     probs = torch.softmax(-mean.double() / cfg.zs_temperature, dim=1).float()
     return ZeroShotResult(probs, mean, errors, evaluations, time.time() - t0)
-
-
-def unconditional_labels(model, dcfg, n: int, device="cpu") -> torch.Tensor:
-    """The condition with the label unknown: the null class when the model was trained with
-    label dropout (``diffusion.class_dropout > 0``), else the uniform soft class embedding."""
-    if getattr(dcfg, "class_dropout", 0.0) > 0:
-        return torch.full((n,), model.null_index, dtype=torch.long, device=device)
-    return model.uniform_labels(n, device=device)
