@@ -42,6 +42,7 @@ VARIANTS = {
     "sub_resnet18": ("full, sub-features ResNet-18 (from scratch)", "con", {}, {"subfeature": "resnet18"}),
     "sub_none": ("full, no sub-features", "con", {}, {"subfeature": "none"}),
 }
+ARCHIVED = {"select_probe"}  # removed in dcube 1.0 (CHANGELOG.md): stored rows stay in the table, no new runs
 STEP1 = {"con": {}, "nocon": {"contrastive_weight": 0.0}}
 
 
@@ -119,7 +120,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    runnable = [k for k in VARIANTS if k not in ARCHIVED]
+    p.add_argument("--variants", nargs="+", choices=runnable, default=runnable)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     jobs = ((f"{ds}-{key}-s{seed}", partial(variant_run, ds, key, seed))

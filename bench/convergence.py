@@ -39,6 +39,7 @@ VARIANTS = {  # key -> (label, diffusion overrides)
     "no_contrastive": ("noise MSE only", {"contrastive_weight": 0.0}),
     "untrained": ("untrained denoiser (step 0, the same seeded initialisation): the reference", {}),
 }
+ARCHIVED = {"min_snr"}  # removed in dcube 1.0 (CHANGELOG.md): stored rows stay in the table, no new runs
 
 
 def eval_epochs(dataset: str, epochs: int) -> int:
@@ -326,7 +327,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", choices=list(TRAIN_SIZES), default=["breastmnist"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    runnable = [k for k in VARIANTS if k not in ARCHIVED]
+    p.add_argument("--variants", nargs="+", choices=runnable, default=runnable)
     p.add_argument("--epochs", type=int, default=None, help="default: each dataset's standard schedule "
                    f"({', '.join(f'{k} {v}' for k, v in STANDARD_EPOCHS.items())}); another length is its own table")
     p.add_argument("--table-only", action="store_true")

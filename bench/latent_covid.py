@@ -133,7 +133,7 @@ def part_finetune(variant: str | None = None) -> dict:
                                                                   "head_lr", "epochs", "best_epoch", "history")}}
 
 
-def part_denoiser_training(contrastive: bool) -> dict:
+def part_denoiser_training(contrastive: bool) -> dict:  # contrastive=True: archived (its stored row)
     """Issue 11 item 5, before / after: the latent denoiser trained with dcube 0.1's contrastive pairs
     (a quarter of each batch, twice, under the uniform condition) or purely class-conditional (the
     default), each in its own run directory on the SAME autoencoder (part 1's), then the plain
@@ -146,7 +146,7 @@ def part_denoiser_training(contrastive: bool) -> dict:
     ae.train_autoencoder()  # part 1's run directory (trained here if it is gone)
     cfg = setup()
     cfg["run_dir"] = str(RESULTS / STUDY / "runs" / f"covid128-s0-{'contrastive' if contrastive else 'classcond'}")
-    cfg["latent"].update(contrastive=contrastive, autoencoder=str(ae.ae_path))
+    cfg["latent"].update(autoencoder=str(ae.ae_path))
     with Latent(from_dict(cfg)) as r:
         r.train_autoencoder()  # imports part 1's weights (latent.autoencoder) into this run directory
         path = r.train_diffusion()
@@ -170,9 +170,9 @@ PARTS = {
     "7_finetune": part_finetune,
     "8_zeroshot_t100-600": lambda: part_zeroshot(False, "8_zeroshot_t100-600"),
     "9_finetune_head_lr1e-4": lambda: part_finetune("9_finetune_head_lr1e-4"),
-    "10_denoiser_contrastive": lambda: part_denoiser_training(True),
     "11_denoiser_class_conditional": lambda: part_denoiser_training(False),
 }
+# "10_denoiser_contrastive" (latent.contrastive: true) was removed in dcube 1.0 (CHANGELOG.md): its stored row stays
 
 
 def _f(x, nd=3):

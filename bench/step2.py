@@ -1,7 +1,11 @@
 """Step 2, part by part (issue 12): which layer selection, which cycle loss, which head - on validation.
 
-    python -m bench.step2 [--seeds 0 1 2] [--variants ...]      # resumable; one JSON per run
-    python -m bench.step2 --table-only
+    python -m bench.step2 --table-only      # the page, from the stored JSON
+
+Archived: the variants it compared that validation did not choose were removed in dcube 1.0 (CHANGELOG.md),
+so its runs cannot be made again on today's code; the code that made them is tagged pre-1.0-variants
+(``git checkout pre-1.0-variants && python -m bench.step2``). Its JSON results stay, and the page is
+regenerated from them.
 
 BreastMNIST (28 px, official split), the accuracy study's shortened schedules. Every variant of a seed
 shares that seed's step-1 model (``bench.ablations``' contrastive one, trained once). Rows: mean ± std
@@ -14,13 +18,10 @@ A second table: the layers each selection rule keeps on 5 different KS samples o
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from functools import partial
 
 import numpy as np
 
-from bench.ablations import _base, step1_dir
 from bench.common import (LONG_STEPS, RESULTS, STATS, ci_cell, load_results, machine, mean_std, paired_cell, paired_test,
                           run_study, split_labels)
 
@@ -93,96 +94,6 @@ VARIANTS = {  # key -> (label, features + classifier + compute overrides)
     "sub_res18": ("sub-feature sitting: ResNet-18 sub-features (MONAI, 28-px stem, random initialisation)",
                   _with(classifier={"cycle_weight": 0.0, "subfeature": "resnet18"})),
 }
-
-
-def variant_run(key: str, seed: int) -> dict:
-    from dcube.config import from_dict
-    from dcube.pipeline import run
-    from dcube.utils.io import read_json
-
-    label, over = VARIANTS[key]
-    src = step1_dir(DATASET, "con", seed)
-    dst = RESULTS / STUDY / "runs" / f"{DATASET}-{key}-s{seed}"
-    if not (dst / "diffusion").exists():
-        shutil.copytree(src / "diffusion", dst / "diffusion")
-    cfg = _base(DATASET, seed, dst, "con")
-    cfg["features"] = {**cfg.get("features", {}), **over["features"]}
-    cfg["classifier"] = {**cfg["classifier"], **over["classifier"]}
-    if over.get("compute"):
-        cfg["compute"] = {**cfg.get("compute", {}), **over["compute"]}
-    out = run(from_dict(cfg))
-    hist = read_json(dst / "classifier" / "history.json")["history"]
-    return {"study": STUDY, "dataset": DATASET, "variant": key, "label": label, "seed": seed, "config": cfg,
-            "data_config": from_dict(cfg).to_dict()["data"],
-            "test": out["test"], "val": out["val"], "test_probs": out["test_probs"], "val_probs": out["val_probs"],
-            "layers": out["layers"],
-            "best_epoch": out["best_epoch"], "stage_seconds": out["timings_s"],
-            "cycle_grad_ratio": [r.get("cycle_grad_ratio") for r in hist],
-            "cycle_loss_share": [r.get("cycle_loss_share") for r in hist],
-            "posterior": read_json(dst / "run.json").get("cycle_posterior")}
-
-
-def stability_run(seed: int, samples=(0, 1, 2, 3, 4)) -> dict:
-    """The layers each rule keeps when only the KS sample of training images changes."""
-    import torch
-
-    from dcube.config import from_dict
-    from dcube.features import extract, select_layers
-    from dcube.features.ks import select_ks_map
-    from dcube.pipeline import DCube
-
-    d = step1_dir(DATASET, "con", seed)
-    r = DCube(from_dict(_base(DATASET, seed, d, "con")))
-    model, dcfg = r.denoiser()
-    fc, data = r.cfg.features, r.data
-    out = {"ks": [], "ks_map": [], "effects": []}
-    for s in samples:
-        idx = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(1000 + s))[:fc.ks_images]
-        maps = extract(model, data.train.images[idx], model.feature_names, fc, seed, r._scheduler(dcfg), desc="KS sample")
-        out["ks"].append(select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, seed).names)
-        sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k, fc.max_layers)
-        out["ks_map"].append(sel.names)
-        out["effects"].append(sel.statistics)
-    return {"study": STUDY, "kind": "stability", "dataset": DATASET, "seed": seed, "samples": list(samples), **out}
-
-
-def val_probs_of(run_dir) -> list:
-    """The validation probabilities of a finished run directory's saved head (what its evaluate step
-    computed; for records made before metrics.json stored them)."""
-    import yaml
-
-    from dcube.classify.trainer import BEST, build_head, head_probabilities
-    from dcube.config import from_dict
-    from dcube.pipeline import DCube
-    from dcube.utils.io import load_checkpoint
-
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    r = DCube(cfg)
-    names = r.select_layers()
-    model, dcfg = r.denoiser()
-    val = r.feature_split("val", names, model, dcfg)
-    head = build_head(cfg.classifier, val, len(r.data.class_names), len(cfg.features.timesteps or [0]))
-    load_checkpoint(run_dir / "classifier" / BEST, {"head": head})
-    return [[round(float(v), 6) for v in row] for row in head_probabilities(head, val).tolist()]
-
-
-def backfill_val_probs() -> None:
-    """Add ``val_probs`` (computed from the run directory) to every record that lacks it."""
-    import json
-
-    from dcube.utils.io import write_json
-
-    for path in sorted((RESULTS / STUDY).glob(f"{DATASET}-*.json")):
-        rec = json.loads(path.read_text())
-        run_dir = RESULTS / STUDY / "runs" / path.stem
-        if "val_probs" in rec or not (run_dir / "metrics.json").exists():
-            continue
-        rec["val_probs"] = val_probs_of(run_dir)
-        acc = float(np.mean((np.array(rec["val_probs"])[:, 1] > 0.5) == _val_labels(rec)))
-        if abs(acc - rec["val"]["accuracy"]) > 1e-9:
-            raise RuntimeError(f"{path}: recomputed validation accuracy {acc} != recorded {rec['val']['accuracy']}")
-        write_json(path, rec)
-        print(f"[step2] validation probabilities added to {path.name}")
 
 
 def _val_labels(rec: dict):
@@ -350,26 +261,13 @@ def table() -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS) + ["stability"],
-                   default=list(VARIANTS) + ["stability"])
-    p.add_argument("--table-only", action="store_true")
-    p.add_argument("--backfill-val", action="store_true",
-                   help="add validation probabilities to records made before they were stored, then the table")
+    p.add_argument("--table-only", action="store_true", help="regenerate the page (the only thing an archived study does)")
     a = p.parse_args(argv)
-    if a.backfill_val:
-        backfill_val_probs()
-        a.table_only = True
-
-    def jobs():
-        for seed in a.seeds:
-            for key in a.variants:
-                if key == "stability":
-                    yield f"stability-s{seed}", partial(stability_run, seed)
-                else:
-                    yield f"{DATASET}-{key}-s{seed}", partial(variant_run, key, seed)
-
-    return run_study(STUDY, jobs(), table, a.table_only)
+    if not a.table_only:
+        print("bench.step2 is archived (its variants were removed in dcube 1.0); --table-only regenerates its page",
+              file=sys.stderr)
+        return 2
+    return run_study(STUDY, iter(()), table, table_only=True)
 
 
 if __name__ == "__main__":

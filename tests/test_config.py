@@ -22,12 +22,10 @@ def test_defaults_are_the_demo():
     ({"data": 3}, "data"),
     ({"diffusion": {"epochs": "forever"}}, "diffusion.epochs"),
     ({"diffusion": {"contrastive_form": "cosine"}}, "diffusion.contrastive_form"),
-    ({"diffusion": {"loss_weighting": "p2"}}, "diffusion.loss_weighting"),
     ({"diffusion": {"eval_every": 0}}, "diffusion.eval_every"),
-    ({"features": {"select": "random"}}, "features.select"),
-    ({"features": {"timesteps": [10, 1000]}}, "features.timesteps"),
-    ({"classifier": {"score_norm": "sigmoid"}}, "classifier.score_norm"),
-    ({"classifier": {"cycle_form": "hard"}}, "classifier.cycle_form"),
+    ({"features": {"select": "probe"}}, "features.select"),  # removed in 1.0: only its kept value loads
+    ({"classifier": {"score_norm": "softmax"}}, "classifier.score_norm"),
+    ({"classifier": {"cycle_form": "posterior"}}, "classifier.cycle_form"),
 ])
 def test_bad_values_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -51,10 +49,22 @@ def test_epochs_auto_and_legacy_values():
     from dcube.config import with_legacy_values
 
     assert from_dict({"diffusion": {"epochs": "auto"}}).diffusion.epochs == "auto"
-    old = with_legacy_values({"classifier": {"lr": 0.01}, "latent": {}})
-    assert old["classifier"]["score_norm"] == "softmax" and old["classifier"]["cycle_form"] == "soft"
-    assert old["latent"]["contrastive"] is True
-    assert with_legacy_values({"classifier": {"score_norm": "none"}})["classifier"]["score_norm"] == "none"
+    old = with_legacy_values({"classifier": {"lr": 0.01}, "data": {}})
+    assert old["classifier"]["flip_augment"] is False and old["data"]["duplicates"] == "exact"
+    assert with_legacy_values({"classifier": {"flip_augment": True}})["classifier"]["flip_augment"] is True
+
+
+def test_a_removed_key_loads_with_the_kept_behaviour_and_refuses_a_removed_variant():
+    """An old run's config.yaml names the removed keys with the values dcube 1.0 kept: it loads; a value that
+    asks for a removed variant is refused naming the key; a key that only tuned a removed variant loads."""
+    old = {"classifier": {"score_norm": "none", "cycle_form": "soft", "cycle_trials": 8, "ce_weight": 1.0},
+           "features": {"select": "ks_map", "timesteps": None, "condition": "uniform", "ks_values": 1000},
+           "diffusion": {"loss_weighting": "uniform", "min_snr_gamma": 5.0}, "latent": {"contrastive": False}}
+    assert from_dict(old).to_dict() == from_dict({}).to_dict()
+    for section, key, value in (("features", "timesteps", [10, 50]), ("diffusion", "loss_weighting", "min_snr"),
+                                ("latent", "contrastive", True), ("classifier", "ce_weight", 2.0)):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: removed in dcube 1\.0"):
+            from_dict({section: {key: value}})
 
 
 def test_yaml_off_means_the_off_choice_of_data_duplicates(tmp_path):

@@ -73,8 +73,6 @@ class DiffusionConfig:
     contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
     contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
     contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
-    loss_weighting: str = "uniform"  # uniform | min_snr (min(SNR, gamma) / SNR per row; Hang et al. 2023)
-    min_snr_gamma: float = 5.0  # gamma of loss_weighting: min_snr
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     sample_grid: bool = True  # per-class sample grid at the end of training
     sample_steps: int = 50  # DDIM steps for the grid
@@ -89,17 +87,11 @@ class DiffusionConfig:
 class FeatureConfig:
     input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
     timestep: int = 50  # the same timestep at train and test time
-    timesteps: Optional[list] = None  # several t: the chosen layers at each, mixed by learned weights (hyperfeatures)
-    condition: str = "uniform"  # class conditioning while extracting: uniform soft embedding
-    layers: Optional[list] = None  # explicit layer names; None = selected by `select`
-    select: str = "ks_map"  # ks_map (the paper's Eq. 6, per image) | ks (pooled values, dcube 0.1) | probe | all
+    layers: Optional[list] = None  # explicit layer names; None = the non-Gaussian ones (the paper's Eq. 6, per image map)
     ks_min_effect: float = 0.02  # ks_map: least KS distance above Gaussian noise's for a layer to count
     ks_map_values: int = 4096  # ks_map: values per image's map (a fixed stride through it)
-    probe_layers: int = 2  # layers kept by select=probe
-    probe_folds: int = 5  # select: probe: cross-validation folds
     ks_alpha: float = 0.05  # KS test level: a layer is Gaussian when p >= ks_alpha
     ks_images: int = 256  # training images used for the KS test
-    ks_values: int = 1000  # standardised values drawn per layer for the test
     ks_fallback_k: int = 2  # when no layer has p < alpha, keep the k least Gaussian
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
     ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
@@ -113,7 +105,6 @@ class ClassifierConfig:
     subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
     diffusion_features: bool = True  # false: the control arm, this head on the sub-feature CNN alone (no step 1)
     fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
-    score_norm: str = "none"  # none: raw global-sum class scores (the paper) | softmax (dcube <= 0.1)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
     epochs: int = 10  # step-2 epochs (the model kept is the best on validation)
     min_steps: int = 0  # at least this many optimiser steps: repeated passes per epoch on a small training set
@@ -124,10 +115,7 @@ class ClassifierConfig:
     cnn_input_size: int = 64  # efficientnet-lite0: smaller images are upsampled to this size first (its cost ~ size^2)
     weight_decay: float = 1e-4  # AdamW weight decay
     ema_decay: float = 0.999  # EMA of the head's weights (evaluated and saved)
-    ce_weight: float = 1.0  # weight of the cross-entropy term
     cycle_weight: float = 0.0  # > 0 switches the cycle loss on (the paper: 10 and 100); off: validation did not choose it
-    cycle_form: str = "soft"  # soft (denoiser MSE under the soft label) | posterior (KL to its class posterior)
-    cycle_trials: int = 8  # posterior: (t, noise) trials per image and class, computed once
     cycle_batch: int = 16  # soft: images per step that go through the frozen denoiser for it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
     consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
@@ -155,7 +143,6 @@ class LatentConfig:
     ae_kl_weight: float = 1e-6  # weight of the autoencoder's KL term
     ae_crop: Optional[int] = 64  # train on random square crops (fully convolutional); None = whole images
     ae_checkpoint_every: int = 100  # autoencoder optimiser steps between checkpoints
-    contrastive: bool = False  # the latent denoiser with diffusion.contrastive_weight (dcube 0.1); false: pure class-conditional
     zs_trials: int = 16  # K (t, noise) pairs per image, shared by all classes
     zs_timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
     zs_t_min: int = 50  # zero-shot trials: smallest timestep
@@ -224,16 +211,11 @@ _CHOICES = {
     "data.dicom_window": ("percentile", "file", "lung", "mediastinum", "abdomen", "brain", "bone"),
     "diffusion.backbone": ("unet", "uvit"),
     "diffusion.contrastive_form": ("normalized", "paper"),
-    "diffusion.loss_weighting": ("uniform", "min_snr"),
     "features.input_mode": ("x0", "xt"),
-    "features.condition": ("uniform",),
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
     "data.duplicates": ("near", "exact", "off"),
-    "features.select": ("ks", "ks_map", "probe", "all"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none", "auto"),
     "classifier.select_metric": ("auc", "acc", "f1"),
-    "classifier.score_norm": ("none", "softmax"),
-    "classifier.cycle_form": ("posterior", "soft"),
     "device": ("auto", "cpu", "cuda"),
     "compute.mixed_precision": ("no", "bf16", "fp16"),
     "compute.channels_last": ("no", "step2", "all"),
@@ -242,11 +224,19 @@ _CHOICES = {
 # config.yaml without them is read with these values (not today's defaults), so a changed
 # behaviour is reported as a changed section instead of silently evaluating old weights differently
 LEGACY_VALUES = {
-    "latent.contrastive": True,
-    "classifier.score_norm": "softmax",
     "classifier.flip_augment": False,
-    "classifier.cycle_form": "soft",
     "data.duplicates": "exact",
+}
+# keys removed in dcube 1.0 (CHANGELOG.md; the last commit with them is tagged pre-1.0-variants) -> the
+# behaviour that stayed: an old run's config.yaml that says so still loads; another value is refused, naming
+# the key (ANY: the key only tuned a removed variant, so whatever it says, the run behaves as today)
+ANY = object()
+REMOVED = {
+    "classifier.score_norm": "none", "classifier.ce_weight": 1.0, "classifier.cycle_form": "soft",
+    "classifier.cycle_trials": ANY, "features.select": "ks_map", "features.ks_values": ANY,
+    "features.probe_layers": ANY, "features.probe_folds": ANY, "features.condition": "uniform",
+    "features.timesteps": None, "diffusion.loss_weighting": "uniform", "diffusion.min_snr_gamma": ANY,
+    "latent.contrastive": False,
 }
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
@@ -294,6 +284,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if not _removed(prefix, k, v)}
     unknown = sorted((k for k in values if k not in names), key=repr)  # keys may be any YAML scalar
     if unknown:
         key = prefix + unknown[0] if isinstance(unknown[0], str) else f"{prefix}{unknown[0]!r}"
@@ -312,6 +303,19 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(value, tp, where)
     return cls(**kwargs)
+
+
+def _removed(prefix: str, key: Any, value: Any) -> bool:
+    """True for a key removed in dcube 1.0 whose value is the behaviour that stayed (dropped); an error for
+    one that asks for a removed variant; False for any other key."""
+    where = f"{prefix}{key}"
+    if not isinstance(key, str) or where not in REMOVED:
+        return False
+    kept = REMOVED[where]
+    if kept is ANY or value == kept:
+        return True
+    raise ConfigError(f"{where}: removed in dcube 1.0 with its variant {value!r} (see CHANGELOG.md; the code "
+                      f"before the removal is tagged pre-1.0-variants); leave the key out")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -333,13 +337,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.batch_size": cfg.classifier.batch_size,
         "classifier.fuse_size": cfg.classifier.fuse_size,
         "classifier.cycle_batch": cfg.classifier.cycle_batch,
-        "classifier.cycle_trials": cfg.classifier.cycle_trials,
         "classifier.consistency_batch": cfg.classifier.consistency_batch,
         "features.batch_size": cfg.features.batch_size,
         "features.ks_images": cfg.features.ks_images,
-        "features.ks_values": cfg.features.ks_values,
         "compute.grad_accum": cfg.compute.grad_accum,
-        "diffusion.min_snr_gamma": cfg.diffusion.min_snr_gamma,
         "diffusion.patience": cfg.diffusion.patience,
         "diffusion.eval_every": cfg.diffusion.eval_every,
         "diffusion.auto_max_epochs": cfg.diffusion.auto_max_epochs,
@@ -368,7 +369,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.contrastive_weight": cfg.diffusion.contrastive_weight,
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
-        "classifier.ce_weight": cfg.classifier.ce_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
         "diffusion.weight_decay": cfg.diffusion.weight_decay,
         "classifier.weight_decay": cfg.classifier.weight_decay,
@@ -392,11 +392,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"({d.num_train_timesteps}), got {d.sample_steps}")
     if cfg.features.layers is not None and not cfg.features.layers:
         raise ConfigError("features.layers: an empty list selects no layer; leave the key out (or null) to "
-                          "select by features.select")
-    for t in cfg.features.timesteps or []:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.diffusion.num_train_timesteps:
-            raise ConfigError(f"features.timesteps: every entry must be an integer in "
-                              f"[0, {cfg.diffusion.num_train_timesteps}), got {t!r}")
+                          "select the non-Gaussian layers")
     if not 0 <= cfg.features.timestep < cfg.diffusion.num_train_timesteps:
         raise ConfigError(
             f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
@@ -452,9 +448,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         if cfg.classifier.cycle_weight > 0:
             raise ConfigError("classifier.cycle_weight: the cycle loss needs the step-1 denoiser, which "
                               "classifier.diffusion_features: false does not train; set it to 0")
-    if cfg.features.ks_keep == "most_gaussian" and cfg.features.select in ("probe", "all"):
-        raise ConfigError(f"features.ks_keep: 'most_gaussian' applies to the KS rules (features.select 'ks_map' "
-                          f"or 'ks'), not to {cfg.features.select!r}")
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
     return cfg

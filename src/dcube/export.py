@@ -41,7 +41,7 @@ class ExportedModel(torch.nn.Module):
         self.head = pred.head.eval()
         self.denoiser = pred.model.eval() if pred.model is not None else None  # None: the CNN-only arm
         self.layers = list(pred.layers)
-        self.timesteps = [fc.timestep] if pred.timesteps == [None] else [int(t) for t in pred.timesteps]
+        self.timesteps = [int(fc.timestep)]
         self.num_classes = len(pred.class_names)
         self.register_buffer("temperature", torch.tensor(float(pred.calibration["temperature"])))
         self._maps: dict[str, torch.Tensor] = {}

@@ -19,26 +19,32 @@ run_dir/
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from dcube.classify.losses import calibrate_posterior
-from dcube.classify.trainer import BEST, FeatureSplit, train_auto, train_classifier
-from dcube.config import ConfigError, LatentConfig, RunConfig
+from dcube.classify.trainer import (
+    BEST,
+    CHOICE,
+    FeatureSplit,
+    build_head,
+    head_probabilities,
+    resolve_subfeature,
+    train_auto,
+    train_classifier,
+)
+from dcube.config import ConfigError, RunConfig
 from dcube.data.store import cat_images
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.trainer import load_denoiser, train_diffusion
-from dcube.diffusion.zeroshot import classify_zero_shot
-from dcube.evaluate import compute_metrics, select_score
+from dcube.evaluate import compute_metrics, format_table, select_score
 from dcube.evaluate.calibration import apply_temperature, calibrate, calibration_warning, plot_reliability
 from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
 from dcube.evaluate.stats import bootstrap_ci
 from dcube.features import extract
 from dcube.features.cache import FeatureWriter, load_features, save_features
-from dcube.features.ks import plot_pvalues
+from dcube.features.ks import plot_pvalues, select_ks_map
 from dcube.features.probe import validation_probe
 from dcube.generate import MANIFEST
 from dcube.preflight import check_run
@@ -137,7 +143,6 @@ class DCube(Method):
 
     # -- step 2a: KS selection and cached features -----------------------------------------
     def select_layers(self):
-        from dcube.features import extract, select_layers
         fdir = self.dir / "features"
         if not self.uses_diffusion:
             return []
@@ -160,29 +165,15 @@ class DCube(Method):
             idx = torch.randperm(len(d.train.labels), generator=g)[:k]
             maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
                            self._scheduler(dcfg), self.device, desc="KS sample")
-            if fc.select == "probe":
-                from dcube.features.probe import select_by_probe
-
-                sel = select_by_probe(maps, d.train.labels[idx], fc.probe_layers, fc.probe_folds, self.cfg.seed,
-                                      fc.ks_values, fc.ks_alpha)
-            elif fc.select in ("ks_map", "all"):
-                from dcube.features.ks import select_ks_map
-
-                sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k,
-                                    fc.max_layers, "least_gaussian" if fc.select == "all" else fc.ks_keep)
-                if fc.select == "all":  # every block; the Eq. 6 scores are kept for the report
-                    sel.names, sel.method, sel.fallback, sel.note = list(sel.order), "all", False, "all layers"
-            else:
-                sel = select_layers(maps, fc.ks_alpha, fc.ks_values, fc.ks_fallback_k, fc.max_layers, self.cfg.seed,
-                                    fc.ks_keep)
+            sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k,
+                                fc.max_layers, fc.ks_keep)
             if sel.note:
                 print(f"[KS] {sel.note}")
             write_json(fdir / "selection.json", sel.to_dict())
             plot_pvalues(sel, fdir / "ks_pvalues.png")
             print("[KS] p-values: " + ", ".join(f"{n}={sel.pvalues[n]:.2g}" for n in sel.order))
-            if fc.select in ("ks_map", "all"):
-                print("[KS] effect (median KS distance above noise): "
-                      + ", ".join(f"{n}={sel.statistics[n]:.3f}" for n in sel.order))
+            print("[KS] effect (median KS distance above noise): "
+                  + ", ".join(f"{n}={sel.statistics[n]:.3f}" for n in sel.order))
             print(f"[KS] selected layers: {sel.names}")
             return sel.names
 
@@ -192,10 +183,7 @@ class DCube(Method):
         return ddpm_scheduler(dcfg)
 
     def features(self, split: str, names: list[str], model, dcfg, flipped: bool = False):
-        """Cached feature maps of one split (computed once, reused every epoch and on resume).
-
-        With ``features.timesteps`` every layer comes once per t, layer-major ([l0@t0, l0@t1, ...,
-        l1@t0, ...]): the head mixes the timesteps of each layer (``DCubeHead`` timestep mixing)."""
+        """Cached feature maps of one split (computed once, reused every epoch and on resume)."""
 
         if not names:  # the CNN-only arm: no diffusion input at all
             return []
@@ -204,36 +192,31 @@ class DCube(Method):
         if flipped:
             images = images.flip(-1)
         fc = self.cfg.features
-        out = {}
-        for t in fc.timesteps or [None]:
-            ft = fc if t is None else dataclasses.replace(fc, timestep=t)
-            key = {"model": sha256_file(self.denoiser_path), "features": vars(ft),
-                   "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images),
-                   "synthetic": self.synthetic_key() if split == "train" else None}
-            tag = "" if t is None else f"_t{t}"
-            path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}{tag}.safetensors"
+        key = {"model": sha256_file(self.denoiser_path), "features": vars(fc),
+               "data": d.info.get("sha256"), "split": split, "flipped": flipped, "n": len(images),
+               "synthetic": self.synthetic_key() if split == "train" else None}
+        path = self.dir / "features" / f"{split}{'_flipped' if flipped else ''}.safetensors"
+        maps = load_features(path, names, key, disk=True)
+        if maps is None:  # written batch by batch; read back by rows (float16): the same on resume
+            t0 = time.time()
+            desc = f"features {split}{' (flipped)' if flipped else ''}"
+            if dist.world_size() > 1:  # gathered from the ranks, written by rank 0 (save_features)
+                save_features(path, extract(model, images, names, fc, self.cfg.seed, self._scheduler(dcfg),
+                                            self.device, workers=self.cfg.data.workers, desc=desc,
+                                            size=fc.map_size), key)
+            else:
+                sink = FeatureWriter(path, len(images), key)
+                try:
+                    extract(model, images, names, fc, self.cfg.seed, self._scheduler(dcfg), self.device,
+                            sink=sink, workers=self.cfg.data.workers, desc=desc, size=fc.map_size)
+                    sink.close()
+                except BaseException:
+                    sink.abort()
+                    raise
+            spent = self.info["timings_s"]
+            spent["features"] = round(spent.get("features", 0.0) + time.time() - t0, 2)  # inside "classifier"
             maps = load_features(path, names, key, disk=True)
-            if maps is None:  # written batch by batch; read back by rows (float16): the same on resume
-                t0 = time.time()
-                desc = f"features {split}{' (flipped)' if flipped else ''}{'' if t is None else f' t={t}'}"
-                if dist.world_size() > 1:  # gathered from the ranks, written by rank 0 (save_features)
-                    save_features(path, extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg),
-                                                self.device, workers=self.cfg.data.workers, desc=desc,
-                                                size=fc.map_size), key)
-                else:
-                    sink = FeatureWriter(path, len(images), key)
-                    try:
-                        extract(model, images, names, ft, self.cfg.seed, self._scheduler(dcfg), self.device,
-                                sink=sink, workers=self.cfg.data.workers, desc=desc, size=fc.map_size)
-                        sink.close()
-                    except BaseException:
-                        sink.abort()
-                        raise
-                spent = self.info["timings_s"]
-                spent["features"] = round(spent.get("features", 0.0) + time.time() - t0, 2)  # inside "classifier"
-                maps = load_features(path, names, key, disk=True)
-            out[t] = maps
-        return [out[t][n] for n in names for t in (fc.timesteps or [None])]
+        return [maps[n] for n in names]
 
     # -- synthetic training images (issue 3) ---------------------------------------------------
     def split(self, name: str):
@@ -270,28 +253,6 @@ class DCube(Method):
         flip = self.features(split, names, model, dcfg, flipped=True) if with_flip else None
         return FeatureSplit(self.features(split, names, model, dcfg), s.images, s.labels, flip)
 
-    def posterior(self, model, dcfg) -> torch.Tensor:
-        """The frozen denoiser's class posterior of every training image (cycle_form=posterior):
-        zero-shot denoising errors over ``classifier.cycle_trials`` shared (t, noise) trials, calibrated
-        on the training labels; cached in features/ like the feature maps."""
-        cc, tr = self.cfg.classifier, self.split("train")
-        key = {"model": sha256_file(self.denoiser_path), "trials": cc.cycle_trials, "data": self.data.info.get("sha256"),
-               "n": len(tr), "synthetic": self.synthetic_key(), "seed": self.cfg.seed}
-        path = self.dir / "features" / "posterior_train.safetensors"
-
-        def errors():
-            zs = LatentConfig(zs_trials=cc.cycle_trials, zs_batch_size=256)
-            return {"errors": classify_zero_shot(model, self._scheduler(dcfg), tr.images, zs, self.cfg.seed,
-                                                 self.device).errors}
-
-        cached = self.run.cached(path, key, errors, dtype=torch.float16)
-        probs, info = calibrate_posterior(cached["errors"], tr.labels)
-        self.info["cycle_posterior"] = info
-        self.save_info()
-        print(f"[step 2] denoiser class posterior: zero-shot training accuracy {info['zero_shot_accuracy']:.3f}, "
-              f"calibrated log-loss {info['log_loss']:.4f} (class prior: {info['prior_log_loss']:.4f})")
-        return probs
-
     def train_classifier(self):
         cdir = self.dir / "classifier"
         names = self.select_layers()
@@ -300,13 +261,11 @@ class DCube(Method):
         def work():
             model, dcfg = self.denoiser()
             train = self.feature_split("train", names, model, dcfg, with_flip=cc.consistency_weight > 0 or cc.flip_augment)
-            if cc.cycle_weight > 0 and cc.cycle_form == "posterior":
-                train.posterior = self.posterior(model, dcfg)
             val = self.feature_split("val", names, model, dcfg)
             fit = train_auto if cc.subfeature == "auto" else train_classifier
             return fit(cc, train, val, self.data.class_names, cdir, self._val_score, denoiser=model,
                                     scheduler=self._scheduler(dcfg), seed=self.cfg.seed, device=self.device,
-                                    compute=self.cfg.compute, timesteps=len(self.cfg.features.timesteps or [0]))
+                                    compute=self.cfg.compute)
 
         return self.run.stage("classifier", [cdir / "history.json", cdir / BEST], work, done=lambda: None,
                               label="step 2")
@@ -317,16 +276,13 @@ class DCube(Method):
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        from dcube.classify.trainer import BEST, CHOICE, build_head, head_probabilities, resolve_subfeature
-        from dcube.evaluate import compute_metrics, format_table
         names = self.select_layers()
         model, dcfg = self.denoiser()
         d = self.data
         test = self.feature_split("test", names, model, dcfg)
         val = self.feature_split("val", names, model, dcfg)
         cc = resolve_subfeature(self.cfg.classifier, self.dir / "classifier")  # auto: the CNN validation chose
-        head = build_head(cc, test, len(d.class_names),
-                          len(self.cfg.features.timesteps or [0])).to(self.device)
+        head = build_head(cc, test, len(d.class_names)).to(self.device)
         best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
         probs = head_probabilities(head, test, device=self.device)
         val_probs = head_probabilities(head, val, device=self.device).numpy()

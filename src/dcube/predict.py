@@ -16,7 +16,6 @@ sha256, the dcube version, the preprocessing and "research use only").
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,13 +177,11 @@ class Predictor:
             self.layers = read_json(self.dir / "features" / "selection.json")["names"]
             self.model, dcfg = load_denoiser(self.dir / DENOISER, self.device)
         self.scheduler = ddpm_scheduler(dcfg)
-        fc = self.cfg.features
-        self.timesteps = fc.timesteps or [None]
         s, c = self.cfg.data.image_size, self.cfg.data.channels
         probe = self._features(torch.zeros(2, c, s, s))
         cc = resolve_subfeature(self.cfg.classifier, self.dir / "classifier")  # auto: the CNN it chose
         self.head = build_head(cc, FeatureSplit(probe, torch.zeros(2, c, s, s), torch.zeros(2)),
-                               len(self.class_names), len(self.timesteps)).to(self.device)
+                               len(self.class_names)).to(self.device)
         load_checkpoint(self.dir / "classifier" / BEST, {"head": self.head})
         self.head.eval()
         cal = self.dir / "classifier" / "calibration.json"
@@ -194,14 +191,11 @@ class Predictor:
         fc = self.cfg.features
         if not self.layers:  # the CNN-only arm
             return []
-        out = {}
-        for t in self.timesteps:
-            ft = fc if t is None else dataclasses.replace(fc, timestep=t)
-            # xt mode: one noise draw for every file, so a prediction never depends on the batch it came in
-            out[t] = extract(self.model, images, self.layers, ft, self.cfg.seed, self.scheduler, self.device,
-                             progress=False, noise_index=torch.zeros(len(images), dtype=torch.long), size=fc.map_size)
+        # xt mode: one noise draw for every file, so a prediction never depends on the batch it came in
+        out = extract(self.model, images, self.layers, fc, self.cfg.seed, self.scheduler, self.device,
+                      progress=False, noise_index=torch.zeros(len(images), dtype=torch.long), size=fc.map_size)
         # as the training cache stores them (float16), so a file and its cached split agree
-        return [out[t][n].half().float() for n in self.layers for t in self.timesteps]
+        return [out[n].half().float() for n in self.layers]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def test_pretrain_then_start_a_run_from_it_then_predict(backbone, tmp_path, caps
 
     meta = read_meta(backbone)
     assert meta["kind"] == KIND and meta["pool"]["images"] == 30 and len(meta["pool"]["fingerprint"]) == 64
-    assert meta["history"]["steps"] == 2 and meta["diffusion"]["preset"] == "micro"
+    assert meta["history"]["steps"] == 2 and meta["spec"]["preset"] == "micro"
     # kept frozen (epochs 0): step 1's model IS the backbone, the class rows all start from its null row
     cfg = _config(tmp_path, init_from=str(backbone), epochs=0, max_steps=None)
     assert main(["run", str(cfg)]) == 0

@@ -4,8 +4,7 @@ Selected diffusion feature maps (each batch-normalised, resized to `fuse_size` w
 when shrunk) and the sub-feature map of an ImageNet-pretrained CNN are projected, concatenated and
 fused into ONE channel by a 1x1 convolution. Per-class scores from global sum pooling of a 1x1
 class-evidence map on the CNN features weight that channel into one map per class
-(x + x * score_c; the raw global sums as in the paper and its code, ``score_norm: none``, or
-their softmax, ``score_norm: softmax``, dcube's earlier variant). Three stages of parallel 3x3 and 5x5 convolutions (summed, ReLU,
+(x + x * score_c, the raw global sums as in the paper and its code). Three stages of parallel 3x3 and 5x5 convolutions (summed, ReLU,
 batch norm; no pooling: C -> 64 -> 32 -> 4 channels) and two fully connected layers
 give the logits.
 
@@ -37,18 +36,11 @@ class ParallelConv(nn.Module):
 
 class DCubeHead(nn.Module):
     def __init__(self, feat_channels: list[int], num_classes: int, in_channels: int, image_size: int,
-                 cfg: ClassifierConfig, width: int = 128, timesteps: int = 1):
+                 cfg: ClassifierConfig, width: int = 128):
         super().__init__()
-        # several timesteps per layer (Diffusion Hyperfeatures): each layer's T maps, batch-normalised,
-        # enter as their mix with learned softmax weights (uniform at the start)
-        self.timesteps = int(timesteps)
-        self.norms_t = nn.ModuleList(nn.BatchNorm2d(c) for c in feat_channels for _ in range(self.timesteps)) \
-            if self.timesteps > 1 else None
-        self.mix = nn.Parameter(torch.zeros(len(feat_channels), self.timesteps)) if self.timesteps > 1 else None
         from dcube.classify.subfeatures import build_subfeature_cnn
 
         self.size = cfg.fuse_size
-        self.score_norm = cfg.score_norm
         self.num_classes = num_classes
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in feat_channels)
         self.proj = nn.Conv2d(sum(feat_channels), width, 1) if feat_channels else None
@@ -78,35 +70,21 @@ class DCubeHead(nn.Module):
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrink)
 
     def class_scores(self, feats: list[torch.Tensor], image: torch.Tensor, frozen=None) -> torch.Tensor:
-        """The per-class weights that enter the fused channel (N, num_classes), after `score_norm`."""
+        """The per-class weights that enter the fused channel (N, num_classes)."""
         return self._fused(feats, image, frozen)[1]
 
-    def _mixed(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One map per layer: the layer's timesteps mixed by softmax(mix) (one timestep: as given)."""
-        if self.mix is None:
-            return feats
-        T, w = self.timesteps, self.mix.softmax(dim=1)
-        normed = [n(x) for n, x in zip(self.norms_t, feats)]
-        return [sum(w[i, k] * normed[i * T + k] for k in range(T)) for i in range(len(self.norms))]
-
     def _fused(self, feats, image, frozen=None):
-        if self.mix is not None and len(feats) != len(self.norms) * self.timesteps:
-            raise ValueError(f"expected {len(self.norms)} layers x {self.timesteps} timesteps = "
-                             f"{len(self.norms) * self.timesteps} feature maps, got {len(feats)}")
-        if len(feats) != len(self.norms) * self.timesteps:
-            raise ValueError(f"the head was built for {len(self.norms) * self.timesteps} diffusion feature maps, "
-                             f"got {len(feats)}")
+        if len(feats) != len(self.norms):
+            raise ValueError(f"the head was built for {len(self.norms)} diffusion feature maps, got {len(feats)}")
         f = None
         if self.proj is not None:
-            f = self.proj(torch.cat([self._resize(n(x)) for n, x in zip(self.norms, self._mixed(feats))], dim=1))
+            f = self.proj(torch.cat([self._resize(n(x)) for n, x in zip(self.norms, feats)], dim=1))
         if self.cnn is not None:
             g = self._resize(self.cnn(image, frozen))
             score = self.class_map(g).sum(dim=(2, 3))  # global sum pooling -> per-class score
             f = self.cnn_proj(g) if f is None else torch.cat([f, self.cnn_proj(g)], dim=1)
         else:
             score = self.class_map(f).sum(dim=(2, 3))
-        if self.score_norm == "softmax":
-            score = score.softmax(dim=1)
         return f, score
 
     def forward(self, feats: list[torch.Tensor], image: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:

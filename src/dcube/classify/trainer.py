@@ -1,6 +1,6 @@
 """Step-2 training: the D-Cube head on cached hyper-features.
 
-Loss = ce_weight * CE + cycle_weight * cycle + consistency_weight * flip consistency.
+Loss = CE + cycle_weight * cycle + consistency_weight * flip consistency.
 The EMA of the head's weights is what is evaluated each epoch on the VALIDATION split,
 what selects the best epoch, and what is saved. Resumable from the last epoch.
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dcube.classify.bn import recalibrate_bn
 from dcube.classify.head import DCubeHead
-from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss, posterior_cycle_loss
+from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss
 from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, channels_last, memory_format, training_module
@@ -55,7 +55,6 @@ class FeatureSplit:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1] for the sub-feature CNN and the cycle loss
     labels: torch.Tensor  # (N,)
     feats_flipped: list[torch.Tensor] | None = None  # features of the flipped images (train)
-    posterior: torch.Tensor | None = None  # (N, C) the denoiser's class posterior (cycle_form=posterior)
 
 
 def rows_of(maps: list[torch.Tensor], rows, device) -> list[torch.Tensor]:
@@ -87,10 +86,9 @@ class FrozenPart:
         return self.cnn.frozen_features(self.images[idx].to(self.device))
 
 
-def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int, timesteps: int = 1) -> DCubeHead:
-    """`timesteps`: each layer's maps come that many times in a row (features.timesteps), mixed by the head."""
+def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int) -> DCubeHead:
     c, h = split.images.shape[1], split.images.shape[2]
-    return DCubeHead([f.shape[1] for f in split.feats[::timesteps]], num_classes, c, h, cfg, timesteps=timesteps)
+    return DCubeHead([f.shape[1] for f in split.feats], num_classes, c, h, cfg)
 
 
 @torch.no_grad()
@@ -160,8 +158,7 @@ def _param_groups(head, cfg: ClassifierConfig):
 
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
                      out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
-                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None,
-                     timesteps: int = 1) -> tuple[DCubeHead, dict]:
+                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None) -> tuple[DCubeHead, dict]:
     """Train (or resume); returns the best-on-validation EMA head and its summary.
 
     `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
@@ -175,7 +172,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     out_dir.mkdir(parents=True, exist_ok=True)
     nc = len(class_names)
     torch.manual_seed(seed)
-    head = build_head(cfg, train, nc, timesteps).to(device)
+    head = build_head(cfg, train, nc).to(device)
     dist.broadcast_module(head)
     ema = EMA(head, cfg.ema_decay)
     opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=cfg.weight_decay)
@@ -185,11 +182,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         counts = torch.bincount(train.labels, minlength=nc).float()
         weight = (counts.sum() / (nc * counts.clamp(min=1))).to(device)
     use_cycle = cfg.cycle_weight > 0
-    by_posterior = cfg.cycle_form == "posterior"
-    if use_cycle and by_posterior and train.posterior is None:
-        raise ValueError("classifier.cycle_form='posterior' needs the denoiser's class posterior of the "
-                         "training images (FeatureSplit.posterior)")
-    if use_cycle and not by_posterior and (denoiser is None or scheduler is None):
+    if use_cycle and (denoiser is None or scheduler is None):
         raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
     use_cons = cfg.consistency_weight > 0 and train.feats_flipped is not None
     use_flip = cfg.flip_augment and train.feats_flipped is not None
@@ -234,9 +227,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             if every == []:  # every share too small for batch norm
                 continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            kc = len(idx) if by_posterior else min(cfg.cycle_batch, len(idx))
+            kc = min(cfg.cycle_batch, len(idx))
             kf = min(cfg.consistency_batch, len(idx))
-            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle and not by_posterior else None
+            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle else None
             # random horizontal flips (own generator: the cycle draws stay what they were)
             flip = (torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 2_000_003 + step)) < 0.5
                     if use_flip else None)
@@ -279,18 +272,15 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                         logits_f = net([layout(f) for f in other], layout(x_other), fz_other)
                 logits = logits.float()
                 ce = F.cross_entropy(logits, y, weight=weight)
-                loss = cfg.ce_weight * ce
+                loss = ce
                 cyc = con = torch.zeros(())
-                if use_cycle and lc and by_posterior:
-                    cyc = posterior_cycle_loss(logits[:lc], train.posterior[bidx[:lc]].to(device))
-                    loss = loss + cfg.cycle_weight * cyc
-                elif use_cycle and lc:
+                if use_cycle and lc:
                     d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
                     with amp.autocast():
                         cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
                     loss = loss + cfg.cycle_weight * cyc
                 if measure_ratio and lc and first_batch and rows is None:  # the cycle term's share of the gradient
-                    grad_ratio = gradient_ratio(head, cfg.ce_weight * ce, cfg.cycle_weight * cyc)
+                    grad_ratio = gradient_ratio(head, ce, cfg.cycle_weight * cyc)
                 if logits_f is not None:
                     con = consistency_loss(logits[:lf], logits_f.float())
                     loss = loss + cfg.consistency_weight * con
@@ -300,7 +290,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 if rows is not None:  # weights: the ranks' average gradient is the whole batch's
                     w_ce = (float(weight[y].sum()) if weight is not None else len(rows)) / total_ce
                     ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
-                    loss = (cfg.ce_weight * ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
+                    loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
                         * dist.world_size()
                 amp.backward(loss)
                 logged += torch.stack([ce.detach().float().cpu(), cyc.detach().float().cpu(),
@@ -323,7 +313,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
         if use_cycle:  # the weighted cycle term against the weighted cross-entropy
-            row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(cfg.ce_weight * row["ce"], 1e-12)
+            row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(row["ce"], 1e-12)
             if grad_ratio is not None:
                 row["cycle_grad_ratio"] = grad_ratio
         history.append(row)

@@ -17,6 +17,7 @@ import torch
 
 from dcube.config import ConfigError, DiffusionConfig
 from dcube.data.unlabelled import load_unlabelled
+from dcube.diffusion.trainer import model_spec
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_tensor
 from dcube.utils.runtime import configure_torch, seed_everything
 
@@ -38,7 +39,7 @@ def read_meta(path: str | Path) -> dict:
             meta = json.loads((f.metadata() or {}).get("dcube", "{}"))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"diffusion.init_from: {path} is not a safetensors file ({exc})") from exc
-    if "diffusion" not in meta or "image_size" not in meta:
+    if not ("spec" in meta or "diffusion" in meta) or "image_size" not in meta:
         raise ValueError(f"diffusion.init_from: {path} is not a dcube step-1 model or backbone "
                          "(`dcube pretrain` writes one)")
     return meta
@@ -48,7 +49,7 @@ def check_backbone(path: str | Path, cfg: DiffusionConfig, channels: int, image_
     """ValueError naming diffusion.init_from when the file's model is not this run's: another architecture,
     preset, image size or channel count. -> its metadata."""
     meta = read_meta(path)
-    d = meta["diffusion"]
+    d = model_spec(meta)
     theirs = (d.get("backbone"), d.get("preset"), meta["image_size"], meta["in_channels"])
     mine = (cfg.backbone, cfg.preset, image_size, channels)
     if theirs != mine:

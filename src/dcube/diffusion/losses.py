@@ -23,7 +23,6 @@ features, ``D = ||f1 - f2||^2`` (squared L2 over the flattened map) and
 with the pairs drawn inside the batch by :func:`pair_within_batch`, so every image of the batch is
 denoised exactly once (no row is replaced by a partner copy).
 
-:func:`min_snr_weight` is min-SNR-gamma loss weighting (Hang et al. 2023) for eps-prediction.
 """
 
 from __future__ import annotations
@@ -148,11 +147,3 @@ def pair_within_batch(labels: torch.Tensor, generator: Optional[torch.Generator]
         partners.append(b)
     as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return as_t(anchors), as_t(partners), as_t(free)
-
-
-def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Per-row loss weight min(SNR_t, gamma) / SNR_t for eps-prediction; SNR_t = abar_t / (1 - abar_t)."""
-    ab = alphas_cumprod.to(t.device)[t].double()
-    snr = ab / (1 - ab)
-    return (torch.clamp(snr, max=gamma) / snr).float()
-

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dcube.config import ComputeConfig, DiffusionConfig
 from dcube.diffusion import build_denoiser, contrastive_loss, pair_indices
 from dcube.diffusion.guidance import drop_labels
-from dcube.diffusion.losses import contrastive_loss_paper, min_snr_weight, pair_within_batch
+from dcube.diffusion.losses import contrastive_loss_paper, pair_within_batch
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
@@ -40,15 +40,29 @@ FINAL = "ema.safetensors"
 BEST_EMA = "best_ema.safetensors"  # epochs=auto: the best EMA weights on the validation probe so far
 
 
+# what a step-1 checkpoint says about its model: enough to rebuild it and its noise schedule, nothing of how
+# it was trained (lr, patience, samplers travel with the run's config.yaml, not with the weights)
+SPEC_KEYS = ("backbone", "preset", "num_train_timesteps", "beta_start", "beta_end", "class_dropout")
+
+
 def model_meta(cfg: DiffusionConfig, in_channels: int, image_size: int, num_classes: int) -> dict:
-    return {"diffusion": vars(cfg).copy(), "in_channels": in_channels, "image_size": image_size,
+    return {"spec": {k: getattr(cfg, k) for k in SPEC_KEYS}, "in_channels": in_channels, "image_size": image_size,
             "num_classes": num_classes}
 
 
+def model_spec(meta: dict) -> dict:
+    """The model spec of a checkpoint's metadata; a checkpoint written before 1.0 stored its whole
+    DiffusionConfig under "diffusion": its spec keys are read from there."""
+    if "spec" in meta:
+        return dict(meta["spec"])
+    return {k: meta["diffusion"][k] for k in SPEC_KEYS if k in meta.get("diffusion", {})}
+
+
 def load_denoiser(path: str | Path, device="cpu"):
-    """Rebuild the frozen EMA denoiser from `ema.safetensors` (weights + JSON metadata)."""
+    """Rebuild the frozen EMA denoiser from `ema.safetensors` (weights + JSON metadata: its model spec).
+    -> (model, a DiffusionConfig with the spec's values; the rest of it is the defaults)."""
     _, meta = load_tensors(path)
-    cfg = DiffusionConfig(**meta["diffusion"])
+    cfg = DiffusionConfig(**model_spec(meta))
     model = build_denoiser(cfg, meta["in_channels"], meta["image_size"], meta["num_classes"])
     load_checkpoint(path, {"model": model})
     model.to(device).eval()
@@ -262,11 +276,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
             xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
             with amp.autocast():
                 eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
-            if cfg.loss_weighting == "min_snr":
-                w = min_snr_weight(sched.alphas_cumprod, tb, cfg.min_snr_gamma)
-                mse = ((eps.float() - nb) ** 2).flatten(1).mean(1).mul(w).mean()
-            else:
-                mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
+            mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
             loss, con = mse, torch.zeros(())
             if qr:
                 f = mid.out.flatten(1)

@@ -26,14 +26,14 @@ LATENT_JSON = "latent.json"
 
 def train_latent_diffusion(cfg: DiffusionConfig, codec: LatentCodec, latents: torch.Tensor, labels: torch.Tensor,
                            num_classes: int, out_dir: str | Path, seed: int = 0, device="cpu",
-                           class_names: list[str] | None = None, contrastive: bool = False) -> Path:
+                           class_names: list[str] | None = None) -> Path:
     """Train (or resume) the class-conditional denoiser on `latents`; returns ``ema.safetensors``.
 
     Pure class-conditional training, as the ISBI method has it: the zero-shot classifier compares
     class-conditional likelihoods, so no row is spent on contrastive pairs under the uniform condition
-    (``diffusion.contrastive_weight`` is ignored here; ``contrastive=True`` keeps it, dcube <= 0.1)."""
+    (``diffusion.contrastive_weight`` is ignored here)."""
     out_dir = Path(out_dir)
-    if not contrastive and cfg.contrastive_weight:
+    if cfg.contrastive_weight:
         cfg = dataclasses.replace(cfg, contrastive_weight=0.0)
     path = train_diffusion(cfg, latents, labels, num_classes, out_dir, seed=seed, device=device, class_names=None)
     ae_path = codec.info.get("path")

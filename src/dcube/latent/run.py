@@ -61,7 +61,7 @@ class Latent(Method):
     # which output each part of the config produced (relative to run_dir; see dcube.run)
     MADE = {"data": "latent/autoencoder/autoencoder.safetensors", "latent.ae_": "latent/autoencoder/autoencoder.safetensors",
             "latent.autoencoder": "latent/autoencoder/autoencoder.safetensors",
-            "diffusion": "latent/diffusion/ema.safetensors", "latent.contrastive": "latent/diffusion/ema.safetensors"}
+            "diffusion": "latent/diffusion/ema.safetensors"}
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -125,7 +125,7 @@ class Latent(Method):
             d = self.data
             return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
                                           len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
-                                          d.class_names, contrastive=self.cfg.latent.contrastive)
+                                          d.class_names)
 
         return self.run.stage("latent_diffusion", self.model_path, work, label="latent diffusion")
 
