@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from bench.common import RESULTS, THREADS, machine, run_study
+from dcube.latent.errormaps import NOISES as ERRORMAP_NOISES
 
 STUDY = "heatmaps"
 
@@ -81,11 +82,11 @@ def _evidence(pred, x, probs, noises: int):
     import numpy as np
 
     from dcube.latent.autoencoder import LatentCodec
-    from dcube.latent.errormaps import error_map
+    from dcube.latent.errormaps import TIMESTEPS, error_map
 
     order = np.argsort(-probs)
     return error_map(pred.model, pred.scheduler, LatentCodec(None), x, (int(order[0]), int(order[1])),
-                     list(pred.cfg.latent.errormap_timesteps), noises, pred.cfg.seed, pred.device)
+                     list(TIMESTEPS), noises, pred.cfg.seed, pred.device)
 
 
 def measure(run_dir: str, n: int) -> dict:
@@ -154,12 +155,10 @@ def measure(run_dir: str, n: int) -> dict:
                "HiResCAM head.to_one": hirescam("head.to_one"),
                "occlusion (MONAI)": occlusion,
                "diffusion evidence map": lambda x, c: pred.diffusion_map(x, raw_i)}
-    if pred.head.mix is None:  # each diffusion layer's map at its own resolution, before the fusion resizes it
-        for i, name in enumerate(pred.layers):
-            methods[f"Grad-CAM head.norms.{i} (diffusion layer {name})"] = gradcam(f"head.norms.{i}")
-    lc = pred.cfg.latent
-    for noises in NOISE_VARIANTS:  # the same map averaged over more noise draws (latent.errormap_noises)
-        if noises != lc.errormap_noises:
+    for i, name in enumerate(pred.layers):  # each diffusion layer's map at its own resolution, before fusion
+        methods[f"Grad-CAM head.norms.{i} (diffusion layer {name})"] = gradcam(f"head.norms.{i}")
+    for noises in NOISE_VARIANTS:  # the same map averaged over more noise draws than the default
+        if noises != ERRORMAP_NOISES:
             methods[f"diffusion evidence map, {noises} noise draws"] = (
                 lambda x, c, k=noises: _evidence(pred, x, raw_i, k))
     if pred.head.cnn is not None:

@@ -19,10 +19,16 @@ import sys
 from pathlib import Path
 
 from bench.common import RESULTS, SMOKE, load_results, machine, run_study, shared_data, shrink
+from dcube.diffusion.zeroshot import Adaptive
+from dcube.latent.analysis import AnalysisOptions
 
 STUDY = "latent_covid"
 COMMAND = "python -m bench.latent_covid"
 ZS_IMAGES = 8 if SMOKE else 400  # stratified subset of the test split for the zero-shot classifier
+# `dcube analyze`'s options and the adaptive zero-shot's (command options, not config keys)
+ANALYSIS = (AnalysisOptions(timesteps=[50, 400], images=24, zs_images=8, zs_trials=1, folds=2) if SMOKE else
+            AnalysisOptions(timesteps=[10, 50, 100, 200, 400, 700], images=400, zs_images=100, zs_trials=4))
+ADAPTIVE = Adaptive(first_round=2 if SMOKE else 4)
 ERROR_MAPS = 1 if SMOKE else 2  # overlays per class
 
 
@@ -48,9 +54,7 @@ def _setup() -> dict:
                       "checkpoint_every": 25, "sample_steps": 25},
         "latent": {"ae_channels": [16, 32, 32, 32], "ae_latent_channels": 8, "ae_norm_groups": 8,
                    "ae_epochs": 100, "ae_max_steps": 150, "ae_batch_size": 16, "ae_lr": 1e-3, "ae_crop": 64,
-                   "ae_checkpoint_every": 25, "zs_trials": 16, "zs_first_round": 4,
-                   "analysis_timesteps": [10, 50, 100, 200, 400, 700], "analysis_images": 400,
-                   "analysis_zs_images": 100, "analysis_zs_trials": 4, "finetune_epochs": 2},
+                   "ae_checkpoint_every": 25, "zs_trials": 16, "finetune_epochs": 2},
     }
 
 
@@ -103,7 +107,7 @@ def part_diffusion() -> dict:
 def part_zeroshot(adaptive: bool, variant: str | None = None) -> dict:
     r = _run(VARIANTS.get(variant))
     maps = 0 if adaptive or variant else ERROR_MAPS
-    out = r.zero_shot("test", adaptive=adaptive, max_images=ZS_IMAGES, error_maps=maps,
+    out = r.zero_shot("test", adaptive=ADAPTIVE if adaptive else None, max_images=ZS_IMAGES, error_maps=maps,
                       tag=f"_{variant}" if variant else "")
     keep = ("n_images", "trials", "first_round", "weighting", "seconds", "images_per_s", "evaluations_per_image",
             "error_maps")
@@ -113,11 +117,11 @@ def part_zeroshot(adaptive: bool, variant: str | None = None) -> dict:
 
 def part_analysis() -> dict:
     r = _run()
-    res = r.analyze()
+    res = r.analyze(ANALYSIS)
     shutil.copyfile(r.ldir / "analysis" / "analysis.png", RESULTS / STUDY / "analysis.png")
-    return {k: res[k] for k in ("timesteps", "layers", "probe_balanced_accuracy", "zero_shot_accuracy", "best",
-                                "recommended", "feature_overrides", "n_probe_images", "n_zero_shot_images",
-                                "seconds")}
+    return {"options": vars(ANALYSIS), **{k: res[k] for k in (
+        "timesteps", "layers", "probe_balanced_accuracy", "zero_shot_accuracy", "best", "recommended",
+        "feature_overrides", "n_probe_images", "n_zero_shot_images", "seconds")}}
 
 
 def part_heads() -> dict:
@@ -244,9 +248,11 @@ def table() -> str:
     a = res.get("5_analysis")
     if a:
         ts = a["timesteps"]
+        # the options of `dcube analyze` (stored with the result; older results: the config keys they were then)
+        opts = a.get("options") or {"folds": lc.get("analysis_folds", 5), "zs_trials": lc.get("analysis_zs_trials")}
         lines += ["", f"Timestep x layer analysis (`dcube analyze`): linear probe, {a['n_probe_images']} training images, "
-                  f"{lc['analysis_folds'] if 'analysis_folds' in lc else 5}-fold CV balanced accuracy; zero-shot "
-                  f"accuracy with a single t ({lc['analysis_zs_trials']} noises, {a['n_zero_shot_images']} training "
+                  f"{opts['folds']}-fold CV balanced accuracy; zero-shot "
+                  f"accuracy with a single t ({opts['zs_trials']} noises, {a['n_zero_shot_images']} training "
                   f"images). Recommended: **t = {a['recommended']['timestep']}, layers "
                   f"{a['recommended']['layers']}** (`{' '.join('--set ' + o for o in a['feature_overrides'])}`). "
                   f"Heat map: `bench/results/{STUDY}/analysis.png`.\n",

@@ -149,16 +149,7 @@ class LatentConfig:
     zs_t_max: int = 950  # zero-shot trials: largest timestep
     zs_weighting: str = "uniform"  # uniform | min_snr
     zs_temperature: float = 1.0  # scores = softmax(-mean error / temperature)
-    zs_adaptive: bool = False  # drop clearly worse classes after a first round
-    zs_first_round: int = 4  # trials of the first round (adaptive)
-    zs_drop_z: float = 2.0  # drop a class when its paired error excess exceeds z standard errors
     zs_batch_size: int = 256  # denoiser inputs per forward pass (images x classes x trials)
-    analysis_timesteps: list = field(default_factory=lambda: [10, 50, 100, 200, 400, 600, 800])  # latent analyze: the timesteps of the timestep x layer probe
-    analysis_images: int = 512  # training images for the probes (stratified)
-    analysis_zs_images: int = 128  # training images for the per-t zero-shot accuracy
-    analysis_zs_trials: int = 4  # noise draws per t for it
-    analysis_folds: int = 5  # latent analyze: probe cross-validation folds
-    analysis_top_layers: int = 2  # layers in the recommended set
     head_hidden: int = 128  # light head: hidden units
     head_epochs: int = 60  # light head: epochs
     head_lr: float = 1e-3  # light head: learning rate
@@ -166,8 +157,6 @@ class LatentConfig:
     finetune_epochs: int = 3  # latent finetune: epochs
     finetune_lr: float = 1e-5  # denoiser LR when fine-tuning end to end (the head keeps head_lr)
     finetune_batch_size: int = 32  # latent finetune: images per step
-    errormap_timesteps: list = field(default_factory=lambda: [100, 250, 400])  # error maps: timesteps averaged
-    errormap_noises: int = 2  # error maps: noise draws per timestep
 
 
 @dataclass
@@ -237,6 +226,21 @@ REMOVED = {
     "features.probe_layers": ANY, "features.probe_folds": ANY, "features.condition": "uniform",
     "features.timesteps": None, "diffusion.loss_weighting": "uniform", "diffusion.min_snr_gamma": ANY,
     "latent.contrastive": False,
+}
+# keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
+# default loads; another value is refused, naming the option that replaces the key
+MOVED = {
+    "latent.zs_adaptive": (False, "dcube classify-zero-shot --adaptive"),
+    "latent.zs_first_round": (4, "dcube classify-zero-shot --first-round"),
+    "latent.zs_drop_z": (2.0, "dcube classify-zero-shot --drop-z"),
+    "latent.analysis_timesteps": ([10, 50, 100, 200, 400, 600, 800], "dcube analyze --timesteps"),
+    "latent.analysis_images": (512, "dcube analyze --images"),
+    "latent.analysis_zs_images": (128, "dcube analyze --zs-images"),
+    "latent.analysis_zs_trials": (4, "dcube analyze --zs-trials"),
+    "latent.analysis_folds": (5, "dcube analyze --folds"),
+    "latent.analysis_top_layers": (2, "dcube analyze --top-layers"),
+    "latent.errormap_timesteps": ([100, 250, 400], "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
+    "latent.errormap_noises": (2, "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
 }
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
@@ -309,6 +313,11 @@ def _removed(prefix: str, key: Any, value: Any) -> bool:
     """True for a key removed in dcube 1.0 whose value is the behaviour that stayed (dropped); an error for
     one that asks for a removed variant; False for any other key."""
     where = f"{prefix}{key}"
+    if isinstance(key, str) and where in MOVED:
+        default, option = MOVED[where]
+        if value == default:
+            return True
+        raise ConfigError(f"{where}: moved out of the configuration in dcube 1.0; use {option} (CHANGELOG.md)")
     if not isinstance(key, str) or where not in REMOVED:
         return False
     kept = REMOVED[where]

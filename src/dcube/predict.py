@@ -34,6 +34,8 @@ from dcube.diffusion.trainer import load_denoiser
 from dcube.evaluate.calibration import apply_temperature
 from dcube.features import extract
 from dcube.latent.autoencoder import LatentCodec
+from dcube.latent.errormaps import NOISES as ERRORMAP_NOISES
+from dcube.latent.errormaps import TIMESTEPS as ERRORMAP_TIMESTEPS
 from dcube.latent.errormaps import error_map, save_overlay
 from dcube.utils.io import atomic_write_text, load_checkpoint, read_json, safe_name, sha256_file, write_json
 from dcube.utils.runtime import package_versions
@@ -231,9 +233,8 @@ class Predictor:
             return None
 
         order = np.argsort(-probs)
-        lc = self.cfg.latent
         return error_map(self.model, self.scheduler, LatentCodec(None), image, (int(order[0]), int(order[1])),
-                         list(lc.errormap_timesteps), lc.errormap_noises, self.cfg.seed, self.device)
+                         list(ERRORMAP_TIMESTEPS), ERRORMAP_NOISES, self.cfg.seed, self.device)
 
     def header(self) -> dict:
         from dcube.utils.io import sha256_file

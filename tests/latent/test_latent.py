@@ -8,7 +8,7 @@ import torch
 
 from dcube.config import DiffusionConfig, LatentConfig, apply_overrides, from_dict
 from dcube.latent.autoencoder import LatentCodec, ae_spec, build_autoencoder, import_autoencoder, load_codec, train_autoencoder
-from dcube.diffusion.zeroshot import classify_zero_shot, combine, make_trials, spread_order
+from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot, combine, make_trials, spread_order
 
 from .conftest import blobs
 
@@ -77,11 +77,10 @@ def test_adaptive_keeps_every_class_when_nothing_is_clearly_worse(micro_unet):
     model, sched = micro_unet
     x, _ = blobs(4, 16)
     plain = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), progress=False)
-    never = LatentConfig(zs_trials=6, zs_adaptive=True, zs_first_round=3, zs_drop_z=1e9)
-    same = classify_zero_shot(model, sched, x, never, progress=False)
+    same = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), adaptive=Adaptive(3, 1e9), progress=False)
     assert torch.allclose(plain.probs, same.probs) and same.evaluations == plain.evaluations
-    eager = LatentConfig(zs_trials=6, zs_adaptive=True, zs_first_round=3, zs_drop_z=-1e9)  # drops all but the best
-    fast = classify_zero_shot(model, sched, x, eager, progress=False)
+    eager = Adaptive(first_round=3, drop_z=-1e9)  # drops all but the best
+    fast = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), adaptive=eager, progress=False)
     assert fast.evaluations == 4 * 2 * 3  # every image decided after the first round
     assert torch.allclose(fast.probs.sum(1), torch.ones(4))
 
@@ -101,7 +100,7 @@ def test_trials_follow_the_configured_timesteps_and_weighting(micro_unet):
     assert sorted(tr.t.tolist()) == [10, 10, 20, 20] and torch.allclose(tr.weight, torch.ones(4))
     w = make_trials(LatentConfig(zs_trials=4, zs_weighting="min_snr"), (1, 4, 4), sched.alphas_cumprod).weight
     assert w.mean().item() == pytest.approx(1.0) and w.std() > 0
-    with pytest.raises(ValueError, match="zs_first_round"):
+    with pytest.raises(ValueError, match="first-round"):
         classify_zero_shot(micro_unet[0], sched, blobs(2)[0], LatentConfig(zs_trials=3), adaptive=True, progress=False)
     with pytest.raises(ValueError, match="zs_weighting"):
         classify_zero_shot(micro_unet[0], sched, blobs(2)[0], LatentConfig(zs_weighting="elbo"), progress=False)
@@ -119,7 +118,7 @@ def test_zero_shot_beats_chance_after_a_short_training(tmp_path):
     torch.manual_seed(0)  # the initial weights
     model, dcfg = load_denoiser(train_diffusion(cfg, x, y, 2, tmp_path, seed=0))
     for adaptive in (False, True):
-        res = classify_zero_shot(model, ddpm_scheduler(dcfg), xt, LatentConfig(zs_trials=8, zs_adaptive=adaptive),
+        res = classify_zero_shot(model, ddpm_scheduler(dcfg), xt, LatentConfig(zs_trials=8), adaptive=adaptive,
                                  progress=False)
         assert (res.pred == yt).float().mean() >= 0.75, adaptive  # chance is 0.5 (P(>= 24/32) < 0.5 %)
 
@@ -169,13 +168,12 @@ def test_error_map_sign_and_place(micro_unet):
 
 
 def test_analysis_grid_heatmap_and_recommendation(micro_unet, tmp_path):
-    from dcube.latent.analysis import analyze, plot_analysis
+    from dcube.latent.analysis import AnalysisOptions, analyze, plot_analysis
 
     model, sched = micro_unet
     x, y = blobs(24, 16)
-    cfg = LatentConfig(analysis_timesteps=[10, 500], analysis_images=24, analysis_zs_images=8, analysis_zs_trials=2,
-                       analysis_folds=3, analysis_top_layers=2)
-    res = analyze(model, sched, x, y, cfg, progress=False)
+    opts = AnalysisOptions(timesteps=[10, 500], images=24, zs_images=8, zs_trials=2, folds=3, top_layers=2)
+    res = analyze(model, sched, x, y, LatentConfig(), opts, progress=False)
     assert set(res["probe_balanced_accuracy"]) == set(model.feature_names)
     assert all(set(v) == {"10", "500"} for v in res["probe_balanced_accuracy"].values())
     assert set(res["zero_shot_accuracy"]) == {"10", "500"}
@@ -245,8 +243,8 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
     common = ["--run-dir", str(tmp_path / "run"), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
               "--set", "data.image_size=16", "--set", "diffusion.preset=micro", "--set", "diffusion.max_steps=2",
               "--set", "diffusion.batch_size=8", "--set", "diffusion.sample_steps=2", "--set", "latent.ae_max_steps=2",
-              "--set", "latent.ae_channels=[8,16]", "--set", "latent.ae_crop=null", "--set", "latent.zs_trials=3", "--set", "latent.zs_first_round=2"]
-    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive"]):
+              "--set", "latent.ae_channels=[8,16]", "--set", "latent.ae_crop=null", "--set", "latent.zs_trials=3"]
+    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2"]):
         args = p.parse_args(argv + common)
         assert args.func(args) == 0
     lat = tmp_path / "run" / "latent"

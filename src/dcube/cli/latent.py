@@ -37,18 +37,25 @@ def cmd_train_latent_diffusion(args) -> int:
 
 @guard
 def cmd_classify_zero_shot(args) -> int:
+    from dcube.diffusion.zeroshot import Adaptive
     from dcube.evaluate import format_table
 
+    given = {k: v for k, v in (("first_round", args.first_round), ("drop_z", args.drop_z)) if v is not None}
+    adaptive = Adaptive(**given) if args.adaptive else None
     with _run(args) as r:
-        out = r.zero_shot(args.split, True if args.adaptive else None, args.max_images, args.error_maps)
+        out = r.zero_shot(args.split, adaptive, args.max_images, args.error_maps)
     print(format_table(out["metrics"], title=f"zero-shot, {args.split} ({out['n_images']} images)"))
     print(f"{out['images_per_s']:.2f} images/s, {out['evaluations_per_image']:.1f} denoiser inputs per image")
 
 
 @guard
 def cmd_analyze(args) -> int:
+    from dcube.latent.analysis import AnalysisOptions
+
+    names = ("timesteps", "images", "zs_images", "zs_trials", "folds", "top_layers")
+    opts = AnalysisOptions(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     with _run(args) as r:
-        res = r.analyze()
+        res = r.analyze(opts)
     rec = res["recommended"]
     print(f"recommended: t={rec['timestep']}, layers={rec['layers']} "
           f"(best cell {res['best']['layer']}@{res['best']['timestep']}: balanced acc "
@@ -92,11 +99,21 @@ def register(subparsers) -> dict:
              cmd_classify_zero_shot, model=True)
     sp.add_argument("--split", default="test", choices=("train", "val", "test"), help="the split classified")
     sp.add_argument("--adaptive", action="store_true", help="drop clearly worse classes after a first round")
+    sp.add_argument("--first-round", type=int, metavar="K", help="--adaptive: trials before dropping (default 4)")
+    sp.add_argument("--drop-z", type=float, metavar="Z",
+                    help="--adaptive: drop a class whose paired error excess exceeds Z standard errors (default 2)")
     sp.add_argument("--max-images", type=int, help="a stratified subset of the split")
     sp.add_argument("--error-maps", type=int, default=0, metavar="N",
                     help="write error-map overlays for N images of each class")
-    add("analyze", "timestep x layer linear probes + zero-shot accuracy per t -> recommended (layers, t)",
-        cmd_analyze, model=True)
+    sp = add("analyze", "timestep x layer linear probes + zero-shot accuracy per t -> recommended (layers, t)",
+             cmd_analyze, model=True)
+    # defaults: dcube.latent.analysis.AnalysisOptions (10 50 100 200 400 600 800; 512; 128; 4; 5; 2)
+    sp.add_argument("--timesteps", type=int, nargs="+", metavar="T", help="the timesteps of the probe grid")
+    sp.add_argument("--images", type=int, help="training images the probes are fitted on (stratified)")
+    sp.add_argument("--zs-images", type=int, help="training images of the zero-shot accuracy per t")
+    sp.add_argument("--zs-trials", type=int, help="noise draws per t for it")
+    sp.add_argument("--folds", type=int, help="probe cross-validation folds")
+    sp.add_argument("--top-layers", type=int, help="layers in the recommended set")
     sp = add("train-latent-head", "linear probe and MLP head on the recommended features", cmd_train_latent_head,
              model=True)
     sp.add_argument("--finetune", action="store_true", help="also fine-tune denoiser + head end to end")

@@ -10,8 +10,8 @@ class-conditional denoising error is
 (summed over the latent's elements, the ELBO approximation), averaged over k with weights w_k.
 Scores are ``softmax(-E_c / temperature)``; the prediction is the class with the smallest error.
 
-Adaptive mode: after ``zs_first_round`` trials a class whose paired error excess over the best
-class exceeds ``zs_drop_z`` standard errors is dropped; only the survivors get the remaining
+Adaptive mode (:class:`Adaptive`; ``dcube classify-zero-shot --adaptive``): after ``first_round`` trials a
+class whose paired error excess over the best class exceeds ``drop_z`` standard errors is dropped; only the survivors get the remaining
 trials (an image left with one class stops). A dropped class keeps the score it earned in the
 first round, expressed relative to the reference class: E_c = E_ref + mean(e_c - e_ref) over
 the trials both saw, so every class's score stays comparable.
@@ -35,15 +35,25 @@ WEIGHTINGS = ("uniform", "min_snr")
 
 
 @dataclass
+class Adaptive:
+    """Adaptive class dropping: a command's option, not the model's (``dcube classify-zero-shot --adaptive``)."""
+
+    first_round: int = 4  # trials every class gets before the clearly worse ones are dropped
+    drop_z: float = 2.0  # drop a class when its paired error excess exceeds this many standard errors
+
+
+FIRST_ROUND = Adaptive().first_round  # also the trial order's stride (any prefix spreads over the t range)
+
+
+@dataclass
 class Trials:
     t: torch.Tensor  # int64 (K,)
     noise: torch.Tensor  # (K, C, h, w)
     weight: torch.Tensor  # (K,), mean 1
 
 
-def check_config(cfg: LatentConfig, num_train_timesteps: int, adaptive: bool | None = None) -> None:
-    """Raise ValueError naming the ``latent.zs_*`` field that is out of range."""
-    adaptive = cfg.zs_adaptive if adaptive is None else adaptive
+def check_config(cfg: LatentConfig, num_train_timesteps: int, adaptive: Adaptive | None = None) -> None:
+    """Raise ValueError naming the ``latent.zs_*`` field (or the adaptive option) that is out of range."""
     if cfg.zs_trials < 1:
         raise ValueError(f"latent.zs_trials: must be >= 1, got {cfg.zs_trials}")
     if cfg.zs_weighting not in WEIGHTINGS:
@@ -56,9 +66,9 @@ def check_config(cfg: LatentConfig, num_train_timesteps: int, adaptive: bool | N
                          f"[0, {num_train_timesteps}), got {ts}")
     if cfg.zs_t_min > cfg.zs_t_max:
         raise ValueError(f"latent.zs_t_min={cfg.zs_t_min} exceeds latent.zs_t_max={cfg.zs_t_max}")
-    if adaptive and not 2 <= cfg.zs_first_round <= cfg.zs_trials:
-        raise ValueError(f"latent.zs_first_round: must lie in [2, zs_trials={cfg.zs_trials}] in adaptive mode, "
-                         f"got {cfg.zs_first_round}")
+    if adaptive is not None and not 2 <= adaptive.first_round <= cfg.zs_trials:
+        raise ValueError(f"--first-round: must lie in [2, latent.zs_trials={cfg.zs_trials}] in adaptive mode, "
+                         f"got {adaptive.first_round}")
     if cfg.zs_batch_size < 1:
         raise ValueError(f"latent.zs_batch_size: must be >= 1, got {cfg.zs_batch_size}")
 
@@ -76,7 +86,7 @@ def make_trials(cfg: LatentConfig, shape: tuple[int, ...], alphas_cumprod: torch
         t = torch.tensor([cfg.zs_timesteps[i % len(cfg.zs_timesteps)] for i in range(k)], dtype=torch.long)
     else:
         t = torch.linspace(cfg.zs_t_min, cfg.zs_t_max, k).round().long()
-    t = t[spread_order(k, cfg.zs_first_round)]
+    t = t[spread_order(k, FIRST_ROUND)]
     noise = torch.randn((k, *shape), generator=torch.Generator().manual_seed(seed * 7_919 + 17))
     if cfg.zs_weighting == "min_snr":
         ab = alphas_cumprod[t].double()
@@ -157,17 +167,18 @@ class ZeroShotResult:
 
 @torch.no_grad()
 def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfig, seed: int = 0,
-                       device="cpu", adaptive: bool | None = None, progress: bool = True) -> ZeroShotResult:
+                       device="cpu", adaptive: Adaptive | bool | None = None, progress: bool = True) -> ZeroShotResult:
     """Zero-shot class scores of `latents` (N, C, h, w) -- scaled latents, or images for a
-    pixel-space model -- under the class-conditional denoiser `model`."""
-    adaptive = cfg.zs_adaptive if adaptive is None else adaptive
+    pixel-space model -- under the class-conditional denoiser `model`. `adaptive`: an :class:`Adaptive`
+    (True: its defaults); None or False: every class gets every trial."""
+    adaptive = Adaptive() if adaptive is True else (adaptive or None)
     check_config(cfg, len(scheduler.alphas_cumprod), adaptive)
     model.eval()
     n, nc, k = len(latents), model.num_classes, cfg.zs_trials
     trials = make_trials(cfg, tuple(latents.shape[1:]), scheduler.alphas_cumprod, seed)
     errors = torch.full((n, nc, k), float("nan"))
     all_classes = [list(range(nc))] * n
-    first = cfg.zs_first_round if adaptive else k
+    first = adaptive.first_round if adaptive else k
     t0 = time.time()
     bar = tqdm(total=n * nc * k, desc="zero-shot" + (" (adaptive)" if adaptive else ""), unit="eval",
                disable=not (progress and dist.is_main()), leave=False)
@@ -185,7 +196,7 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
         best = mean1.argmin(1)
         d = errors[:, :, :first] - errors[torch.arange(n), best, :first][:, None]
         se = d.std(-1).clamp_min(1e-12) / first ** 0.5
-        keep = ~((d.mean(-1) > cfg.zs_drop_z * se) & (d.mean(-1) > 0))
+        keep = ~((d.mean(-1) > adaptive.drop_z * se) & (d.mean(-1) > 0))
         keep[torch.arange(n), best] = True
         alive = [torch.nonzero(row).flatten().tolist() for row in keep]
         todo = torch.tensor([i for i, a in enumerate(alive) if len(a) > 1], dtype=torch.long)

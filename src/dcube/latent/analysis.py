@@ -1,16 +1,18 @@
 """Timestep x layer analysis: which (layer, t) of the frozen denoiser discriminate the classes.
 
-For every t of ``latent.analysis_timesteps`` the training images (a stratified sample of
-``analysis_images``) are noised at t with a noise fixed per image (``features.extract`` in
+For every t of ``AnalysisOptions.timesteps`` the training images (a stratified sample of
+``images``) are noised at t with a noise fixed per image (``features.extract`` in
 ``xt`` mode, uniform class condition), every block is hooked and global-average pooled, and a
 linear probe (scikit-learn: standardise + logistic regression) is cross-validated on the
 training split (stratified k-fold) -> balanced accuracy. The zero-shot classifier restricted to
 that single t gives a zero-shot accuracy per t. The recommended set is the best cell's t and
-the ``analysis_top_layers`` best layers at that t, also written as ``features.*`` overrides.
+the ``top_layers`` best layers at that t, also written as ``features.*`` overrides. The options are
+``dcube analyze``'s (``--timesteps``, ``--images``, ...), not the run's configuration.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,28 @@ from dcube.utils.io import atomic_write
 from dcube.utils.plotting import pyplot
 
 
+@dataclass
+class AnalysisOptions:
+    timesteps: list = field(default_factory=lambda: [10, 50, 100, 200, 400, 600, 800])  # the t of the probe grid
+    images: int = 512  # training images the probes are fitted on (stratified)
+    zs_images: int = 128  # training images of the zero-shot accuracy per t
+    zs_trials: int = 4  # noise draws per t for it
+    folds: int = 5  # probe cross-validation folds
+    top_layers: int = 2  # layers in the recommended set
+
+    def check(self, num_train_timesteps: int) -> None:
+        """ValueError naming the option that is out of range."""
+        if not self.timesteps:
+            raise ValueError("--timesteps: must list at least one timestep")
+        bad = [t for t in self.timesteps if not 0 <= int(t) < num_train_timesteps]
+        if bad:
+            raise ValueError(f"--timesteps: {bad} outside [0, {num_train_timesteps})")
+        for name in ("images", "zs_images", "zs_trials", "folds", "top_layers"):
+            if getattr(self, name) < 1 or (name == "folds" and self.folds < 2):
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= {2 if name == 'folds' else 1}, "
+                                 f"got {getattr(self, name)}")
+
+
 def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, seed: int = 0, device="cpu",
            batch_size: int = 128, progress: bool = False) -> dict[str, torch.Tensor]:
     """name -> (N, C) globally average-pooled features of x_t (noise fixed per image index)."""
@@ -34,37 +58,34 @@ def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, se
     return {n: m.float().mean(dim=(2, 3)) for n, m in maps.items()}
 
 
-def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: LatentConfig, seed: int = 0,
-            device="cpu", progress: bool = True) -> dict:
-    """The probe grid, the zero-shot accuracy per t and the recommended (layers, t); JSON-able."""
-    ts = [int(t) for t in cfg.analysis_timesteps]
-    if not ts:
-        raise ValueError("latent.analysis_timesteps: must list at least one timestep")
-    bad = [t for t in ts if not 0 <= t < len(scheduler.alphas_cumprod)]
-    if bad:
-        raise ValueError(f"latent.analysis_timesteps: {bad} outside [0, {len(scheduler.alphas_cumprod)})")
+def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: LatentConfig,
+            opts: AnalysisOptions | None = None, seed: int = 0, device="cpu", progress: bool = True) -> dict:
+    """The probe grid, the zero-shot accuracy per t and the recommended (layers, t); JSON-able. `cfg`: the
+    zero-shot settings (``latent.zs_*``); `opts`: the analysis's own options."""
+    opts = opts or AnalysisOptions()
+    opts.check(len(scheduler.alphas_cumprod))
+    ts = [int(t) for t in opts.timesteps]
     y_all = labels.numpy()
-    idx = torch.as_tensor(stratified_subsample(y_all, cfg.analysis_images, [seed, 11]))
+    idx = torch.as_tensor(stratified_subsample(y_all, opts.images, [seed, 11]))
     z, y = latents[idx], y_all[idx.numpy()]
     names = list(model.feature_names)
     grid = {n: {} for n in names}
     for t in tqdm(ts, desc="analysis: probes", disable=not progress):
         feats = pooled(model, z, names, t, scheduler, seed, device)
         for n in names:
-            grid[n][str(t)] = probe_score(feats[n].numpy(), y, cfg.analysis_folds, seed)
-    zidx = torch.as_tensor(stratified_subsample(y_all, cfg.analysis_zs_images, [seed, 12]))
+            grid[n][str(t)] = probe_score(feats[n].numpy(), y, opts.folds, seed)
+    zidx = torch.as_tensor(stratified_subsample(y_all, opts.zs_images, [seed, 12]))
     zs = {}
     for t in tqdm(ts, desc="analysis: zero-shot per t", disable=not progress):
-        one = LatentConfig(**{**vars(cfg), "zs_timesteps": [t], "zs_trials": cfg.analysis_zs_trials,
-                              "zs_adaptive": False})
+        one = replace(cfg, zs_timesteps=[t], zs_trials=opts.zs_trials)
         res = classify_zero_shot(model, scheduler, latents[zidx], one, seed, device, progress=False)
         zs[str(t)] = float((res.pred == labels[zidx]).float().mean())
     best_layer, best_t = max(((n, t) for n in names for t in ts), key=lambda nt: grid[nt[0]][str(nt[1])])
-    top = sorted(names, key=lambda n: -grid[n][str(best_t)])[:max(1, cfg.analysis_top_layers)]
+    top = sorted(names, key=lambda n: -grid[n][str(best_t)])[:opts.top_layers]
     layers = [n for n in names if n in top]
     return {
         "timesteps": ts, "layers": names, "probe_balanced_accuracy": grid, "zero_shot_accuracy": zs,
-        "n_probe_images": len(idx), "n_zero_shot_images": len(zidx), "folds": cfg.analysis_folds,
+        "n_probe_images": len(idx), "n_zero_shot_images": len(zidx), "folds": opts.folds,
         "best": {"layer": best_layer, "timestep": best_t, "balanced_accuracy": grid[best_layer][str(best_t)]},
         "recommended": {"input_mode": "xt", "timestep": best_t, "layers": layers},
         "feature_overrides": ["features.input_mode=xt", f"features.timestep={best_t}",

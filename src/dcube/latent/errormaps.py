@@ -20,6 +20,10 @@ from dcube.latent.autoencoder import LatentCodec
 from dcube.utils.io import atomic_write, safe_name
 from dcube.utils.plotting import pyplot
 
+# the trials of an error map: these timesteps, this many noise draws each (fixed: they are not a setting anyone tuned)
+TIMESTEPS = (100, 250, 400)
+NOISES = 2
+
 
 @torch.no_grad()
 def error_map(model, scheduler, codec: LatentCodec, image: torch.Tensor, classes: tuple[int, int],
@@ -78,8 +82,8 @@ def save_overlay(image: torch.Tensor, emap: torch.Tensor, path: str | Path, titl
 
 
 def write_error_maps(model, scheduler, codec, images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor,
-                     class_names: list[str], out_dir: str | Path, per_class: int = 2, timesteps=(100, 250, 400),
-                     noises: int = 2, seed: int = 0, device="cpu", ids: list[str] | None = None) -> list[dict]:
+                     class_names: list[str], out_dir: str | Path, per_class: int = 2, timesteps=TIMESTEPS,
+                     noises: int = NOISES, seed: int = 0, device="cpu", ids: list[str] | None = None) -> list[dict]:
     """Overlays for the first `per_class` images of each true class; returns what was written."""
     out_dir = Path(out_dir)
     written = []

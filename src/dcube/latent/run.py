@@ -24,7 +24,7 @@ import torch
 from dcube.config import ConfigError, RunConfig
 from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
-from dcube.diffusion.zeroshot import classify_zero_shot
+from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
 from dcube.preflight import check_device
 from dcube.run import Method
@@ -32,9 +32,8 @@ from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, w
 from dcube.utils.runtime import seed_everything
 
 _POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
-             "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "analysis_images", "analysis_zs_images",
-             "analysis_zs_trials", "analysis_folds", "analysis_top_layers", "head_hidden", "head_lr",
-             "finetune_lr", "finetune_batch_size", "errormap_noises")
+             "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "head_hidden", "head_lr",
+             "finetune_lr", "finetune_batch_size")
 _NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay", "finetune_epochs")
 
 
@@ -147,11 +146,12 @@ class Latent(Method):
         return getattr(self.data, split).images if codec.is_identity else self.latents(split)
 
     # ------------------------------------------------------------------ zero-shot
-    def zero_shot(self, split: str = "test", adaptive: bool | None = None, max_images: int | None = None,
+    def zero_shot(self, split: str = "test", adaptive: Adaptive | bool | None = None, max_images: int | None = None,
                   error_maps: int = 0, tag: str = "") -> dict:
-        """Zero-shot metrics of a split (or a stratified subset); `tag` suffixes the output file."""
+        """Zero-shot metrics of a split (or a stratified subset); `adaptive`: class dropping (an
+        :class:`~dcube.diffusion.zeroshot.Adaptive`, True for its defaults); `tag` suffixes the output file."""
         model, dcfg, codec, sched = self.model()
-        adaptive = self.lc.zs_adaptive if adaptive is None else adaptive
+        adaptive = Adaptive() if adaptive is True else (adaptive or None)
         s, names = getattr(self.data, split), self.data.class_names
         idx = torch.arange(len(s.labels))
         if max_images is not None:
@@ -160,8 +160,9 @@ class Latent(Method):
         res = classify_zero_shot(model, sched, x, self.lc, self.cfg.seed, self.device, adaptive)
         metrics = compute_metrics(y.numpy(), res.probs.numpy(), names)
         out_dir = self.ldir / "zeroshot"
-        out = {"split": split, "adaptive": adaptive, "n_images": len(idx), "trials": self.lc.zs_trials,
-               "first_round": self.lc.zs_first_round if adaptive else None, "weighting": self.lc.zs_weighting,
+        out = {"split": split, "adaptive": adaptive is not None, "n_images": len(idx), "trials": self.lc.zs_trials,
+               "first_round": adaptive.first_round if adaptive else None,
+               "drop_z": adaptive.drop_z if adaptive else None, "weighting": self.lc.zs_weighting,
                "seconds": res.seconds, "images_per_s": res.images_per_s, "evaluations": res.evaluations,
                "evaluations_per_image": res.evaluations / max(len(idx), 1), "metrics": metrics,
                "model": str(self.model_path), "latent": not codec.is_identity,
@@ -172,13 +173,13 @@ class Latent(Method):
             imgs = s.images[idx]
             out["error_maps"] = write_error_maps(
                 model, sched, codec, imgs, y, res.probs, names, out_dir / "error_maps", error_maps,
-                self.lc.errormap_timesteps, self.lc.errormap_noises, self.cfg.seed, self.device,
-                [s.ids[i] for i in idx.tolist()])
+                seed=self.cfg.seed, device=self.device, ids=[s.ids[i] for i in idx.tolist()])
         write_json(out_dir / f"{split}{'_adaptive' if adaptive else ''}{tag}.json", out)
         return out
 
     # ------------------------------------------------------------------ analysis, heads
-    def analyze(self) -> dict:
+    def analyze(self, opts=None) -> dict:
+        """The timestep x layer analysis (`opts`: :class:`dcube.latent.analysis.AnalysisOptions`)."""
         from dcube.latent.analysis import analyze, plot_analysis
 
         path = self.ldir / "analysis" / "analysis.json"
@@ -186,7 +187,7 @@ class Latent(Method):
         def work():
             model, _, _, sched = self.model()
             t0 = time.time()
-            res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, self.cfg.seed,
+            res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, opts, self.cfg.seed,
                           self.device)
             res["seconds"] = time.time() - t0
             plot_analysis(res, path.parent / "analysis.png")
