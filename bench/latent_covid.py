@@ -248,8 +248,7 @@ def table() -> str:
     a = res.get("5_analysis")
     if a:
         ts = a["timesteps"]
-        # the options of `dcube analyze` (stored with the result; older results: the config keys they were then)
-        opts = a.get("options") or {"folds": lc.get("analysis_folds", 5), "zs_trials": lc.get("analysis_zs_trials")}
+        opts = a.get("options") or vars(ANALYSIS)  # older results: the same options, then config keys
         lines += ["", f"Timestep x layer analysis (`dcube analyze`): linear probe, {a['n_probe_images']} training images, "
                   f"{opts['folds']}-fold CV balanced accuracy; zero-shot "
                   f"accuracy with a single t ({opts['zs_trials']} noises, {a['n_zero_shot_images']} training "
