@@ -29,7 +29,7 @@ from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, channels_last, memory_format, training_module
 from dcube.utils.io import atomic_write_bytes, load_checkpoint, read_json, save_checkpoint, write_json
-from dcube.utils.runtime import EMA, epoch_batches, passes_for
+from dcube.utils.runtime import EMA, Pace, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 FEW_STEPS = 200  # fewer optimiser steps in a whole run than this: say so, and name classifier.min_steps
@@ -210,7 +210,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     if main and total < FEW_STEPS and not cfg.min_steps:
         print(f"[step 2] note: {total} optimiser steps in all ({n} training images, batch {cfg.batch_size}, "
               f"{cfg.epochs} epochs); a small training set may need classifier.min_steps (400 raised 10%-label "
-              "BreastMNIST validation AUC, BENCHMARKS.md robustness)")
+              "BreastMNIST validation AUC, docs/benchmarks/robustness.md)")
+    pace = Pace("step 2", epoch, cfg.epochs, "epochs", main, after=2)
     for epoch in range(epoch, cfg.epochs):
         head.train()
         # dropout draws: the same whether resumed or not (and different on every rank)
@@ -320,6 +321,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         if main:
             tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                                     if isinstance(v, float)))
+        pace.tick(epoch + 1)
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "metric": cfg.select_metric}
             save_checkpoint(out_dir / BEST, {"head": ema.module}, {"best": best})

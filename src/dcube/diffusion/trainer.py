@@ -33,7 +33,7 @@ from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import atomic_write, load_checkpoint, load_tensors, save_checkpoint, write_json
 from dcube.utils.plotting import pyplot
 from dcube.utils.rows import batches
-from dcube.utils.runtime import EMA
+from dcube.utils.runtime import EMA, Pace
 
 LAST = "last.safetensors"
 FINAL = "ema.safetensors"
@@ -248,6 +248,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
                         {**meta, "step": step, "history": history, "probe": probe, **extra})
 
     bar = tqdm(total=total, initial=step, desc="step 1: diffusion", unit="step", disable=not main)
+    pace = Pace("step 1", step, total, "steps", main)
     t0 = time.time()
     planned = collections.deque()  # the batches whose rows the reader has been given, oldest first
 
@@ -299,6 +300,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         history.append({"step": step, "mse": mse.item(), "contrastive": con.item()})
         bar.update(1)
         bar.set_postfix(mse=f"{float(mse):.4f}", con=f"{float(con):.3f}")
+        pace.tick(step)
         probe["train_seconds"] += time.time() - t_step
         evaluated = auto and (step % cfg.eval_every == 0 or step == total)
         if evaluated:

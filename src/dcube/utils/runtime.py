@@ -95,3 +95,33 @@ class EMA:
             e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
+
+
+def about(seconds: float) -> str:
+    """A duration as a person says it up front: 'under a minute', 'about 7 min', 'about 2.5 h'."""
+    if seconds < 60:
+        return "under a minute"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+class Pace:
+    """Says once, a few units into a stage, how long the rest will take at this machine's pace (the
+    progress bar's ETA moves; this line stays in the log)."""
+
+    def __init__(self, stage: str, done: int, total: int, unit: str, show: bool = True, after: int = 3):
+        self.stage, self.start, self.total, self.unit, self.show, self.after = stage, done, total, unit, show, after
+        self.t1 = None
+
+    def tick(self, done: int) -> None:
+        import time
+
+        from tqdm.auto import tqdm
+
+        if done - self.start == 1:
+            self.t1 = time.time()  # the first unit pays one-off costs: timed from the second on
+        elif self.t1 is not None and done - self.start == self.after and self.show and done < self.total:
+            per = (time.time() - self.t1) / (self.after - 1)
+            tqdm.write(f"[{self.stage}] {self.total - done} more {self.unit}: {about(per * (self.total - done))} "
+                       f"at this machine's pace ({per:.2f} s each)")
