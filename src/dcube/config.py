@@ -166,7 +166,7 @@ class ComputeConfig:
     matches contiguous within 1e-4 in the tests).
 
     Several processes (``accelerate launch`` / ``torchrun``) need no key: the launcher's
-    environment is enough (see README, multi-process)."""
+    environment is enough (docs/multi-gpu.md)."""
 
     mixed_precision: str = "no"  # no | bf16 | fp16: training forward passes under torch.autocast
     grad_accum: int = 1  # each process runs its share of a batch in this many micro-batches

@@ -32,7 +32,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{help_} (default: {d})" if help_ else f"default: {d}"
 
 
-def add_config_args(sp: argparse.ArgumentParser, what: str = "YAML configuration (README: configuration reference)"):
+def add_config_args(sp: argparse.ArgumentParser, what: str = "YAML configuration (docs/config.md: every key)"):
     sp.add_argument("config", nargs="?", help=f"{what}; without it, the defaults (+ --set)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set classifier.epochs=5 (repeatable)")
