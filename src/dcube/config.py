@@ -457,9 +457,52 @@ def validate(cfg: RunConfig) -> RunConfig:
         if cfg.classifier.cycle_weight > 0:
             raise ConfigError("classifier.cycle_weight: the cycle loss needs the step-1 denoiser, which "
                               "classifier.diffusion_features: false does not train; set it to 0")
-    if cfg.data.source in ("folder", "csv") and not cfg.data.path:
-        raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
+    validate_data(cfg.data)
+    validate_latent(cfg.latent)
     return cfg
+
+
+def validate_data(dc: DataConfig) -> None:
+    """The ``data`` section's rules (also checked by dcube.data.load_data for a DataConfig built in Python)."""
+    if dc.source not in _CHOICES["data.source"]:
+        raise ConfigError(f"data.source: {dc.source!r} is not one of {list(_CHOICES['data.source'])}")
+    if dc.channels not in _CHOICES["data.channels"]:
+        raise ConfigError(f"data.channels: {dc.channels!r} is not 1 or 3")
+    if dc.image_size <= 0:
+        raise ConfigError(f"data.image_size: must be > 0, got {dc.image_size}")
+    for split in ("train", "val", "test"):
+        cap = getattr(dc, f"max_{split}")
+        if cap is not None and cap <= 0:
+            raise ConfigError(f"data.max_{split}: must be > 0 or null, got {cap}")
+    if dc.labelled_per_class is not None and dc.labelled_per_class < 1:
+        raise ConfigError(f"data.labelled_per_class: must be >= 1 or null, got {dc.labelled_per_class}")
+    if dc.minority_ratio is not None and not 0 < dc.minority_ratio <= 1:
+        raise ConfigError(f"data.minority_ratio: must lie in (0, 1], got {dc.minority_ratio}")
+    if dc.source in ("folder", "csv") and not dc.path:
+        raise ConfigError(f"data.path: required when data.source is {dc.source!r}")
+
+
+_LATENT_POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size",
+                    "ae_checkpoint_every", "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "head_hidden",
+                    "head_lr", "finetune_lr", "finetune_batch_size")
+_LATENT_NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay", "finetune_epochs")
+
+
+def validate_latent(lc: LatentConfig) -> None:
+    """The ``latent`` section's rules (those that need the denoiser, e.g. its number of timesteps, are
+    checked where it is loaded: dcube.diffusion.zeroshot.check_config)."""
+    for name in _LATENT_POSITIVE:
+        if getattr(lc, name) <= 0:
+            raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
+    for name in _LATENT_NON_NEGATIVE:
+        if getattr(lc, name) < 0:
+            raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
+    for name in ("ae_crop", "ae_max_steps"):
+        v = getattr(lc, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"latent.{name}: must be > 0 or null, got {v}")
+    if lc.zs_t_min > lc.zs_t_max:
+        raise ConfigError(f"latent.zs_t_min={lc.zs_t_min} exceeds latent.zs_t_max={lc.zs_t_max}")
 
 
 def from_dict(values: dict) -> RunConfig:

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dcube.config import DataConfig
+from dcube.config import ConfigError, DataConfig, validate_data
 from dcube.data.bundle import SPLITS, DataBundle, DataError, Split
 from dcube.data.fetch import resolve_npz
 from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, save_plan
@@ -21,25 +21,6 @@ from dcube.data.npz import load_npz
 from dcube.data.splits import nested_per_class, stratified_subsample
 from dcube.utils import dist
 from dcube.utils.io import sha256_file
-
-
-def _check_cfg(cfg: DataConfig) -> None:
-    if cfg.source not in ("medmnist", "folder", "csv"):
-        raise DataError(f"data.source: {cfg.source!r} is not one of ['medmnist', 'folder', 'csv']")
-    if cfg.channels not in (1, 3):
-        raise DataError(f"data.channels: {cfg.channels!r} is not 1 or 3")
-    if cfg.image_size <= 0:
-        raise DataError(f"data.image_size: must be > 0, got {cfg.image_size}")
-    for s in SPLITS:
-        cap = getattr(cfg, f"max_{s}")
-        if cap is not None and cap <= 0:
-            raise DataError(f"data.max_{s}: must be > 0 or null, got {cap}")
-    if cfg.labelled_per_class is not None and cfg.labelled_per_class < 1:
-        raise DataError(f"data.labelled_per_class: must be >= 1 or null, got {cfg.labelled_per_class}")
-    if cfg.minority_ratio is not None and not 0 < cfg.minority_ratio <= 1:
-        raise DataError(f"data.minority_ratio: must lie in (0, 1], got {cfg.minority_ratio}")
-    if cfg.source != "medmnist" and not cfg.path:
-        raise DataError(f"data.path: required when data.source is {cfg.source!r}")
 
 
 def _cap(labels: np.ndarray, cfg: DataConfig, split: str, seed: int) -> np.ndarray:
@@ -102,7 +83,10 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
     grouped by patient_id when given) and the split is saved to / reused from
     ``run_dir/splits.csv``. `seed` draws the split and the caps unless ``cfg.split_seed`` is set. Every check runs before a tensor is returned.
     """
-    _check_cfg(cfg)
+    try:  # a DataConfig built in Python has not been through dcube.config.from_dict
+        validate_data(cfg)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from exc
     if cfg.split_seed is not None:  # one split (and caps) shared by runs with different seeds
         seed = cfg.split_seed
     if cfg.source == "medmnist":

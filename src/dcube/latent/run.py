@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dcube.config import ConfigError, RunConfig
+from dcube.config import RunConfig
 from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot
@@ -30,26 +30,6 @@ from dcube.preflight import check_device
 from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from dcube.utils.runtime import seed_everything
-
-_POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size", "ae_checkpoint_every",
-             "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "head_hidden", "head_lr",
-             "finetune_lr", "finetune_batch_size")
-_NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay", "finetune_epochs")
-
-
-def check_latent_config(lc) -> None:
-    """Raise ConfigError naming the ``latent.*`` field that is out of range."""
-    for name in _POSITIVE:
-        if getattr(lc, name) <= 0:
-            raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
-    for name in _NON_NEGATIVE:
-        if getattr(lc, name) < 0:
-            raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
-    for name in ("ae_crop", "ae_max_steps"):
-        v = getattr(lc, name)
-        if v is not None and v <= 0:
-            raise ConfigError(f"latent.{name}: must be > 0 or null, got {v}")
-
 
 class Latent(Method):
     """The latent-diffusion method's stages (the CLI calls them one by one, with their options)."""
@@ -64,7 +44,6 @@ class Latent(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        check_latent_config(cfg.latent)
         check_device(cfg.device)
         if cfg.diffusion.init_from is not None:
             from dcube.config import ConfigError
