@@ -1,6 +1,7 @@
 """Two sets of runs on the same test images: the paired difference of a metric, with the seeds' training noise
 in its CI (``dcube compare``, ``dcube.compare_runs``). Any run whose ``metrics.json`` holds per-image test
-probabilities and ids can take part: ``dcube run``'s and ``dcube train-baseline``'s alike."""
+probabilities and ids can take part: ``dcube run``'s, ``dcube train-baseline``'s and the latent zero-shot's
+(``run_dir/latent/zeroshot/metrics.json``) alike (:func:`dcube.evaluate.record.evaluation_record`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dcube.utils.io import read_json
 
 def _load(run: str | Path) -> dict:
     path = Path(run)
-    path = path if path.name == "metrics.json" else path / "metrics.json"
+    path = path if path.suffix == ".json" else path / "metrics.json"  # a run directory, or a record itself
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json; run 'dcube run' (or train-baseline) first")
     m = read_json(path)

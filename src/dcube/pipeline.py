@@ -41,7 +41,7 @@ from dcube.diffusion.trainer import load_denoiser, train_diffusion
 from dcube.evaluate import compute_metrics, format_table, select_score
 from dcube.evaluate.calibration import apply_temperature, calibrate, calibration_warning, plot_reliability
 from dcube.evaluate.plots import plot_confusion, plot_curves, plot_roc
-from dcube.evaluate.stats import bootstrap_ci
+from dcube.evaluate.record import evaluation_record
 from dcube.features import extract
 from dcube.features.cache import FeatureWriter, load_features, save_features
 from dcube.features.ks import plot_pvalues, select_ks_map
@@ -286,10 +286,10 @@ class DCube(Method):
         best = load_checkpoint(self.dir / "classifier" / BEST, {"head": head})["best"]
         probs = head_probabilities(head, test, device=self.device)
         val_probs = head_probabilities(head, val, device=self.device).numpy()
-        val_metrics = compute_metrics(val.labels.numpy(), val_probs, d.class_names)
-        metrics = compute_metrics(test.labels.numpy(), probs.numpy(), d.class_names)
-        metrics["ci95"] = bootstrap_ci(test.labels.numpy(), probs.numpy(), seed=self.cfg.seed)
-        val_metrics["ci95"] = bootstrap_ci(val.labels.numpy(), val_probs, seed=self.cfg.seed)
+        # the record every evaluating command writes (metrics + CIs, per-image probabilities: `dcube compare`)
+        rec = evaluation_record(test.labels.numpy(), probs.numpy(), d.test.ids, d.class_names, self.cfg.seed,
+                                val.labels.numpy(), val_probs)
+        metrics = rec["test"]
         cal = calibrate(val_probs, val.labels.numpy(), probs.numpy(), test.labels.numpy(), d.class_names,
                         self.cfg.classifier.target_sensitivity)
         write_json(self.dir / "classifier" / "calibration.json",
@@ -302,13 +302,10 @@ class DCube(Method):
         plot_roc(test.labels.numpy(), probs.numpy(), d.class_names, self.dir / "roc.png")
         history = read_json(self.dir / "classifier" / "history.json")["history"]
         plot_curves(history, self.dir / "classifier" / "curves.png")
-        full = {"test": metrics, "val": val_metrics, "best_epoch": best, "layers": names, "subfeature": cc.subfeature,
-                "dataset": self.dataset_name(), "seed": self.cfg.seed,
-                "calibration": cal, "timings_s": self.info["timings_s"],
-                # per-image test probabilities (split order): paired tests against other models
-                "test_probs": [[round(float(v), 6) for v in row] for row in probs.tolist()],
-                "test_labels": test.labels.tolist(), "test_ids": list(d.test.ids),  # `dcube compare` pairs on them
-                "val_probs": [[round(float(v), 6) for v in row] for row in val_probs.tolist()]}
+        full = {"test": metrics, "val": rec["val"], "best_epoch": best, "layers": names, "subfeature": cc.subfeature,
+                "dataset": self.dataset_name(), "seed": self.cfg.seed, "calibration": cal,
+                "timings_s": self.info["timings_s"],
+                **{k: rec[k] for k in ("test_probs", "test_labels", "test_ids", "val_probs")}}
         if self.cfg.classifier.subfeature == "auto":  # every candidate's validation score
             full["subfeature_choice"] = read_json(self.dir / "classifier" / CHOICE)
         write_json(self.dir / "metrics.json", full)

@@ -1,14 +1,28 @@
 """Latent diffusion: autoencoder round trip, zero-shot classifier, error maps, analysis, heads, CLI."""
 
 import argparse
+import json
 import math
 
 import pytest
 import torch
 
 from dcube.config import DiffusionConfig, LatentConfig, apply_overrides, from_dict
-from dcube.latent.autoencoder import LatentCodec, ae_spec, build_autoencoder, import_autoencoder, load_codec, train_autoencoder
-from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot, combine, make_trials, spread_order
+from dcube.diffusion.zeroshot import (
+    Adaptive,
+    classify_zero_shot,
+    combine,
+    make_trials,
+    spread_order,
+)
+from dcube.latent.autoencoder import (
+    LatentCodec,
+    ae_spec,
+    build_autoencoder,
+    import_autoencoder,
+    load_codec,
+    train_autoencoder,
+)
 
 from .conftest import blobs
 
@@ -185,7 +199,13 @@ def test_analysis_grid_heatmap_and_recommendation(micro_unet, tmp_path):
 
 
 def test_mlp_head_and_finetune_update_the_denoiser(micro_unet):
-    from dcube.latent.head import FineTuneModel, features, finetune, linear_probe, train_mlp_head
+    from dcube.latent.head import (
+        FineTuneModel,
+        features,
+        finetune,
+        linear_probe,
+        train_mlp_head,
+    )
 
     model, sched = micro_unet
     x, y = blobs(32, 16)
@@ -250,13 +270,22 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
     lat = tmp_path / "run" / "latent"
     assert (lat / "diffusion" / "latent.json").exists() and (lat / "diffusion" / "samples.png").exists()
     assert (lat / "zeroshot" / "test_adaptive.json").exists() and list((lat / "zeroshot" / "error_maps").glob("*.png"))
+    # the zero-shot's test record is the one every evaluating command writes: `dcube compare` pairs it
+    from dcube.compare import compare_runs
+
+    zs = lat / "zeroshot" / "metrics_adaptive.json"
+    assert compare_runs([zs], [zs])["diff"] == 0 and "ci95" in json.loads(zs.read_text())["test"]
     args = p.parse_args(["analyze", "--model", str(tmp_path / "missing.safetensors")] + common)
     assert args.func(args) == 2  # a clear error, not a traceback
 
 
 @pytest.mark.parametrize("backbone", ["unet", "uvit"])
 def test_latent_diffusion_trains_on_latents_and_samples_decoded_images(tmp_path, backbone):
-    from dcube.latent.diffusion import load_model, sample_decoded, train_latent_diffusion
+    from dcube.latent.diffusion import (
+        load_model,
+        sample_decoded,
+        train_latent_diffusion,
+    )
 
     x, y = blobs(16, 16)
     ae_path = train_autoencoder(LatentConfig(**AE, ae_max_steps=1), x, tmp_path / "ae")

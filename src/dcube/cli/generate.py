@@ -118,7 +118,7 @@ def cmd_train_baseline(args) -> int:
     """Write OUT/best.safetensors, history.json and metrics.json (test + val)."""
     from dcube.classify.baseline import BaselineConfig, train_baseline
     from dcube.evaluate import compute_metrics, format_table, select_score
-    from dcube.evaluate.stats import bootstrap_ci
+    from dcube.evaluate.record import evaluation_record
     from dcube.generate import load_synthetic
     from dcube.utils.io import write_json
 
@@ -129,17 +129,11 @@ def cmd_train_baseline(args) -> int:
     out = Path(args.out) if args.out else run_dir / f"baseline-{args.model}{'-synthetic' if synth else ''}"
     score = lambda y, p: select_score(compute_metrics(y, p, data.class_names), cfg.classifier.select_metric)  # noqa: E731
     res = train_baseline(bcfg, data, out, score, seed=cfg.seed, synthetic=synth, device=device)
-    test = compute_metrics(data.test.labels, res["test_probs"], data.class_names)
-    val = compute_metrics(data.val.labels, res["val_probs"], data.class_names)
-    test["ci95"] = bootstrap_ci(data.test.labels.numpy(), res["test_probs"].numpy(), seed=cfg.seed)
-    val["ci95"] = bootstrap_ci(data.val.labels.numpy(), res["val_probs"].numpy(), seed=cfg.seed)
-    rounded = lambda p: [[round(float(v), 6) for v in row] for row in p.tolist()]  # noqa: E731
-    # the same per-image record as `dcube run`'s metrics.json: `dcube compare` pairs the two on the test images
-    write_json(out / "metrics.json", {"test": test, "val": val, "best_epoch": res["best_epoch"],
-                                      "n_train_real": res["n_train_real"],
+    # the same record as `dcube run`'s metrics.json: `dcube compare` pairs the two on the test images
+    rec = evaluation_record(data.test.labels.numpy(), res["test_probs"].numpy(), data.test.ids, data.class_names,
+                            cfg.seed, data.val.labels.numpy(), res["val_probs"].numpy())
+    write_json(out / "metrics.json", {**rec, "best_epoch": res["best_epoch"], "n_train_real": res["n_train_real"],
                                       "n_train_synthetic": res["n_train_synthetic"], "seed": cfg.seed,
-                                      "synthetic": synth.info if synth else None, "model": args.model,
-                                      "test_probs": rounded(res["test_probs"]), "val_probs": rounded(res["val_probs"]),
-                                      "test_labels": data.test.labels.tolist(), "test_ids": list(data.test.ids)})
-    print(format_table(test, title=f"test metrics ({out})"))
+                                      "synthetic": synth.info if synth else None, "model": args.model})
+    print(format_table(rec["test"], title=f"test metrics ({out})"))
     return 0

@@ -26,6 +26,7 @@ from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
+from dcube.evaluate.record import evaluation_record
 from dcube.preflight import check_device
 from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -153,7 +154,12 @@ class Latent(Method):
             out["error_maps"] = write_error_maps(
                 model, sched, codec, imgs, y, res.probs, names, out_dir / "error_maps", error_maps,
                 seed=self.cfg.seed, device=self.device, ids=[s.ids[i] for i in idx.tolist()])
-        write_json(out_dir / f"{split}{'_adaptive' if adaptive else ''}{tag}.json", out)
+        name = f"{split}{'_adaptive' if adaptive else ''}{tag}"
+        write_json(out_dir / f"{name}.json", out)
+        if split == "test":  # the record every evaluating command writes: `dcube compare` pairs it with any run's
+            write_json(out_dir / f"metrics{name[4:]}.json", {
+                **evaluation_record(y.numpy(), res.probs.numpy(), out["ids"], names, self.cfg.seed),
+                "method": "latent zero-shot", "adaptive": out["adaptive"], "seed": self.cfg.seed})
         return out
 
     # ------------------------------------------------------------------ analysis, heads
