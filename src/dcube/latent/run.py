@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dcube.config import RunConfig
+from dcube.config import ConfigError, RunConfig
 from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot
@@ -45,12 +45,30 @@ class Latent(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
+        """A pretrained pair starts a run: ``latent.autoencoder`` and ``diffusion.init_from`` (a latent step-1
+        model of this backbone and preset whose latents have this autoencoder's shape), checked before anything
+        trains; with an imported autoencoder the latent shape is checked once it is loaded."""
         check_device(cfg.device)
-        if cfg.diffusion.init_from is not None:
-            from dcube.config import ConfigError
+        if cfg.diffusion.init_from is None:
+            return
+        lc, d = cfg.latent, cfg.data
+        shape = None if lc.autoencoder else (lc.ae_latent_channels, d.image_size // 2 ** (len(lc.ae_channels) - 1))
+        cls._check_init_from(cfg, shape)
 
-            raise ConfigError("diffusion.init_from: the latent method does not start from a pixel-space backbone; "
-                              "remove the key (latent.autoencoder takes a pretrained autoencoder)")
+    @staticmethod
+    def _check_init_from(cfg: RunConfig, shape: tuple[int, int] | None) -> None:
+        """ConfigError naming diffusion.init_from when its model is not this run's latent denoiser."""
+        from dcube.diffusion.backbone import check_backbone, read_meta
+
+        try:
+            if shape is None:  # only the architecture and preset can be known yet
+                meta = read_meta(cfg.diffusion.init_from)
+                shape = (meta["in_channels"], meta["image_size"])
+            check_backbone(cfg.diffusion.init_from, cfg.diffusion, *shape)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{exc} (the latent method: a latent step-1 model with {shape[0]} latent channel(s) "
+                              f"at {shape[1]} px, e.g. another run's latent/diffusion/ema.safetensors)"
+                              if shape else str(exc)) from exc
 
     def __init__(self, cfg: RunConfig, model_path: str | Path | None = None):
         super().__init__(cfg)
@@ -102,7 +120,10 @@ class Latent(Method):
 
         def work():
             d = self.data
-            return train_latent_diffusion(self.cfg.diffusion, self.codec(), self.latents("train"), d.train.labels,
+            z = self.latents("train")
+            if self.cfg.diffusion.init_from:  # the loaded autoencoder's latent shape against the pretrained denoiser
+                self._check_init_from(self.cfg, (z.shape[1], z.shape[-1]))
+            return train_latent_diffusion(self.cfg.diffusion, self.codec(), z, d.train.labels,
                                           len(d.class_names), self.model_path.parent, self.cfg.seed, self.device,
                                           d.class_names)
 
