@@ -31,7 +31,8 @@ def test_pneumoniamnist_slice_reaches_auc(shared_data, tmp_path):
     whose frozen probe alone reaches 0.945 here, so a bar on the full head cannot see this path) reach test
     ROC-AUC >= 0.90. Measured 0.929 by this config; a feature path that loses the image (constant or misaligned
     maps, a head that ignores them) gives ~0.5. An untrained micro denoiser's features reach 0.930 too, so this
-    guards the feature path, not what step 1 learned (bench.convergence's untrained row, bench.controls). The
+    guards the feature path; what step 1 learns is guarded by tests/diffusion/test_diffusion_trainer.py (held-out
+    denoising error) and the zero-shot test of tests/latent. The
     head with the sub-feature CNN is covered by the control-arm and subfeature=auto tests."""
     cfg = _cfg(shared_data, tmp_path / "run",
                data={"max_train": 800, "max_val": 200, "max_test": 400},
