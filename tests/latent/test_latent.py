@@ -330,3 +330,22 @@ def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
         Latent(cfg(ae_lr=2e-3))
     with pytest.raises(ConfigError, match="seed 1 differs"):
         Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_lr": 1e-3}}))
+
+
+def test_the_help_of_the_latent_options_says_their_defaults():
+    """dcube analyze / classify-zero-shot leave an option unset (its dataclass default applies); the help says
+    the default, and it is the dataclass's."""
+    import argparse
+    import dataclasses
+
+    from dcube.cli.latent import register
+    from dcube.diffusion.zeroshot import Adaptive
+    from dcube.latent.analysis import AnalysisOptions
+
+    handlers = register(argparse.ArgumentParser().add_subparsers(dest="cmd"))
+    for cmd, cls in (("analyze", AnalysisOptions), ("classify-zero-shot", Adaptive)):
+        helps = {a.dest: a.help for a in handlers[cmd][0]._actions}
+        for f in dataclasses.fields(cls):
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            said = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            assert helps[f.name].endswith(f"(default: {said})"), (cmd, f.name, helps[f.name])

@@ -99,21 +99,21 @@ def register(subparsers) -> dict:
              cmd_classify_zero_shot, model=True)
     sp.add_argument("--split", default="test", choices=("train", "val", "test"), help="the split classified")
     sp.add_argument("--adaptive", action="store_true", help="drop clearly worse classes after a first round")
-    sp.add_argument("--first-round", type=int, metavar="K", help="--adaptive: trials before dropping (default 4)")
+    sp.add_argument("--first-round", type=int, metavar="K", help="--adaptive: trials before dropping (default: 4)")
     sp.add_argument("--drop-z", type=float, metavar="Z",
-                    help="--adaptive: drop a class whose paired error excess exceeds Z standard errors (default 2)")
+                    help="--adaptive: drop a class whose paired error excess exceeds Z standard errors (default: 2.0)")
     sp.add_argument("--max-images", type=int, help="a stratified subset of the split")
     sp.add_argument("--error-maps", type=int, default=0, metavar="N",
                     help="write error-map overlays for N images of each class")
     sp = add("analyze", "timestep x layer linear probes + zero-shot accuracy per t -> recommended (layers, t)",
              cmd_analyze, model=True)
-    # defaults: dcube.latent.analysis.AnalysisOptions (10 50 100 200 400 600 800; 512; 128; 4; 5; 2)
-    sp.add_argument("--timesteps", type=int, nargs="+", metavar="T", help="the timesteps of the probe grid")
-    sp.add_argument("--images", type=int, help="training images the probes are fitted on (stratified)")
-    sp.add_argument("--zs-images", type=int, help="training images of the zero-shot accuracy per t")
-    sp.add_argument("--zs-trials", type=int, help="noise draws per t for it")
-    sp.add_argument("--folds", type=int, help="probe cross-validation folds")
-    sp.add_argument("--top-layers", type=int, help="layers in the recommended set")
+    # the defaults are AnalysisOptions' and Adaptive's (tests/latent: the help says them); None = the default
+    sp.add_argument("--timesteps", type=int, nargs="+", metavar="T", help="the timesteps of the probe grid (default: 10 50 100 200 400 600 800)")
+    sp.add_argument("--images", type=int, help="training images the probes are fitted on, stratified (default: 512)")
+    sp.add_argument("--zs-images", type=int, help="training images of the zero-shot accuracy per t (default: 128)")
+    sp.add_argument("--zs-trials", type=int, help="noise draws per t for it (default: 4)")
+    sp.add_argument("--folds", type=int, help="probe cross-validation folds (default: 5)")
+    sp.add_argument("--top-layers", type=int, help="layers in the recommended set (default: 2)")
     sp = add("train-latent-head", "linear probe and MLP head on the recommended features", cmd_train_latent_head,
              model=True)
     sp.add_argument("--finetune", action="store_true", help="also fine-tune denoiser + head end to end")
