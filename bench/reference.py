@@ -59,7 +59,11 @@ def compare(rev: str) -> dict:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "old")], cwd=ROOT, capture_output=True)
     diff = max(abs(a - b) for pa, pb in zip(before["test_probs"], after["test_probs"]) for a, b in zip(pa, pb))
-    return {"against": rev, "commit": commit, "before": before, "after": after,
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip())
+    return {"against": rev, "commit": commit, "after_commit": head + ("+changes" if dirty else ""),
+            "before": before, "after": after,
             "same_layers": before["layers"] == after["layers"], "max_prob_diff": diff,
             "same_metrics": before["test"] == after["test"]}
 
@@ -69,10 +73,12 @@ def table() -> str:
              f"Command: `python -m bench.reference --against REV`. Machine: {machine()}. The same small D-Cube run "
              "(defaults; PneumoniaMNIST slice, micro preset) on the earlier commit and on the work tree that made "
              "this page, each in a fresh process.\n",
-             "| against | commit | test AUC before | test AUC after | same metrics | same layers | largest test-probability difference |",
-             "|---|---|---|---|---|---|---|"]
+             "| against | commit | work tree at | test AUC before | test AUC after | same metrics | same layers | "
+             "largest test-probability difference |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in load_results(STUDY):
-        lines.append(f"| `{r['against']}` | {r['commit'][:10]} | {r['before']['test']['auc']:.4f} | "
+        lines.append(f"| `{r['against']}` | {r['commit'][:10]} | {r.get('after_commit', '-')[:10]} | "
+                     f"{r['before']['test']['auc']:.4f} | "
                      f"{r['after']['test']['auc']:.4f} | {'yes' if r['same_metrics'] else 'NO'} | "
                      f"{'yes' if r['same_layers'] else 'NO'} | {r['max_prob_diff']:.2g} |")
     return "\n".join(lines)
