@@ -105,3 +105,27 @@ def test_an_archived_study_regenerates_its_page_and_runs_nothing(study, tmp_path
     stored = (ROOT / "docs" / "benchmarks" / f"{study}.md").read_text()
     rows = [line for line in stored.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) > 10 and all(row in page for row in rows if "Machine" not in row)  # the same table
+
+
+def test_the_heatmaps_study_runs_on_a_tiny_finished_run(shared_data, tmp_path):
+    """bench.heatmaps reads a finished chest X-ray run (the demo's by default): here a tiny one."""
+    from dcube.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""
+run_dir: {tmp_path / 'run'}
+threads: 1
+data: {{name: pneumoniamnist, path: {shared_data / 'medmnist' / 'pneumoniamnist.npz'}, download: false,
+        max_train: 64, max_val: 32, max_test: 32}}
+diffusion: {{preset: micro, max_steps: 2, batch_size: 16, sample_grid: false}}
+features: {{ks_images: 32, batch_size: 32}}
+classifier: {{epochs: 1, batch_size: 16, bn_recalibration: 32}}
+""")
+    assert main(["run", str(cfg)]) == 0
+    env = {**os.environ, "DCUBE_BENCH_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench.heatmaps", "--run-dir", str(tmp_path / "run"), "--images", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(next((tmp_path / "out" / "results" / "heatmaps").glob("*.json")).read_text())
+    page = (tmp_path / "out" / "docs" / "benchmarks" / "heatmaps.md").read_text()
+    assert rec["wall_s"] >= 0 and "Command" in page and (tmp_path / "out" / "results" / "heatmaps" / "run-panel.png").exists()
