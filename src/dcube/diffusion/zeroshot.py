@@ -42,6 +42,11 @@ class Adaptive:
     drop_z: float = 2.0  # drop a class when its paired error excess exceeds this many standard errors
 
 
+def as_adaptive(adaptive: "Adaptive | bool | None") -> "Adaptive | None":
+    """An Adaptive (True: its defaults) or None (None or False: every class gets every trial)."""
+    return Adaptive() if adaptive is True else (adaptive or None)
+
+
 FIRST_ROUND = Adaptive().first_round  # also the trial order's stride (any prefix spreads over the t range)
 
 
@@ -171,7 +176,7 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
     """Zero-shot class scores of `latents` (N, C, h, w) -- scaled latents, or images for a
     pixel-space model -- under the class-conditional denoiser `model`. `adaptive`: an :class:`Adaptive`
     (True: its defaults); None or False: every class gets every trial."""
-    adaptive = Adaptive() if adaptive is True else (adaptive or None)
+    adaptive = as_adaptive(adaptive)
     check_config(cfg, len(scheduler.alphas_cumprod), adaptive)
     model.eval()
     n, nc, k = len(latents), model.num_classes, cfg.zs_trials

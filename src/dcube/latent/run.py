@@ -24,7 +24,7 @@ import torch
 from dcube.config import ConfigError, RunConfig
 from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
-from dcube.diffusion.zeroshot import Adaptive, classify_zero_shot
+from dcube.diffusion.zeroshot import Adaptive, as_adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
 from dcube.evaluate.record import evaluation_record
 from dcube.preflight import check_device
@@ -152,7 +152,7 @@ class Latent(Method):
         """Zero-shot metrics of a split (or a stratified subset); `adaptive`: class dropping (an
         :class:`~dcube.diffusion.zeroshot.Adaptive`, True for its defaults); `tag` suffixes the output file."""
         model, dcfg, codec, sched = self.model()
-        adaptive = Adaptive() if adaptive is True else (adaptive or None)
+        adaptive = as_adaptive(adaptive)
         s, names = getattr(self.data, split), self.data.class_names
         idx = torch.arange(len(s.labels))
         if max_images is not None:
