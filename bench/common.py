@@ -44,7 +44,7 @@ _TINY = {
                   "checkpoint_every": 100},
     "features": {"ks_images": 24, "batch_size": 32},
     "classifier": {"epochs": 1, "batch_size": 16},
-    "latent": {"ae_channels": [8, 8], "ae_norm_groups": 4, "ae_max_steps": 2, "ae_epochs": 1, "ae_crop": 32,
+    "latent": {"ae_channels": [8, 8], "ae_max_steps": 2, "ae_epochs": 1,
                "zs_trials": 3, "head_epochs": 2, "finetune_epochs": 1},
 }
 

@@ -134,29 +134,11 @@ class LatentConfig:
     autoencoder: Optional[str] = None  # safetensors AutoencoderKL weights to use; None = train one
     ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
     ae_latent_channels: int = 4  # autoencoder latent channels
-    ae_num_res_blocks: int = 1  # autoencoder residual blocks per level
-    ae_norm_groups: int = 8  # GroupNorm groups; must divide every ae_channels entry
-    ae_epochs: int = 5  # autoencoder epochs
+    ae_epochs: int = 5  # autoencoder epochs (its batch, learning rate and crops: dcube.latent.autoencoder)
     ae_max_steps: Optional[int] = None  # autoencoder: stop after this many optimiser steps
-    ae_batch_size: int = 16  # autoencoder images per step
-    ae_lr: float = 5e-4  # autoencoder learning rate
-    ae_kl_weight: float = 1e-6  # weight of the autoencoder's KL term
-    ae_crop: Optional[int] = 64  # train on random square crops (fully convolutional); None = whole images
-    ae_checkpoint_every: int = 100  # autoencoder optimiser steps between checkpoints
-    zs_trials: int = 16  # K (t, noise) pairs per image, shared by all classes
-    zs_timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
-    zs_t_min: int = 50  # zero-shot trials: smallest timestep
-    zs_t_max: int = 950  # zero-shot trials: largest timestep
-    zs_weighting: str = "uniform"  # uniform | min_snr
-    zs_temperature: float = 1.0  # scores = softmax(-mean error / temperature)
-    zs_batch_size: int = 256  # denoiser inputs per forward pass (images x classes x trials)
-    head_hidden: int = 128  # light head: hidden units
+    zs_trials: int = 16  # zero-shot: K (t, noise) pairs per image, shared by all classes (more: dcube classify-zero-shot -h)
     head_epochs: int = 60  # light head: epochs
-    head_lr: float = 1e-3  # light head: learning rate
-    head_weight_decay: float = 1e-4  # light head: weight decay
-    finetune_epochs: int = 3  # latent finetune: epochs
-    finetune_lr: float = 1e-5  # denoiser LR when fine-tuning end to end (the head keeps head_lr)
-    finetune_batch_size: int = 32  # latent finetune: images per step
+    finetune_epochs: int = 3  # latent finetune: epochs (its learning rates and batch: dcube.latent.head)
 
 
 @dataclass
@@ -226,6 +208,11 @@ REMOVED = {
     "features.probe_layers": ANY, "features.probe_folds": ANY, "features.condition": "uniform",
     "features.timesteps": None, "diffusion.loss_weighting": "uniform", "diffusion.min_snr_gamma": ANY,
     "latent.contrastive": False,
+    # fixed in the code (dcube.latent.autoencoder / head): knobs no study or user changed
+    "latent.ae_num_res_blocks": 1, "latent.ae_norm_groups": 8, "latent.ae_batch_size": 16, "latent.ae_lr": 5e-4,
+    "latent.ae_kl_weight": 1e-6, "latent.ae_crop": 64, "latent.ae_checkpoint_every": ANY, "latent.head_hidden": 128,
+    "latent.head_lr": 1e-3, "latent.head_weight_decay": 1e-4, "latent.finetune_lr": 1e-5,
+    "latent.finetune_batch_size": 32,
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -241,6 +228,12 @@ MOVED = {
     "latent.analysis_top_layers": (2, "dcube analyze --top-layers"),
     "latent.errormap_timesteps": ([100, 250, 400], "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
     "latent.errormap_noises": (2, "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
+    "latent.zs_timesteps": (None, "dcube classify-zero-shot --timesteps"),
+    "latent.zs_t_min": (50, "dcube classify-zero-shot --t-min"),
+    "latent.zs_t_max": (950, "dcube classify-zero-shot --t-max"),
+    "latent.zs_weighting": ("uniform", "dcube classify-zero-shot --weighting"),
+    "latent.zs_temperature": (1.0, "dcube classify-zero-shot --temperature"),
+    "latent.zs_batch_size": (ANY, "dcube classify-zero-shot --batch-size"),
 }
 # words a numeric key also takes
 _WORDS = {"diffusion.epochs": ("auto",)}
@@ -315,7 +308,7 @@ def _removed(prefix: str, key: Any, value: Any) -> bool:
     where = f"{prefix}{key}"
     if isinstance(key, str) and where in MOVED:
         default, option = MOVED[where]
-        if value == default:
+        if default is ANY or value == default:
             return True
         raise ConfigError(f"{where}: moved out of the configuration in dcube 1.0; use {option} (CHANGELOG.md)")
     if not isinstance(key, str) or where not in REMOVED:
@@ -357,9 +350,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.lr": cfg.diffusion.lr,
         "classifier.lr": cfg.classifier.lr,
         "classifier.cnn_lr": cfg.classifier.cnn_lr,
-        "latent.ae_lr": cfg.latent.ae_lr,
-        "latent.head_lr": cfg.latent.head_lr,
-        "latent.finetune_lr": cfg.latent.finetune_lr,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -381,7 +371,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.min_steps": cfg.classifier.min_steps,
         "diffusion.weight_decay": cfg.diffusion.weight_decay,
         "classifier.weight_decay": cfg.classifier.weight_decay,
-        "latent.head_weight_decay": cfg.latent.head_weight_decay,
         "classifier.synthetic_ratio": cfg.classifier.synthetic_ratio or 0,
         "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
@@ -482,27 +471,19 @@ def validate_data(dc: DataConfig) -> None:
         raise ConfigError(f"data.path: required when data.source is {dc.source!r}")
 
 
-_LATENT_POSITIVE = ("ae_latent_channels", "ae_num_res_blocks", "ae_norm_groups", "ae_batch_size",
-                    "ae_checkpoint_every", "ae_lr", "zs_trials", "zs_batch_size", "zs_temperature", "head_hidden",
-                    "head_lr", "finetune_lr", "finetune_batch_size")
-_LATENT_NON_NEGATIVE = ("ae_epochs", "ae_kl_weight", "head_epochs", "head_weight_decay", "finetune_epochs")
-
-
 def validate_latent(lc: LatentConfig) -> None:
-    """The ``latent`` section's rules (those that need the denoiser, e.g. its number of timesteps, are
-    checked where it is loaded: dcube.diffusion.zeroshot.check_config)."""
-    for name in _LATENT_POSITIVE:
+    """The ``latent`` section's rules."""
+    for name in ("ae_latent_channels", "zs_trials"):
         if getattr(lc, name) <= 0:
             raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
-    for name in _LATENT_NON_NEGATIVE:
+    for name in ("ae_epochs", "head_epochs", "finetune_epochs"):
         if getattr(lc, name) < 0:
             raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
-    for name in ("ae_crop", "ae_max_steps"):
-        v = getattr(lc, name)
-        if v is not None and v <= 0:
-            raise ConfigError(f"latent.{name}: must be > 0 or null, got {v}")
-    if lc.zs_t_min > lc.zs_t_max:
-        raise ConfigError(f"latent.zs_t_min={lc.zs_t_min} exceeds latent.zs_t_max={lc.zs_t_max}")
+    if lc.ae_max_steps is not None and lc.ae_max_steps <= 0:
+        raise ConfigError(f"latent.ae_max_steps: must be > 0 or null, got {lc.ae_max_steps}")
+    if not lc.ae_channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                     for c in lc.ae_channels):
+        raise ConfigError(f"latent.ae_channels: a list of positive channel counts, got {lc.ae_channels!r}")
 
 
 def from_dict(values: dict) -> RunConfig:

@@ -14,9 +14,12 @@ import yaml
 from PIL import Image
 
 from dcube.config import LatentConfig, from_dict
+from dcube.diffusion.zeroshot import ZeroShotOptions
 
 WORKER = Path(__file__).with_name("worker.py")
-AE = dict(ae_channels=[8, 8], ae_norm_groups=4, ae_max_steps=3, ae_epochs=1, ae_batch_size=7, ae_crop=8)
+AE = dict(ae_channels=[16, 16], ae_max_steps=3, ae_epochs=1)
+AE_TRAIN = dict(batch_size=7, crop=8)  # an odd batch split over 2 ranks, random crops
+ZS = ZeroShotOptions(trials=3, batch_size=4)
 
 
 def _free_port() -> int:
@@ -35,8 +38,7 @@ def _config(work: Path) -> dict:
         "features": {"ks_images": 20, "batch_size": 8, "input_mode": "xt", "timestep": 100},
         "classifier": {"subfeature": "none", "fuse_size": 4, "epochs": 2, "batch_size": 8, "cycle_batch": 4,
                        "consistency_batch": 5},
-        "latent": {"zs_trials": 3, "zs_batch_size": 4},
-        "compute": {"grad_accum": 2},
+                "compute": {"grad_accum": 2},
     }
 
 
@@ -99,7 +101,7 @@ def test_gathered_results_equal_one_process(two_procs):
     samples = sample_images(model, dcfg, torch.tensor([0, 1, 0, 1, 1]), steps=3, seed=5, batch_size=2,
                             progress=False)
     assert torch.equal(got["samples"], samples)
-    zs = classify_zero_shot(model, r._scheduler(dcfg), images[:5], r.cfg.latent, seed=3, progress=False)
+    zs = classify_zero_shot(model, r._scheduler(dcfg), images[:5], ZS, seed=3, progress=False)
     assert torch.equal(got["zs"], zs.probs)
 
 
@@ -110,7 +112,7 @@ def test_autoencoder_on_two_processes_matches_one(two_procs, tmp_path):
     work, _ = two_procs
     images = _run(work).data.train.images
     torch.manual_seed(0)
-    path = train_autoencoder(LatentConfig(**AE), images, tmp_path, seed=3)
+    path = train_autoencoder(LatentConfig(**AE), images, tmp_path, seed=3, **AE_TRAIN)
     a, b = load_tensors(path)[0], load_tensors(work / "ae" / "autoencoder.safetensors")[0]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k

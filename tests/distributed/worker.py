@@ -38,13 +38,16 @@ if RANK == 1:
 
 from dcube.cli import main  # noqa: E402
 from dcube.config import LatentConfig, from_dict  # noqa: E402
+from dcube.diffusion.zeroshot import ZeroShotOptions  # noqa: E402
 from dcube.features import extract  # noqa: E402
 from dcube.pipeline import DCube  # noqa: E402
 from dcube.utils import dist  # noqa: E402
 from dcube.utils.io import save_tensors  # noqa: E402
 
 CONFIG = json.loads((WORK / "config.json").read_text())
-AE = dict(ae_channels=[8, 8], ae_norm_groups=4, ae_max_steps=3, ae_epochs=1, ae_batch_size=7, ae_crop=8)
+AE = dict(ae_channels=[16, 16], ae_max_steps=3, ae_epochs=1)
+AE_TRAIN = dict(batch_size=7, crop=8)  # an odd batch split over 2 ranks, random crops
+ZS = ZeroShotOptions(trials=3, batch_size=4)
 assert dist.world_size() == 2 and dist.rank() == RANK
 
 assert main(["run", str(WORK / "config.yaml")]) == 0  # the CLI, as `torchrun ... -m dcube.cli run` runs it
@@ -70,12 +73,12 @@ from dcube.diffusion.sampling import sample_images  # noqa: E402
 from dcube.diffusion.zeroshot import classify_zero_shot  # noqa: E402
 
 samples = sample_images(model, dcfg, torch.tensor([0, 1, 0, 1, 1]), steps=3, seed=5, batch_size=2, progress=False)
-zs = classify_zero_shot(model, r._scheduler(dcfg), images[:5], r.cfg.latent, seed=3, progress=False)
+zs = classify_zero_shot(model, r._scheduler(dcfg), images[:5], ZS, seed=3, progress=False)
 from dcube.latent.autoencoder import load_codec, train_autoencoder  # noqa: E402
 
 recording = False
 torch.manual_seed(RANK)  # a different initialisation per rank: rank 0's is broadcast
-ae = train_autoencoder(LatentConfig(**AE), images, WORK / "ae", seed=3)
+ae = train_autoencoder(LatentConfig(**AE), images, WORK / "ae", seed=3, **AE_TRAIN)
 latents = load_codec(ae).encode_all(images, batch_size=4, progress=False)
 save_tensors(WORK / "gathered.safetensors", {**{f"feat.{k}": v for k, v in maps.items()},
                                              **{f"featdisk.{k}": v for k, v in maps_disk.items()},

@@ -10,6 +10,7 @@ import torch
 from dcube.config import DiffusionConfig, LatentConfig, apply_overrides, from_dict
 from dcube.diffusion.zeroshot import (
     Adaptive,
+    ZeroShotOptions,
     classify_zero_shot,
     combine,
     make_trials,
@@ -26,8 +27,8 @@ from dcube.latent.autoencoder import (
 
 from .conftest import blobs
 
-AE = dict(ae_channels=[8, 16], ae_norm_groups=8, ae_latent_channels=2, ae_batch_size=8, ae_crop=None,
-          ae_checkpoint_every=2)
+AE = dict(ae_channels=[8, 16], ae_latent_channels=2)
+TRAIN = dict(batch_size=8, crop=None, checkpoint_every=2)  # train_autoencoder's settings for 16 px blobs
 
 
 # ---------------------------------------------------------------- autoencoder
@@ -45,7 +46,7 @@ def test_latent_round_trip_keeps_shape_and_range():
 def test_train_autoencoder_scales_latents_and_reports_psnr_ssim(tmp_path):
     x, _ = blobs(16, 16)
     cfg = LatentConfig(**AE, ae_epochs=1, ae_max_steps=2)
-    path = train_autoencoder(cfg, x, tmp_path, seed=0, heldout=x[:4])
+    path = train_autoencoder(cfg, x, tmp_path, seed=0, heldout=x[:4], **TRAIN)
     codec = load_codec(path)
     z = codec.encode_all(x, progress=False)
     assert z.std().item() == pytest.approx(1.0, rel=1e-3)  # scaled to unit variance
@@ -69,15 +70,15 @@ def test_import_autoencoder_checks_keys_and_names_the_file(tmp_path):
     save_file({"encoder.nope": torch.zeros(2)}, str(bad))
     with pytest.raises(ValueError, match="wrong.safetensors"):
         import_autoencoder(cfg, bad, x, tmp_path / "x")
-    with pytest.raises(ValueError, match="ae_norm_groups"):
-        ae_spec(LatentConfig(ae_channels=[12, 16], ae_norm_groups=8), 1)
+    assert ae_spec(LatentConfig(ae_channels=[12, 24]), 1)["norm_num_groups"] == 4  # divides every level
+    assert ae_spec(LatentConfig(), 1)["norm_num_groups"] == 8
 
 
 # ---------------------------------------------------------------- zero-shot classifier
 def test_zero_shot_scores_are_a_distribution_and_deterministic(micro_unet):
     model, sched = micro_unet
     x, _ = blobs(6, 16)
-    cfg = LatentConfig(zs_trials=6, zs_batch_size=10)
+    cfg = ZeroShotOptions(trials=6, batch_size=10)
     a = classify_zero_shot(model, sched, x, cfg, seed=3, progress=False)
     b = classify_zero_shot(model, sched, x, cfg, seed=3, progress=False)
     assert a.probs.shape == (6, 2) and torch.equal(a.probs, b.probs)
@@ -90,11 +91,11 @@ def test_zero_shot_scores_are_a_distribution_and_deterministic(micro_unet):
 def test_adaptive_keeps_every_class_when_nothing_is_clearly_worse(micro_unet):
     model, sched = micro_unet
     x, _ = blobs(4, 16)
-    plain = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), progress=False)
-    same = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), adaptive=Adaptive(3, 1e9), progress=False)
+    plain = classify_zero_shot(model, sched, x, ZeroShotOptions(trials=6), progress=False)
+    same = classify_zero_shot(model, sched, x, ZeroShotOptions(trials=6), adaptive=Adaptive(3, 1e9), progress=False)
     assert torch.allclose(plain.probs, same.probs) and same.evaluations == plain.evaluations
     eager = Adaptive(first_round=3, drop_z=-1e9)  # drops all but the best
-    fast = classify_zero_shot(model, sched, x, LatentConfig(zs_trials=6), adaptive=eager, progress=False)
+    fast = classify_zero_shot(model, sched, x, ZeroShotOptions(trials=6), adaptive=eager, progress=False)
     assert fast.evaluations == 4 * 2 * 3  # every image decided after the first round
     assert torch.allclose(fast.probs.sum(1), torch.ones(4))
 
@@ -110,14 +111,14 @@ def test_combine_scores_dropped_classes_relative_to_the_reference():
 
 def test_trials_follow_the_configured_timesteps_and_weighting(micro_unet):
     _, sched = micro_unet
-    tr = make_trials(LatentConfig(zs_trials=4, zs_timesteps=[10, 20]), (1, 4, 4), sched.alphas_cumprod)
+    tr = make_trials(ZeroShotOptions(trials=4, timesteps=[10, 20]), (1, 4, 4), sched.alphas_cumprod)
     assert sorted(tr.t.tolist()) == [10, 10, 20, 20] and torch.allclose(tr.weight, torch.ones(4))
-    w = make_trials(LatentConfig(zs_trials=4, zs_weighting="min_snr"), (1, 4, 4), sched.alphas_cumprod).weight
+    w = make_trials(ZeroShotOptions(trials=4, weighting="min_snr"), (1, 4, 4), sched.alphas_cumprod).weight
     assert w.mean().item() == pytest.approx(1.0) and w.std() > 0
     with pytest.raises(ValueError, match="first-round"):
-        classify_zero_shot(micro_unet[0], sched, blobs(2)[0], LatentConfig(zs_trials=3), adaptive=True, progress=False)
-    with pytest.raises(ValueError, match="zs_weighting"):
-        classify_zero_shot(micro_unet[0], sched, blobs(2)[0], LatentConfig(zs_weighting="elbo"), progress=False)
+        classify_zero_shot(micro_unet[0], sched, blobs(2)[0], ZeroShotOptions(trials=3), adaptive=True, progress=False)
+    with pytest.raises(ValueError, match="--weighting"):
+        classify_zero_shot(micro_unet[0], sched, blobs(2)[0], ZeroShotOptions(weighting="elbo"), progress=False)
 
 
 def test_zero_shot_beats_chance_after_a_short_training(tmp_path):
@@ -132,7 +133,7 @@ def test_zero_shot_beats_chance_after_a_short_training(tmp_path):
     torch.manual_seed(0)  # the initial weights
     model, dcfg = load_denoiser(train_diffusion(cfg, x, y, 2, tmp_path, seed=0))
     for adaptive in (False, True):
-        res = classify_zero_shot(model, ddpm_scheduler(dcfg), xt, LatentConfig(zs_trials=8), adaptive=adaptive,
+        res = classify_zero_shot(model, ddpm_scheduler(dcfg), xt, ZeroShotOptions(trials=8), adaptive=adaptive,
                                  progress=False)
         assert (res.pred == yt).float().mean() >= 0.75, adaptive  # chance is 0.5 (P(>= 24/32) < 0.5 %)
 
@@ -187,7 +188,7 @@ def test_analysis_grid_heatmap_and_recommendation(micro_unet, tmp_path):
     model, sched = micro_unet
     x, y = blobs(24, 16)
     opts = AnalysisOptions(timesteps=[10, 500], images=24, zs_images=8, zs_trials=2, folds=3, top_layers=2)
-    res = analyze(model, sched, x, y, LatentConfig(), opts, progress=False)
+    res = analyze(model, sched, x, y, opts, progress=False)
     assert set(res["probe_balanced_accuracy"]) == set(model.feature_names)
     assert all(set(v) == {"10", "500"} for v in res["probe_balanced_accuracy"].values())
     assert set(res["zero_shot_accuracy"]) == {"10", "500"}
@@ -212,14 +213,14 @@ def test_mlp_head_and_finetune_update_the_denoiser(micro_unet):
     f = features(model, x, ["mid", "up_0"], 50, sched)
     assert f.shape[0] == 32
     assert linear_probe(f, y, f[:3]).shape == (3, 2)
-    cfg = LatentConfig(head_epochs=3, finetune_epochs=1, finetune_batch_size=16, finetune_lr=1e-3)
+    cfg = LatentConfig(head_epochs=3, finetune_epochs=1)
     head, info = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, cfg, progress=False)
     assert len(info["history"]) == 3
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ft = FineTuneModel(model, head, ["mid", "up_0"], 50, sched)
     with torch.no_grad():  # the same noise per image index as the cached features
         assert torch.allclose(ft.predict(x), head(f).softmax(1), atol=1e-5)
-    out = finetune(ft, x[:24], y[:24], x[24:], y[24:], cfg, progress=False)
+    out = finetune(ft, x[:24], y[:24], x[24:], y[24:], cfg, progress=False, lr=1e-3, batch_size=16)
     assert [h["epoch"] for h in out["history"]] == [0, 1]
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert changed == (out["best_epoch"] == 1)  # the best epoch's weights are kept: epoch 0 means untouched
@@ -233,12 +234,13 @@ def test_finetune_keeps_the_better_epoch_and_moves_the_denoiser(micro_unet, monk
     model, sched = micro_unet
     x, y = blobs(32, 16)
     f = features(model, x, ["mid"], 50, sched)
-    cfg = LatentConfig(head_epochs=2, finetune_epochs=2, finetune_batch_size=16, finetune_lr=1e-3)
+    cfg = LatentConfig(head_epochs=2, finetune_epochs=2)
     head, _ = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, cfg, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = iter(range(100))
     monkeypatch.setattr(head_mod, "_balanced_acc", lambda *a: next(calls) / 100)
-    out = finetune(FineTuneModel(model, head, ["mid"], 50, sched), x[:24], y[:24], x[24:], y[24:], cfg, progress=False)
+    out = finetune(FineTuneModel(model, head, ["mid"], 50, sched), x[:24], y[:24], x[24:], y[24:], cfg, progress=False,
+                   lr=1e-3, batch_size=16)
     assert out["best_epoch"] == 2
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.load_state_dict(before)  # the module-scoped fixture stays as it was
@@ -263,8 +265,8 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
     common = ["--run-dir", str(tmp_path / "run"), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
               "--set", "data.image_size=16", "--set", "diffusion.preset=micro", "--set", "diffusion.max_steps=2",
               "--set", "diffusion.batch_size=8", "--set", "diffusion.sample_steps=2", "--set", "latent.ae_max_steps=2",
-              "--set", "latent.ae_channels=[8,16]", "--set", "latent.ae_crop=null", "--set", "latent.zs_trials=3"]
-    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2"]):
+              "--set", "latent.ae_channels=[8,16]", "--set", "latent.zs_trials=3"]
+    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2", "--t-max", "900"]):
         args = p.parse_args(argv + common)
         assert args.func(args) == 0
     lat = tmp_path / "run" / "latent"
@@ -273,6 +275,7 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
     # the zero-shot's test record is the one every evaluating command writes: `dcube compare` pairs it
     from dcube.compare import compare_runs
 
+    assert json.loads((lat / "zeroshot" / "test_adaptive.json").read_text())["options"]["t_max"] == 900
     zs = lat / "zeroshot" / "metrics_adaptive.json"
     assert compare_runs([zs], [zs])["diff"] == 0 and "ci95" in json.loads(zs.read_text())["test"]
     args = p.parse_args(["analyze", "--model", str(tmp_path / "missing.safetensors")] + common)
@@ -288,7 +291,7 @@ def test_latent_diffusion_trains_on_latents_and_samples_decoded_images(tmp_path,
     )
 
     x, y = blobs(16, 16)
-    ae_path = train_autoencoder(LatentConfig(**AE, ae_max_steps=1), x, tmp_path / "ae")
+    ae_path = train_autoencoder(LatentConfig(**AE, ae_max_steps=1), x, tmp_path / "ae", **TRAIN)
     codec = load_codec(ae_path)
     z = codec.encode_all(x, progress=False)
     cfg = DiffusionConfig(backbone=backbone, preset="micro", max_steps=2, batch_size=8, sample_grid=False)
@@ -305,7 +308,8 @@ def test_bad_latent_values_are_errors_naming_the_field(tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="cmd"))
-    for bad, field in (("latent.zs_trials=0", "latent.zs_trials"), ("latent.ae_crop=-4", "latent.ae_crop"),
+    for bad, field in (("latent.zs_trials=0", "latent.zs_trials"), ("latent.ae_channels=[8,-4]", "latent.ae_channels"),
+                       ("latent.zs_weighting=min_snr", "--weighting"),
                        ("latent.nope=1", "latent.nope")):
         args = p.parse_args(["analyze", "--run-dir", str(tmp_path), "--set", bad])
         assert args.func(args) == 2
@@ -321,15 +325,15 @@ def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
     def cfg(**latent):
         return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent})
 
-    Latent(cfg(ae_lr=1e-3))
+    Latent(cfg(ae_latent_channels=2))
     ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
     ae.parent.mkdir(parents=True)
     ae.write_bytes(b"x")  # as if trained
-    Latent(cfg(ae_lr=1e-3, zs_trials=4))  # not an autoencoder key
-    with pytest.raises(ConfigError, match="latent.ae_lr differs"):
-        Latent(cfg(ae_lr=2e-3))
+    Latent(cfg(ae_latent_channels=2, zs_trials=4))  # not an autoencoder key
+    with pytest.raises(ConfigError, match="latent.ae_latent_channels differs"):
+        Latent(cfg(ae_latent_channels=3))
     with pytest.raises(ConfigError, match="seed 1 differs"):
-        Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_lr": 1e-3}}))
+        Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_latent_channels": 2}}))
 
 
 def test_the_help_of_the_latent_options_says_their_defaults():
@@ -343,9 +347,12 @@ def test_the_help_of_the_latent_options_says_their_defaults():
     from dcube.latent.analysis import AnalysisOptions
 
     handlers = register(argparse.ArgumentParser().add_subparsers(dest="cmd"))
-    for cmd, cls in (("analyze", AnalysisOptions), ("classify-zero-shot", Adaptive)):
+    for cmd, cls in (("analyze", AnalysisOptions), ("classify-zero-shot", Adaptive),
+                     ("classify-zero-shot", ZeroShotOptions)):
         helps = {a.dest: a.help for a in handlers[cmd][0]._actions}
         for f in dataclasses.fields(cls):
+            if cls is ZeroShotOptions and f.name in ("trials", "timesteps"):  # latent.zs_trials; no fixed set
+                continue
             value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             said = " ".join(map(str, value)) if isinstance(value, list) else str(value)
             assert helps[f.name].endswith(f"(default: {said})"), (cmd, f.name, helps[f.name])

@@ -42,8 +42,10 @@ def cmd_classify_zero_shot(args) -> int:
 
     given = {k: v for k, v in (("first_round", args.first_round), ("drop_z", args.drop_z)) if v is not None}
     adaptive = Adaptive(**given) if args.adaptive else None
+    names = ("timesteps", "t_min", "t_max", "weighting", "temperature", "batch_size")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     with _run(args) as r:
-        out = r.zero_shot(args.split, adaptive, args.max_images, args.error_maps)
+        out = r.zero_shot(args.split, adaptive, args.max_images, args.error_maps, options=options)
     print(format_table(out["metrics"], title=f"zero-shot, {args.split} ({out['n_images']} images)"))
     print(f"{out['images_per_s']:.2f} images/s, {out['evaluations_per_image']:.1f} denoiser inputs per image")
 
@@ -102,6 +104,15 @@ def register(subparsers) -> dict:
     sp.add_argument("--first-round", type=int, metavar="K", help="--adaptive: trials before dropping (default: 4)")
     sp.add_argument("--drop-z", type=float, metavar="Z",
                     help="--adaptive: drop a class whose paired error excess exceeds Z standard errors (default: 2.0)")
+    # the trial options' defaults are ZeroShotOptions' (the trial count is latent.zs_trials)
+    sp.add_argument("--timesteps", type=int, nargs="+", metavar="T",
+                    help="the trials' timesteps, cycled over latent.zs_trials (default: evenly spaced in "
+                         "[--t-min, --t-max])")
+    sp.add_argument("--t-min", type=int, metavar="T", help="smallest evenly spaced timestep (default: 50)")
+    sp.add_argument("--t-max", type=int, metavar="T", help="largest evenly spaced timestep (default: 950)")
+    sp.add_argument("--weighting", choices=("uniform", "min_snr"), help="trial weights (default: uniform)")
+    sp.add_argument("--temperature", type=float, help="scores = softmax(-mean error / temperature) (default: 1.0)")
+    sp.add_argument("--batch-size", type=int, help="denoiser inputs per forward pass (default: 256)")
     sp.add_argument("--max-images", type=int, help="a stratified subset of the split")
     sp.add_argument("--error-maps", type=int, default=0, metavar="N",
                     help="write error-map overlays for N images of each class")

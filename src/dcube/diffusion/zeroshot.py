@@ -16,7 +16,7 @@ trials (an image left with one class stops). A dropped class keeps the score it 
 first round, expressed relative to the reference class: E_c = E_ref + mean(e_c - e_ref) over
 the trials both saw, so every class's score stays comparable.
 
-All (image, class, trial) inputs are evaluated in flat batches of ``zs_batch_size``, the
+All (image, class, trial) inputs are evaluated in flat batches of ``batch_size``, the
 classes of an image next to each other (one forward pass). Deterministic for a seed.
 """
 
@@ -24,14 +24,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from dcube.config import LatentConfig
 from dcube.utils import dist
 
 WEIGHTINGS = ("uniform", "min_snr")
+
+
+@dataclass
+class ZeroShotOptions:
+    """How the trials are drawn and weighed. A run takes ``trials`` from ``latent.zs_trials``; the rest are
+    options of ``dcube classify-zero-shot``."""
+
+    trials: int = 16  # K (t, noise) pairs per image, shared by all classes
+    timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
+    t_min: int = 50  # smallest timestep of the evenly spaced ones
+    t_max: int = 950  # largest timestep of the evenly spaced ones
+    weighting: str = "uniform"  # uniform | min_snr
+    temperature: float = 1.0  # scores = softmax(-mean error / temperature)
+    batch_size: int = 256  # denoiser inputs per forward pass (images x classes x trials)
 
 
 @dataclass
@@ -57,25 +71,25 @@ class Trials:
     weight: torch.Tensor  # (K,), mean 1
 
 
-def check_config(cfg: LatentConfig, num_train_timesteps: int, adaptive: Adaptive | None = None) -> None:
-    """Raise ValueError naming the ``latent.zs_*`` field (or the adaptive option) that is out of range."""
-    if cfg.zs_trials < 1:
-        raise ValueError(f"latent.zs_trials: must be >= 1, got {cfg.zs_trials}")
-    if cfg.zs_weighting not in WEIGHTINGS:
-        raise ValueError(f"latent.zs_weighting: {cfg.zs_weighting!r} is not one of {list(WEIGHTINGS)}")
-    if cfg.zs_temperature <= 0:
-        raise ValueError(f"latent.zs_temperature: must be > 0, got {cfg.zs_temperature}")
-    ts = cfg.zs_timesteps if cfg.zs_timesteps else [cfg.zs_t_min, cfg.zs_t_max]
+def check_options(opts: ZeroShotOptions, num_train_timesteps: int, adaptive: Adaptive | None = None) -> None:
+    """Raise ValueError naming the option (or latent.zs_trials) that is out of range."""
+    if opts.trials < 1:
+        raise ValueError(f"latent.zs_trials: must be >= 1, got {opts.trials}")
+    if opts.weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting: {opts.weighting!r} is not one of {list(WEIGHTINGS)}")
+    if opts.temperature <= 0:
+        raise ValueError(f"--temperature: must be > 0, got {opts.temperature}")
+    ts = opts.timesteps if opts.timesteps else [opts.t_min, opts.t_max]
     if not ts or not all(isinstance(t, int) and 0 <= t < num_train_timesteps for t in ts):
-        raise ValueError(f"latent.zs_timesteps / zs_t_min / zs_t_max: every t must be an integer in "
+        raise ValueError(f"--timesteps / --t-min / --t-max: every t must be an integer in "
                          f"[0, {num_train_timesteps}), got {ts}")
-    if cfg.zs_t_min > cfg.zs_t_max:
-        raise ValueError(f"latent.zs_t_min={cfg.zs_t_min} exceeds latent.zs_t_max={cfg.zs_t_max}")
-    if adaptive is not None and not 2 <= adaptive.first_round <= cfg.zs_trials:
-        raise ValueError(f"--first-round: must lie in [2, latent.zs_trials={cfg.zs_trials}] in adaptive mode, "
+    if opts.t_min > opts.t_max:
+        raise ValueError(f"--t-min {opts.t_min} exceeds --t-max {opts.t_max}")
+    if adaptive is not None and not 2 <= adaptive.first_round <= opts.trials:
+        raise ValueError(f"--first-round: must lie in [2, latent.zs_trials={opts.trials}] in adaptive mode, "
                          f"got {adaptive.first_round}")
-    if cfg.zs_batch_size < 1:
-        raise ValueError(f"latent.zs_batch_size: must be >= 1, got {cfg.zs_batch_size}")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {opts.batch_size}")
 
 
 def spread_order(k: int, first: int) -> list[int]:
@@ -84,16 +98,16 @@ def spread_order(k: int, first: int) -> list[int]:
     return sorted(range(k), key=lambda i: (i % stride, i))
 
 
-def make_trials(cfg: LatentConfig, shape: tuple[int, ...], alphas_cumprod: torch.Tensor, seed: int = 0) -> Trials:
+def make_trials(opts: ZeroShotOptions, shape: tuple[int, ...], alphas_cumprod: torch.Tensor, seed: int = 0) -> Trials:
     """The K shared (t, noise) pairs, ordered so that any prefix covers the t range."""
-    k = cfg.zs_trials
-    if cfg.zs_timesteps:
-        t = torch.tensor([cfg.zs_timesteps[i % len(cfg.zs_timesteps)] for i in range(k)], dtype=torch.long)
+    k = opts.trials
+    if opts.timesteps:
+        t = torch.tensor([opts.timesteps[i % len(opts.timesteps)] for i in range(k)], dtype=torch.long)
     else:
-        t = torch.linspace(cfg.zs_t_min, cfg.zs_t_max, k).round().long()
+        t = torch.linspace(opts.t_min, opts.t_max, k).round().long()
     t = t[spread_order(k, FIRST_ROUND)]
     noise = torch.randn((k, *shape), generator=torch.Generator().manual_seed(seed * 7_919 + 17))
-    if cfg.zs_weighting == "min_snr":
+    if opts.weighting == "min_snr":
         ab = alphas_cumprod[t].double()
         w = torch.clamp(ab / (1 - ab), max=5.0).float()
     else:
@@ -171,16 +185,16 @@ class ZeroShotResult:
 
 
 @torch.no_grad()
-def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfig, seed: int = 0,
+def classify_zero_shot(model, scheduler, latents: torch.Tensor, opts: ZeroShotOptions, seed: int = 0,
                        device="cpu", adaptive: Adaptive | bool | None = None, progress: bool = True) -> ZeroShotResult:
     """Zero-shot class scores of `latents` (N, C, h, w) -- scaled latents, or images for a
     pixel-space model -- under the class-conditional denoiser `model`. `adaptive`: an :class:`Adaptive`
     (True: its defaults); None or False: every class gets every trial."""
     adaptive = as_adaptive(adaptive)
-    check_config(cfg, len(scheduler.alphas_cumprod), adaptive)
+    check_options(opts, len(scheduler.alphas_cumprod), adaptive)
     model.eval()
-    n, nc, k = len(latents), model.num_classes, cfg.zs_trials
-    trials = make_trials(cfg, tuple(latents.shape[1:]), scheduler.alphas_cumprod, seed)
+    n, nc, k = len(latents), model.num_classes, opts.trials
+    trials = make_trials(opts, tuple(latents.shape[1:]), scheduler.alphas_cumprod, seed)
     errors = torch.full((n, nc, k), float("nan"))
     all_classes = [list(range(nc))] * n
     first = adaptive.first_round if adaptive else k
@@ -192,7 +206,7 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
     def run(images, classes, trial_ids):
         nonlocal evaluations
         i, c, kk = _triples(images, classes, trial_ids)
-        errors[i, c, kk] = class_errors(model, scheduler, latents, trials, i, c, kk, cfg.zs_batch_size, device, bar)
+        errors[i, c, kk] = class_errors(model, scheduler, latents, trials, i, c, kk, opts.batch_size, device, bar)
         evaluations += len(i)
 
     run(torch.arange(n), all_classes, list(range(first)))
@@ -210,5 +224,5 @@ def classify_zero_shot(model, scheduler, latents: torch.Tensor, cfg: LatentConfi
         run(todo, [alive[i] for i in todo.tolist()], list(range(first, k)))
     bar.close()
     mean = combine(errors, trials.weight)
-    probs = torch.softmax(-mean.double() / cfg.zs_temperature, dim=1).float()
+    probs = torch.softmax(-mean.double() / opts.temperature, dim=1).float()
     return ZeroShotResult(probs, mean, errors, evaluations, time.time() - t0)

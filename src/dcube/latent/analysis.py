@@ -12,16 +12,16 @@ the ``top_layers`` best layers at that t, also written as ``features.*`` overrid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dcube.config import FeatureConfig, LatentConfig
+from dcube.config import FeatureConfig
 from dcube.data.splits import stratified_subsample
-from dcube.diffusion.zeroshot import classify_zero_shot
+from dcube.diffusion.zeroshot import ZeroShotOptions, classify_zero_shot
 from dcube.features.extract import extract
 from dcube.features.probe import probe_score
 from dcube.utils.io import atomic_write
@@ -58,10 +58,9 @@ def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, se
     return {n: m.float().mean(dim=(2, 3)) for n, m in maps.items()}
 
 
-def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: LatentConfig,
-            opts: AnalysisOptions | None = None, seed: int = 0, device="cpu", progress: bool = True) -> dict:
-    """The probe grid, the zero-shot accuracy per t and the recommended (layers, t); JSON-able. `cfg`: the
-    zero-shot settings (``latent.zs_*``); `opts`: the analysis's own options."""
+def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, opts: AnalysisOptions | None = None,
+            seed: int = 0, device="cpu", progress: bool = True) -> dict:
+    """The probe grid, the zero-shot accuracy per t and the recommended (layers, t); JSON-able."""
     opts = opts or AnalysisOptions()
     opts.check(len(scheduler.alphas_cumprod))
     ts = [int(t) for t in opts.timesteps]
@@ -77,7 +76,7 @@ def analyze(model, scheduler, latents: torch.Tensor, labels: torch.Tensor, cfg: 
     zidx = torch.as_tensor(stratified_subsample(y_all, opts.zs_images, [seed, 12]))
     zs = {}
     for t in tqdm(ts, desc="analysis: zero-shot per t", disable=not progress):
-        one = replace(cfg, zs_timesteps=[t], zs_trials=opts.zs_trials)
+        one = ZeroShotOptions(trials=opts.zs_trials, timesteps=[t])
         res = classify_zero_shot(model, scheduler, latents[zidx], one, seed, device, progress=False)
         zs[str(t)] = float((res.pred == labels[zidx]).float().mean())
     best_layer, best_t = max(((n, t) for n in names for t in ts), key=lambda nt: grid[nt[0]][str(nt[1])])

@@ -30,20 +30,23 @@ from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, save_
 LAST = "last.safetensors"
 FINAL = "autoencoder.safetensors"
 KIND = "dcube-autoencoderkl"
+# training settings no study changed (their keys left the config in dcube 1.0)
+BATCH_SIZE = 16  # images per optimiser step
+LR = 5e-4  # AdamW learning rate
+KL_WEIGHT = 1e-6  # weight of the KL term beside the L1 reconstruction
+CROP = 64  # random square crops (the network is fully convolutional); smaller images are used whole
+CHECKPOINT_EVERY = 100  # optimiser steps between checkpoints
 
 
 def ae_spec(cfg: LatentConfig, channels: int) -> dict:
-    """AutoencoderKL keyword arguments from the config (attention off: cheap on a CPU)."""
+    """AutoencoderKL keyword arguments from the config (attention off: cheap on a CPU; one residual block
+    per level; GroupNorm with the largest group count up to 8 that divides every level's channels)."""
     chans = [int(c) for c in cfg.ae_channels]
     if not chans:
         raise ValueError("latent.ae_channels: must list at least one channel count")
-    bad = [c for c in chans if c % cfg.ae_norm_groups]
-    if bad:
-        raise ValueError(f"latent.ae_norm_groups={cfg.ae_norm_groups} must divide every latent.ae_channels "
-                         f"entry; {bad} do not")
     return dict(spatial_dims=2, in_channels=channels, out_channels=channels, channels=chans,
-                latent_channels=cfg.ae_latent_channels, num_res_blocks=cfg.ae_num_res_blocks,
-                attention_levels=[False] * len(chans), norm_num_groups=cfg.ae_norm_groups,
+                latent_channels=cfg.ae_latent_channels, num_res_blocks=1,
+                attention_levels=[False] * len(chans), norm_num_groups=math.gcd(8, *chans),
                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 
 
@@ -142,8 +145,10 @@ def reconstruction_metrics(codec: LatentCodec, images: torch.Tensor, batch_size:
 
 
 def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Path, seed: int = 0,
-                      device="cpu", heldout: Optional[torch.Tensor] = None, on_step=None) -> Path:
+                      device="cpu", heldout: Optional[torch.Tensor] = None, on_step=None, batch_size: int = BATCH_SIZE,
+                      crop: Optional[int] = CROP, checkpoint_every: int = CHECKPOINT_EVERY) -> Path:
     """Train (or resume) the AutoencoderKL on `images` in [-1, 1]; returns the final weights' path.
+    `crop`: random square crops of this size (None: whole images).
 
     Deterministic and resumable like step 1: epoch order from (seed, epoch), crops and the
     reparameterisation noise from (seed, step). `heldout` images give the PSNR/SSIM report.
@@ -155,12 +160,12 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
     if h % downsampling(spec):
         raise ValueError(f"data.image_size={h} is not divisible by the autoencoder's downsampling "
                          f"{downsampling(spec)} (latent.ae_channels has {len(spec['channels'])} levels)")
-    if cfg.ae_crop is not None and cfg.ae_crop % downsampling(spec):
-        raise ValueError(f"latent.ae_crop={cfg.ae_crop} must be divisible by {downsampling(spec)}")
+    if crop is not None and crop < h and crop % downsampling(spec):
+        raise ValueError(f"crop={crop} must be divisible by the autoencoder's downsampling {downsampling(spec)}")
     ae = build_autoencoder(spec).to(device)
     dist.broadcast_module(ae)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr)
-    per_epoch = math.ceil(n / cfg.ae_batch_size)
+    opt = torch.optim.AdamW(ae.parameters(), lr=LR)
+    per_epoch = math.ceil(n / batch_size)
     total = cfg.ae_epochs * per_epoch if cfg.ae_max_steps is None else min(cfg.ae_epochs * per_epoch, cfg.ae_max_steps)
     step, history = 0, []
     if (out_dir / LAST).exists():
@@ -174,7 +179,7 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x = _crop(images[order[k * cfg.ae_batch_size:(k + 1) * cfg.ae_batch_size]], cfg.ae_crop, g)
+        x = _crop(images[order[k * batch_size:(k + 1) * batch_size]], crop, g)
         nb, rows = len(x), (None if dist.world_size() == 1 else dist.shard_indices(len(x)))
         x = (x if rows is None else x[rows]).to(device)  # several processes: this rank's rows of the batch
         ae.train()
@@ -183,13 +188,13 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
         z = mu + sigma * (noise if rows is None else noise[rows]).to(device)
         rec = (ae.decode(z) - x).abs().mean()
         kl = kl_loss(mu, sigma)
-        loss = rec + cfg.ae_kl_weight * kl
+        loss = rec + KL_WEIGHT * kl
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"autoencoder: loss became {loss.item()} at step {step}; lower latent.ae_lr")
+            raise FloatingPointError(f"autoencoder: loss became {loss.item()} at step {step}; check the images (NaN or extreme values?)")
         opt.zero_grad(set_to_none=True)
         if rows is not None:  # the ranks' average gradient is the whole batch's
             rec, kl = rec * (len(rows) / nb), kl * (len(rows) / nb)
-            loss = (rec + cfg.ae_kl_weight * kl) * dist.world_size()
+            loss = (rec + KL_WEIGHT * kl) * dist.world_size()
         loss.backward()
         dist.sync_gradients(ae)
         opt.step()
@@ -198,7 +203,7 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
         history.append({"step": step, "l1": rec.item(), "kl": kl.item()})
         bar.update(1)
         bar.set_postfix(l1=f"{rec.item():.4f}")
-        if step % cfg.ae_checkpoint_every == 0 or step == total:
+        if step % checkpoint_every == 0 or step == total:
             save_checkpoint(out_dir / LAST, {"model": ae, "opt": opt}, {"spec": spec, "step": step, "history": history})
         if on_step is not None:
             on_step(step)
@@ -219,7 +224,8 @@ def import_autoencoder(cfg: LatentConfig, path: str | Path, images: torch.Tensor
                        device="cpu", heldout: Optional[torch.Tensor] = None) -> Path:
     """Use a user-given safetensors AutoencoderKL: written into `out_dir` with its scale and metrics.
 
-    A file written by dcube carries its spec; any other is built from the ``latent.ae_*`` fields.
+    A file written by dcube carries its spec; any other is built from ``latent.ae_channels`` and
+    ``latent.ae_latent_channels``.
     """
     path = Path(path)
     tensors, meta = load_tensors(path)
@@ -228,7 +234,7 @@ def import_autoencoder(cfg: LatentConfig, path: str | Path, images: torch.Tensor
     missing, unexpected = ae.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"latent.autoencoder: {path} does not match the AutoencoderKL built from "
-                         f"latent.ae_* (missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
+                         f"latent.ae_channels / ae_latent_channels (missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
     ae.to(device).eval()
     scale = float(meta.get("scale") or latent_scale(ae, images, device=device))
     recon = reconstruction_metrics(LatentCodec(ae, scale), heldout, device=device) if heldout is not None else {}

@@ -3,8 +3,8 @@
 * linear probe: scikit-learn logistic regression on standardised pooled features;
 * :class:`MLPHead`: standardise -> Linear -> GELU -> Dropout -> Linear, trained with AdamW,
   the epoch with the best validation balanced accuracy kept;
-* :class:`FineTuneModel`: denoiser (unfrozen, ``latent.finetune_lr``) + hooks + pooling + the
-  MLP head (``latent.head_lr``), trained end to end on x_t with fresh noise every step;
+* :class:`FineTuneModel`: denoiser (unfrozen, ``FINETUNE_LR``) + hooks + pooling + the
+  MLP head (``HEAD_LR``), trained end to end on x_t with fresh noise every step;
   evaluated, like the features, with a noise fixed per image index.
 """
 
@@ -20,6 +20,14 @@ from tqdm.auto import tqdm
 
 from dcube.config import LatentConfig
 from dcube.features.extract import FeatureExtractor
+
+# settings no study changed (their keys left the config in dcube 1.0); the epochs are latent.head_epochs
+# and latent.finetune_epochs
+HEAD_HIDDEN = 128  # the MLP head's hidden units
+HEAD_LR = 1e-3  # the head's AdamW learning rate (also while fine-tuning)
+HEAD_WEIGHT_DECAY = 1e-4  # AdamW weight decay of the head and of fine-tuning
+FINETUNE_LR = 1e-5  # the denoiser's learning rate when fine-tuned end to end
+FINETUNE_BATCH_SIZE = 32  # fine-tuning images per optimiser step
 
 
 def features(model, latents, layers, t, scheduler, seed=0, device="cpu") -> torch.Tensor:
@@ -73,8 +81,8 @@ def train_mlp_head(x_train, y_train, x_val, y_val, num_classes: int, cfg: Latent
                    progress: bool = True) -> tuple[MLPHead, dict]:
     """Full-batch AdamW on the cached features; keeps the epoch best on validation."""
     torch.manual_seed(seed)
-    head = MLPHead(x_train.shape[1], num_classes, cfg.head_hidden).fit_scaler(x_train)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay)
+    head = MLPHead(x_train.shape[1], num_classes, HEAD_HIDDEN).fit_scaler(x_train)
+    opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WEIGHT_DECAY)
     g = torch.Generator().manual_seed(seed)
     best, best_state, history = -1.0, None, []
     for epoch in tqdm(range(cfg.head_epochs), desc="MLP head", disable=not progress, leave=False):
@@ -124,14 +132,13 @@ class FineTuneModel(nn.Module):
 
 
 def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, cfg: LatentConfig, seed: int = 0, device="cpu",
-             progress: bool = True) -> dict:
-    """Unfreeze the denoiser and train denoiser + head; keeps the epoch best on validation."""
+             progress: bool = True, lr: float = FINETUNE_LR, batch_size: int = FINETUNE_BATCH_SIZE) -> dict:
+    """Unfreeze the denoiser and train denoiser (at `lr`) + head; keeps the epoch best on validation."""
     ft.to(device)
     for p in ft.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": ft.denoiser.parameters(), "lr": cfg.finetune_lr},
-                             {"params": ft.head.parameters(), "lr": cfg.head_lr}],
-                            weight_decay=cfg.head_weight_decay)
+    opt = torch.optim.AdamW([{"params": ft.denoiser.parameters(), "lr": lr},
+                             {"params": ft.head.parameters(), "lr": HEAD_LR}], weight_decay=HEAD_WEIGHT_DECAY)
     best, best_state, history = -1.0, copy.deepcopy(ft.state_dict()), []
     best = _balanced_acc(y_val, ft.predict(z_val, seed, device=device))
     history.append({"epoch": 0, "val_balanced_accuracy": best})
@@ -139,7 +146,7 @@ def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, cfg: LatentConfi
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(z_train), generator=g)
         ft.train()
-        for idx in tqdm(order.split(cfg.finetune_batch_size), desc=f"fine-tune epoch {epoch + 1}",
+        for idx in tqdm(order.split(batch_size), desc=f"fine-tune epoch {epoch + 1}",
                         disable=not progress, leave=False):
             z = z_train[idx].to(device)
             noise = torch.randn(z.shape, generator=g).to(device)

@@ -24,7 +24,7 @@ import torch
 from dcube.config import ConfigError, RunConfig
 from dcube.data.splits import stratified_subsample
 from dcube.diffusion.schedule import ddpm_scheduler
-from dcube.diffusion.zeroshot import Adaptive, as_adaptive, classify_zero_shot
+from dcube.diffusion.zeroshot import Adaptive, ZeroShotOptions, as_adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
 from dcube.evaluate.record import evaluation_record
 from dcube.preflight import check_device
@@ -148,9 +148,12 @@ class Latent(Method):
 
     # ------------------------------------------------------------------ zero-shot
     def zero_shot(self, split: str = "test", adaptive: Adaptive | bool | None = None, max_images: int | None = None,
-                  error_maps: int = 0, tag: str = "") -> dict:
+                  error_maps: int = 0, tag: str = "", options: dict | None = None) -> dict:
         """Zero-shot metrics of a split (or a stratified subset); `adaptive`: class dropping (an
-        :class:`~dcube.diffusion.zeroshot.Adaptive`, True for its defaults); `tag` suffixes the output file."""
+        :class:`~dcube.diffusion.zeroshot.Adaptive`, True for its defaults); `options`: fields of
+        :class:`~dcube.diffusion.zeroshot.ZeroShotOptions` besides its trials (latent.zs_trials); `tag`
+        suffixes the output file."""
+        opts = ZeroShotOptions(**{"trials": self.lc.zs_trials, **(options or {})})
         model, dcfg, codec, sched = self.model()
         adaptive = as_adaptive(adaptive)
         s, names = getattr(self.data, split), self.data.class_names
@@ -158,12 +161,12 @@ class Latent(Method):
         if max_images is not None:
             idx = torch.as_tensor(stratified_subsample(s.labels.numpy(), max_images, [self.cfg.seed, 13]))
         x, y = self.inputs(split)[idx], s.labels[idx]
-        res = classify_zero_shot(model, sched, x, self.lc, self.cfg.seed, self.device, adaptive)
+        res = classify_zero_shot(model, sched, x, opts, self.cfg.seed, self.device, adaptive)
         metrics = compute_metrics(y.numpy(), res.probs.numpy(), names)
         out_dir = self.ldir / "zeroshot"
-        out = {"split": split, "adaptive": adaptive is not None, "n_images": len(idx), "trials": self.lc.zs_trials,
+        out = {"split": split, "adaptive": adaptive is not None, "n_images": len(idx), "trials": opts.trials,
                "first_round": adaptive.first_round if adaptive else None,
-               "drop_z": adaptive.drop_z if adaptive else None, "weighting": self.lc.zs_weighting,
+               "drop_z": adaptive.drop_z if adaptive else None, "weighting": opts.weighting, "options": vars(opts),
                "seconds": res.seconds, "images_per_s": res.images_per_s, "evaluations": res.evaluations,
                "evaluations_per_image": res.evaluations / max(len(idx), 1), "metrics": metrics,
                "model": str(self.model_path), "latent": not codec.is_identity,
@@ -193,8 +196,7 @@ class Latent(Method):
         def work():
             model, _, _, sched = self.model()
             t0 = time.time()
-            res = analyze(model, sched, self.inputs("train"), self.data.train.labels, self.lc, opts, self.cfg.seed,
-                          self.device)
+            res = analyze(model, sched, self.inputs("train"), self.data.train.labels, opts, self.cfg.seed, self.device)
             res["seconds"] = time.time() - t0
             plot_analysis(res, path.parent / "analysis.png")
             write_json(path, res)
@@ -237,11 +239,11 @@ class Latent(Method):
 
     def _finetune(self, path: Path) -> dict:
         from dcube.latent.diffusion import load_model
-        from dcube.latent.head import FineTuneModel, MLPHead, finetune
+        from dcube.latent.head import FINETUNE_LR, HEAD_HIDDEN, HEAD_LR, FineTuneModel, MLPHead, finetune
         self.head()
         tensors, meta = load_tensors(self.ldir / "head" / "mlp.safetensors")
         model, dcfg, _ = load_model(self.model_path, self.device)  # a fresh copy: this one is trained
-        mlp = MLPHead(meta["dim"], model.num_classes, self.lc.head_hidden)
+        mlp = MLPHead(meta["dim"], model.num_classes, HEAD_HIDDEN)
         mlp.load_state_dict(tensors)
         ft = FineTuneModel(model, mlp, meta["layers"], meta["timestep"], ddpm_scheduler(dcfg))
         d = self.data
@@ -252,7 +254,7 @@ class Latent(Method):
         probs = ft.predict(self.inputs("test"), self.cfg.seed, device=self.device)
         save_tensors(path.parent / "model.safetensors", ft.state_dict(), meta)
         out = {"layers": meta["layers"], "timestep": meta["timestep"], "seconds": time.time() - t0,
-               "finetune_lr": self.lc.finetune_lr, "head_lr": self.lc.head_lr, "epochs": self.lc.finetune_epochs,
+               "finetune_lr": FINETUNE_LR, "head_lr": HEAD_LR, "epochs": self.lc.finetune_epochs,
                "test": compute_metrics(d.test.labels.numpy(), probs.numpy(), d.class_names), **info}
         write_json(path, out)
         return out
