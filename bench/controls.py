@@ -52,7 +52,7 @@ SCHEDULES = {
     "pneumoniamnist": {"diffusion": {"epochs": 4}, "classifier": {"epochs": 4}},
     "breastmnist": {"diffusion": {"epochs": 30}, "classifier": {"epochs": 15}},
     "covid": {"diffusion": {"backbone": "unet", "preset": "tiny", "epochs": 3, "batch_size": 32, "lr": 5e-4,
-                            "checkpoint_every": 20, "sample_steps": 25},
+                            "checkpoint_every": 20},
               "classifier": {"epochs": 4, "batch_size": 64}},
 }
 RESNET_EPOCHS = {"pneumoniamnist": 4, "breastmnist": 30, "covid": 8}

@@ -56,12 +56,13 @@ def run_name(dataset: str, key: str, seed: int, epochs: int) -> str:
 
 def _cfg(dataset: str, key: str, seed: int, epochs: int) -> dict:
     steps_per_epoch = -(-TRAIN_SIZES[dataset] // 64)
-    auto = {"epochs": "auto", "auto_max_epochs": epochs, "patience": 10_000,
-            "eval_every": 1 if SMOKE else eval_epochs(dataset, epochs) * steps_per_epoch}
     cfg = shrink({"run_dir": str(RESULTS / STUDY / "runs" / run_name(dataset, key, seed, epochs)), "seed": seed,
                   "threads": THREADS, "data": {"name": dataset, "path": data_path(dataset), "download": False},
                   "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
-    cfg["diffusion"] = {**cfg["diffusion"], **auto}  # after shrink (smoke: its max_steps caps the run)
+    cap = min(epochs * steps_per_epoch, cfg["diffusion"].get("max_steps") or epochs * steps_per_epoch)  # smoke: shrink's
+    auto = {"epochs": "auto", "max_steps": cap, "patience": 10_000,
+            "eval_every": 1 if SMOKE else eval_epochs(dataset, epochs) * steps_per_epoch}
+    cfg["diffusion"] = {**cfg["diffusion"], **auto}
     return cfg
 
 

@@ -28,7 +28,7 @@ METHODS = ("resnet18", "dcube", "linear-probe", "efficientnet-lite0")
 BASELINE_EPOCHS = {"resnet18": 8, "efficientnet-lite0": 4}
 DCUBE_SIZE = 64
 DCUBE = {"diffusion": {"backbone": "unet", "preset": "tiny", "epochs": 3, "batch_size": 32, "lr": 5e-4,
-                       "checkpoint_every": 20, "sample_steps": 25},
+                       "checkpoint_every": 20},
          "classifier": {"epochs": 4, "batch_size": 64}}
 
 

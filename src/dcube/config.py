@@ -57,28 +57,19 @@ class DataConfig:
 class DiffusionConfig:
     backbone: str = "unet"  # unet (MONAI DiffusionModelUNet) | uvit
     preset: str = "tiny"  # size preset of the backbone, see dcube.diffusion
-    num_train_timesteps: int = 1000  # DDPM steps T
-    beta_start: float = 1e-4  # linear beta schedule, first value
-    beta_end: float = 0.02  # linear beta schedule, last value
+    num_train_timesteps: int = 1000  # DDPM steps T (the linear beta schedule 1e-4 .. 0.02 of both papers)
     epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every); 0: the seeded initialisation (the untrained control arm)
     max_steps: Optional[int] = None  # stop after this many optimiser steps
     patience: int = 5  # epochs=auto: probe evaluations without improvement before stopping
     eval_every: int = 200  # epochs=auto: optimiser steps between probe evaluations of the EMA model
-    auto_max_epochs: int = 1000  # epochs=auto: the cap when max_steps is not set
-    probe_images: int = 512  # epochs=auto: training images the probe is fitted on (stratified, seeded)
     batch_size: int = 64  # step-1 images per optimiser step
-    lr: float = 2e-4  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+    lr: float = 2e-4  # AdamW learning rate (no weight decay)
     ema_decay: float = 0.999  # EMA of the denoiser's weights (the EMA model is the one saved and used)
     contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
     contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
     contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
     checkpoint_every: int = 200  # optimiser steps between checkpoints
-    sample_grid: bool = True  # per-class sample grid at the end of training
-    sample_steps: int = 50  # DDIM steps for the grid
-    # samples.png (DDIM, seconds); add "ddpm" for samples_ddpm.png (all num_train_timesteps steps: minutes to tens of
-    # minutes on a CPU, but the grid to trust for a briefly trained model, whose few-step DDIM samples look like noise)
-    grid_samplers: list = field(default_factory=lambda: ["ddim"])
+    sample_grid: bool = True  # samples.png: 8 DDIM-50 samples per class at the end of training (seconds; more: dcube synthesize)
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
     init_from: Optional[str] = None  # a `dcube pretrain` backbone (or step-1 model) to start step 1 from; epochs 0 keeps it frozen
 
@@ -213,6 +204,9 @@ REMOVED = {
     "latent.ae_kl_weight": 1e-6, "latent.ae_crop": 64, "latent.ae_checkpoint_every": ANY, "latent.head_hidden": 128,
     "latent.head_lr": 1e-3, "latent.head_weight_decay": 1e-4, "latent.finetune_lr": 1e-5,
     "latent.finetune_batch_size": 32,
+    "diffusion.beta_start": 1e-4, "diffusion.beta_end": 0.02, "diffusion.weight_decay": 0.0,
+    "diffusion.auto_max_epochs": 1000, "diffusion.probe_images": 512, "diffusion.sample_steps": ANY,
+    "diffusion.grid_samplers": ["ddim"],
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -332,7 +326,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "data.image_size": cfg.data.image_size,
         "data.min_class_images": cfg.data.min_class_images,
         "diffusion.checkpoint_every": cfg.diffusion.checkpoint_every,
-        "diffusion.sample_steps": cfg.diffusion.sample_steps,
         "classifier.epochs": cfg.classifier.epochs,
         "diffusion.batch_size": cfg.diffusion.batch_size,
         "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
@@ -345,8 +338,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "compute.grad_accum": cfg.compute.grad_accum,
         "diffusion.patience": cfg.diffusion.patience,
         "diffusion.eval_every": cfg.diffusion.eval_every,
-        "diffusion.auto_max_epochs": cfg.diffusion.auto_max_epochs,
-        "diffusion.probe_images": cfg.diffusion.probe_images,
         "diffusion.lr": cfg.diffusion.lr,
         "classifier.lr": cfg.classifier.lr,
         "classifier.cnn_lr": cfg.classifier.cnn_lr,
@@ -369,7 +360,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
-        "diffusion.weight_decay": cfg.diffusion.weight_decay,
         "classifier.weight_decay": cfg.classifier.weight_decay,
         "classifier.synthetic_ratio": cfg.classifier.synthetic_ratio or 0,
         "data.workers": cfg.data.workers,
@@ -381,13 +371,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"seed: must lie in [0, 2**32 - 1], got {cfg.seed}")
     if cfg.threads is not None and cfg.threads > 1024:
         raise ConfigError(f"threads: must lie in [1, 1024] (torch threads of this process), got {cfg.threads}")
-    d = cfg.diffusion
-    if not 0 < d.beta_start < d.beta_end < 1:
-        raise ConfigError(f"diffusion.beta_start, diffusion.beta_end: need 0 < beta_start < beta_end < 1 (a noise "
-                          f"schedule), got {d.beta_start} and {d.beta_end}")
-    if d.sample_steps > d.num_train_timesteps:
-        raise ConfigError(f"diffusion.sample_steps: must be <= diffusion.num_train_timesteps "
-                          f"({d.num_train_timesteps}), got {d.sample_steps}")
+    if cfg.diffusion.num_train_timesteps < 2:
+        raise ConfigError(f"diffusion.num_train_timesteps: must be >= 2, got {cfg.diffusion.num_train_timesteps}")
     if cfg.features.layers is not None and not cfg.features.layers:
         raise ConfigError("features.layers: an empty list selects no layer; leave the key out (or null) to "
                           "select the non-Gaussian layers")
@@ -396,9 +381,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"features.timestep: must lie in [0, {cfg.diffusion.num_train_timesteps}), "
             f"got {cfg.features.timestep}"
         )
-    bad = [v for v in cfg.diffusion.grid_samplers if v not in ("ddim", "ddpm")]
-    if bad:
-        raise ConfigError(f"diffusion.grid_samplers: {bad} not in ['ddim', 'ddpm']")
     if not 0 <= cfg.diffusion.class_dropout < 1:
         raise ConfigError(f"diffusion.class_dropout: must lie in [0, 1), got {cfg.diffusion.class_dropout}")
     ts = cfg.classifier.target_sensitivity

@@ -54,6 +54,7 @@ from dcube.utils.io import load_checkpoint, read_json, sha256_file, write_json
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
 MODEL_FILES = ("diffusion/ema.safetensors", "classifier/best.safetensors")  # fingerprinted in run.json
+PROBE_IMAGES = 512  # diffusion.epochs=auto: training images the validation probe is fitted on (stratified)
 
 
 class DCube(Method):
@@ -117,8 +118,8 @@ class DCube(Method):
         d, dc = self.data, self.cfg.diffusion
         tr, va = d.train, d.val
         rows = torch.arange(len(tr.labels))
-        if len(rows) > dc.probe_images:
-            rows, _ = train_test_split(rows.numpy(), train_size=dc.probe_images, stratify=tr.labels.numpy(),
+        if len(rows) > PROBE_IMAGES:
+            rows, _ = train_test_split(rows.numpy(), train_size=PROBE_IMAGES, stratify=tr.labels.numpy(),
                                        random_state=self.cfg.seed)
             rows = torch.as_tensor(rows)
         sched = self._scheduler(dc)

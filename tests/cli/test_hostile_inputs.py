@@ -245,7 +245,7 @@ CASES = [
     ("max-layers-zero", _cfg_case(features={"max_layers": 0}), "features.max_layers"),
     ("weight-decay-negative", _cfg_case(classifier={"weight_decay": -1}), "classifier.weight_decay"),
     ("synthetic-ratio-negative", _cfg_case(classifier={"synthetic_ratio": -0.5}), "classifier.synthetic_ratio"),
-    ("sample-steps-over-schedule", _cfg_case(diffusion={"sample_steps": 5000}), "diffusion.sample_steps"),
+    ("timesteps-too-few", _cfg_case(diffusion={"num_train_timesteps": 1}), "diffusion.num_train_timesteps"),
     ("target-sensitivity-three-classes", _three_classes_target_sensitivity, "classifier.target_sensitivity"),
     ("cnn-only-without-cnn", _cfg_case(classifier={"diffusion_features": False}), "classifier.diffusion_features"),
     ("duplicates-unknown", _cfg_case(data={"duplicates": "fuzzy"}), "data.duplicates"),

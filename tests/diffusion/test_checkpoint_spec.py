@@ -1,6 +1,7 @@
 """A step-1 checkpoint carries its model spec only, and a checkpoint written before 1.0 (the whole
 DiffusionConfig in its metadata, with keys 1.0 removed) still loads and computes what the same weights do."""
 
+import pytest
 import torch
 
 from dcube.config import DiffusionConfig
@@ -32,6 +33,9 @@ def test_a_checkpoint_written_before_1_0_loads_and_computes_the_same(tmp_path):
     model, cfg = load_denoiser(old)
     assert (cfg.preset, cfg.num_train_timesteps, model.num_classes) == ("micro", 20, 2)
     assert torch.equal(_output(model), _output(load_denoiser(path)[0]))
+    other = {**OLD_META, "diffusion": {**OLD_META["diffusion"], "beta_end": 0.012}}  # another noise schedule
+    with pytest.raises(ValueError, match="beta schedule 0.0001 .. 0.012"):
+        load_denoiser(save_tensors(tmp_path / "other.safetensors", tensors, other))
 
 
 def test_a_new_checkpoint_carries_the_model_spec_and_no_training_argument(tmp_path):
@@ -39,7 +43,7 @@ def test_a_new_checkpoint_carries_the_model_spec_and_no_training_argument(tmp_pa
     cfg = DiffusionConfig(**CFG, lr=3e-3, patience=9)
     path = train_diffusion(cfg, x, torch.arange(16) % 2, 2, tmp_path)
     _, meta = load_tensors(path)
-    assert set(meta["spec"]) == set(SPEC_KEYS) and "diffusion" not in meta
+    assert set(meta["spec"]) == {*SPEC_KEYS, "beta_start", "beta_end"} and "diffusion" not in meta
     assert "lr" not in meta["spec"] and "patience" not in meta["spec"]
     model, loaded = load_denoiser(path)
     assert all(getattr(loaded, k) == getattr(cfg, k) for k in SPEC_KEYS)

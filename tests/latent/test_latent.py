@@ -264,7 +264,7 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
                              "train-latent-head"}
     common = ["--run-dir", str(tmp_path / "run"), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
               "--set", "data.image_size=16", "--set", "diffusion.preset=micro", "--set", "diffusion.max_steps=2",
-              "--set", "diffusion.batch_size=8", "--set", "diffusion.sample_steps=2", "--set", "latent.ae_max_steps=2",
+              "--set", "diffusion.batch_size=8", "--set", "latent.ae_max_steps=2",
               "--set", "latent.ae_channels=[8,16]", "--set", "latent.zs_trials=3"]
     for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2", "--t-max", "900"]):
         args = p.parse_args(argv + common)

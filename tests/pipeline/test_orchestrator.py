@@ -36,7 +36,7 @@ def _dcube_argv(data: Path, run_dir: Path) -> list[str]:
 
 def _latent_argv(folder: Path, run_dir: Path) -> list[str]:
     sets = {"data.source": "folder", "data.path": str(folder), "data.image_size": 16, "diffusion.preset": "micro",
-            "diffusion.max_steps": 2, "diffusion.batch_size": 8, "diffusion.sample_steps": 2,
+            "diffusion.max_steps": 2, "diffusion.batch_size": 8,
             "diffusion.sample_grid": "false", "latent.ae_max_steps": 2, "latent.ae_channels": "[8,16]",
             "latent.zs_trials": 3, "latent.head_epochs": 2,
             "latent.finetune_epochs": 1, "threads": 1}

@@ -27,7 +27,7 @@ from dcube.config import ComputeConfig, DiffusionConfig
 from dcube.diffusion import build_denoiser, contrastive_loss, pair_indices
 from dcube.diffusion.guidance import drop_labels
 from dcube.diffusion.losses import contrastive_loss_paper, pair_within_batch
-from dcube.diffusion.schedule import ddpm_scheduler
+from dcube.diffusion.schedule import BETA_END, BETA_START, ddpm_scheduler
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
 from dcube.utils.io import atomic_write, load_checkpoint, load_tensors, save_checkpoint, write_json
@@ -42,12 +42,14 @@ BEST_EMA = "best_ema.safetensors"  # epochs=auto: the best EMA weights on the va
 
 # what a step-1 checkpoint says about its model: enough to rebuild it and its noise schedule, nothing of how
 # it was trained (lr, patience, samplers travel with the run's config.yaml, not with the weights)
-SPEC_KEYS = ("backbone", "preset", "num_train_timesteps", "beta_start", "beta_end", "class_dropout")
+SPEC_KEYS = ("backbone", "preset", "num_train_timesteps", "class_dropout")
+AUTO_MAX_EPOCHS = 1000  # epochs=auto without max_steps: the cap
+GRID_STEPS = 50  # DDIM steps of samples.png
 
 
 def model_meta(cfg: DiffusionConfig, in_channels: int, image_size: int, num_classes: int) -> dict:
-    return {"spec": {k: getattr(cfg, k) for k in SPEC_KEYS}, "in_channels": in_channels, "image_size": image_size,
-            "num_classes": num_classes}
+    spec = {**{k: getattr(cfg, k) for k in SPEC_KEYS}, "beta_start": BETA_START, "beta_end": BETA_END}
+    return {"spec": spec, "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
 
 
 def model_spec(meta: dict) -> dict:
@@ -55,14 +57,19 @@ def model_spec(meta: dict) -> dict:
     DiffusionConfig under "diffusion": its spec keys are read from there."""
     if "spec" in meta:
         return dict(meta["spec"])
-    return {k: meta["diffusion"][k] for k in SPEC_KEYS if k in meta.get("diffusion", {})}
+    return {k: meta["diffusion"][k] for k in (*SPEC_KEYS, "beta_start", "beta_end") if k in meta.get("diffusion", {})}
 
 
 def load_denoiser(path: str | Path, device="cpu"):
     """Rebuild the frozen EMA denoiser from `ema.safetensors` (weights + JSON metadata: its model spec).
     -> (model, a DiffusionConfig with the spec's values; the rest of it is the defaults)."""
     _, meta = load_tensors(path)
-    cfg = DiffusionConfig(**model_spec(meta))
+    spec = model_spec(meta)
+    betas = (spec.pop("beta_start", BETA_START), spec.pop("beta_end", BETA_END))
+    if betas != (BETA_START, BETA_END):
+        raise ValueError(f"{path}: trained with the beta schedule {betas[0]} .. {betas[1]}; dcube uses "
+                         f"{BETA_START} .. {BETA_END}")
+    cfg = DiffusionConfig(**spec)
     model = build_denoiser(cfg, meta["in_channels"], meta["image_size"], meta["num_classes"])
     load_checkpoint(path, {"model": model})
     model.to(device).eval()
@@ -204,7 +211,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     the EMA model (the pipeline passes a linear probe fitted on training images and scored on the
     VALIDATION split); the best-scoring EMA weights are kept (``best_ema.safetensors``) and become
     ``ema.safetensors``, and training stops after ``patience`` evaluations without improvement (or at
-    ``max_steps`` / ``auto_max_epochs``). The curve and the chosen step go into history.json and
+    ``max_steps`` / ``AUTO_MAX_EPOCHS``). The curve and the chosen step go into history.json and
     probe_curve.png."""
     compute = compute or ComputeConfig()
     out_dir = Path(out_dir)
@@ -217,7 +224,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         init_from_backbone(model, cfg.init_from)
     dist.broadcast_module(model)  # replicas start from rank 0's initialisation
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     amp = Precision(compute.mixed_precision, device)
     sched = ddpm_scheduler(cfg)
     meta = model_meta(cfg, c, h, num_classes)
@@ -225,7 +232,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     auto = cfg.epochs == "auto"
     if auto and eval_fn is None:
         raise ValueError("diffusion.epochs='auto' needs a validation probe (eval_fn)")
-    total = (cfg.auto_max_epochs if auto else cfg.epochs) * steps_per_epoch
+    total = (AUTO_MAX_EPOCHS if auto else cfg.epochs) * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     step, history = 0, []
@@ -332,11 +339,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
 
         per = 8
         lab = torch.arange(num_classes).repeat_interleave(per)
-        # DDIM (few steps) and DDPM (all steps) from the same seed: briefly trained models draw noise
-        # with few-step DDIM long before DDPM's samples look wrong, so both are drawn until they match
-        for sampler in getattr(cfg, "grid_samplers", ["ddim"]):
-            steps = cfg.sample_steps if sampler == "ddim" else None
-            imgs = sample_images(ema.module, cfg, lab, sampler=sampler, steps=steps, seed=seed, device=device,
-                                 progress=main)
-            save_grid(imgs, lab, class_names, out_dir / ("samples.png" if sampler == "ddim" else f"samples_{sampler}.png"))
+        imgs = sample_images(ema.module, cfg, lab, sampler="ddim", steps=min(GRID_STEPS, cfg.num_train_timesteps),
+                             seed=seed, device=device, progress=main)
+        save_grid(imgs, lab, class_names, out_dir / "samples.png")
     return out_dir / FINAL

@@ -17,7 +17,7 @@ import torch
 
 from dcube.config import DiffusionConfig
 from dcube.diffusion.sampling import sample_images, save_grid
-from dcube.diffusion.trainer import load_denoiser, train_diffusion
+from dcube.diffusion.trainer import GRID_STEPS, load_denoiser, train_diffusion
 from dcube.latent.autoencoder import LatentCodec, load_codec
 from dcube.utils.io import read_json, sha256_file, write_json
 
@@ -42,7 +42,8 @@ def train_latent_diffusion(cfg: DiffusionConfig, codec: LatentCodec, latents: to
         "scale": codec.scale, "latent_shape": list(latents.shape[1:]),
         "latent_std": float(latents.std()), "latent_mean": float(latents.mean())})
     if cfg.sample_grid and class_names:
-        save_samples(*load_model(path, device)[:3], class_names, out_dir / "samples.png", cfg.sample_steps, seed, device)
+        save_samples(*load_model(path, device)[:3], class_names, out_dir / "samples.png",
+                     min(GRID_STEPS, cfg.num_train_timesteps), seed, device)
     return path
 
 
