@@ -29,7 +29,7 @@ def config(run_dir: Path) -> dict:
                      "max_test": 32 if SMOKE else 96},
             "diffusion": {"preset": "micro", "max_steps": 2 if SMOKE else 8, "batch_size": 16, "sample_grid": False},
             "features": {"ks_images": 32, "batch_size": 32},
-            "classifier": {"epochs": 1 if SMOKE else 2, "batch_size": 16, "bn_recalibration": 32}}
+            "classifier": {"epochs": 1 if SMOKE else 2, "batch_size": 16}}
 
 
 def run_at(src: Path, run_dir: Path) -> dict:

@@ -95,24 +95,16 @@ class ClassifierConfig:
     subfeature: str = "efficientnet-lite0"  # efficientnet-lite0 | resnet18 | none | auto (both, chosen on validation)
     subfeature_weights: Optional[str] = None  # weights file for the sub-feature CNN
     diffusion_features: bool = True  # false: the control arm, this head on the sub-feature CNN alone (no step 1)
-    fuse_size: int = 16  # spatial size the features are fused at (the official code: 16)
     flip_augment: bool = True  # random horizontal flips in training (the cached flipped features)
     epochs: int = 10  # step-2 epochs (the model kept is the best on validation)
     min_steps: int = 0  # at least this many optimiser steps: repeated passes per epoch on a small training set
     batch_size: int = 64  # step-2 images per optimiser step
-    lr: float = 1e-3  # AdamW learning rate
-    cnn_lr: float = 1e-4  # fine-tuning LR of the pretrained sub-feature CNN
-    cnn_frozen_blocks: int = 0  # the sub-feature CNN's stem + first k blocks stay frozen; their output is cached once
-    cnn_input_size: int = 64  # efficientnet-lite0: smaller images are upsampled to this size first (its cost ~ size^2)
-    weight_decay: float = 1e-4  # AdamW weight decay
+    lr: float = 1e-3  # AdamW learning rate of the head (the pretrained CNN: a tenth of it; weight decay 1e-4)
     ema_decay: float = 0.999  # EMA of the head's weights (evaluated and saved)
     cycle_weight: float = 0.0  # > 0 switches the cycle loss on (the paper: 10 and 100); off: validation did not choose it
-    cycle_batch: int = 16  # soft: images per step that go through the frozen denoiser for it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
-    consistency_batch: int = 32  # images per step whose horizontal flip is also classified for it
     class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
-    bn_recalibration: int = 1024  # training images re-estimating the EMA head's BN statistics before each validation (0 = off)
     target_sensitivity: Optional[float] = None  # binary: the threshold reaching this validation sensitivity
     synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
     synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
@@ -207,6 +199,9 @@ REMOVED = {
     "diffusion.beta_start": 1e-4, "diffusion.beta_end": 0.02, "diffusion.weight_decay": 0.0,
     "diffusion.auto_max_epochs": 1000, "diffusion.probe_images": 512, "diffusion.sample_steps": ANY,
     "diffusion.grid_samplers": ["ddim"],
+    "classifier.fuse_size": 16, "classifier.cnn_lr": 1e-4, "classifier.weight_decay": 1e-4,
+    "classifier.cycle_batch": 16, "classifier.consistency_batch": 32, "classifier.bn_recalibration": 1024,
+    "classifier.cnn_frozen_blocks": 0, "classifier.cnn_input_size": 64,
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -330,9 +325,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.batch_size": cfg.diffusion.batch_size,
         "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
         "classifier.batch_size": cfg.classifier.batch_size,
-        "classifier.fuse_size": cfg.classifier.fuse_size,
-        "classifier.cycle_batch": cfg.classifier.cycle_batch,
-        "classifier.consistency_batch": cfg.classifier.consistency_batch,
         "features.batch_size": cfg.features.batch_size,
         "features.ks_images": cfg.features.ks_images,
         "compute.grad_accum": cfg.compute.grad_accum,
@@ -340,7 +332,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.eval_every": cfg.diffusion.eval_every,
         "diffusion.lr": cfg.diffusion.lr,
         "classifier.lr": cfg.classifier.lr,
-        "classifier.cnn_lr": cfg.classifier.cnn_lr,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -360,7 +351,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
-        "classifier.weight_decay": cfg.classifier.weight_decay,
         "classifier.synthetic_ratio": cfg.classifier.synthetic_ratio or 0,
         "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
@@ -410,17 +400,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         v = getattr(getattr(cfg, sec), name)
         if not 0 <= v < 1:
             raise ConfigError(f"{key}: must lie in [0, 1), got {v}")
-    # blocks / layers; auto: what both candidates have
-    frozen_max = {"efficientnet-lite0": 11, "resnet18": 3, "none": 0, "auto": 3}[cfg.classifier.subfeature]
     if cfg.classifier.subfeature == "auto" and cfg.classifier.subfeature_weights is not None:
         raise ConfigError("classifier.subfeature_weights: one weights file cannot serve both candidates of "
                           "classifier.subfeature 'auto'; name the CNN instead")
-    if not isinstance(cfg.classifier.cnn_input_size, int) or not 16 <= cfg.classifier.cnn_input_size <= 512:
-        raise ConfigError(f"classifier.cnn_input_size: must be an integer in [16, 512], got "
-                          f"{cfg.classifier.cnn_input_size!r}")
-    if not 0 <= cfg.classifier.cnn_frozen_blocks <= frozen_max:
-        raise ConfigError(f"classifier.cnn_frozen_blocks: must lie in [0, {frozen_max}] for classifier.subfeature "
-                          f"{cfg.classifier.subfeature!r}, got {cfg.classifier.cnn_frozen_blocks}")
     if not cfg.classifier.diffusion_features:  # the CNN-only control arm
         if cfg.classifier.subfeature == "none":
             raise ConfigError("classifier.diffusion_features: false leaves the head no input with "

@@ -96,8 +96,7 @@ def check_subfeature(cfg: RunConfig) -> None:
         check_weights_path(cc.subfeature_weights)
         # read as safetensors (never unpickled) and matched to the network's tensor names and shapes: seconds
         # here instead of after step 1
-        build_subfeature_cnn(cc.subfeature, cfg.data.channels, cfg.data.image_size, cc.subfeature_weights,
-                             min_input_size=cc.cnn_input_size)
+        build_subfeature_cnn(cc.subfeature, cfg.data.channels, cfg.data.image_size, cc.subfeature_weights)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"classifier.subfeature_weights: {exc}") from exc
 

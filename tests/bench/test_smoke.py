@@ -117,7 +117,7 @@ data: {{name: pneumoniamnist, path: {shared_data / 'medmnist' / 'pneumoniamnist.
         max_train: 64, max_val: 32, max_test: 32}}
 diffusion: {{preset: micro, max_steps: 2, batch_size: 16, sample_grid: false}}
 features: {{ks_images: 32, batch_size: 32}}
-classifier: {{epochs: 1, batch_size: 16, bn_recalibration: 32}}
+classifier: {{epochs: 1, batch_size: 16}}
 """)
     assert main(["run", str(cfg)]) == 0
     env = {**os.environ, "DCUBE_BENCH_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

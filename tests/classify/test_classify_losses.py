@@ -22,7 +22,7 @@ def frozen():
 
 def _head(subfeature="none"):
     torch.manual_seed(0)
-    return DCubeHead([8, 4], 2, 1, 16, ClassifierConfig(subfeature=subfeature, fuse_size=4))
+    return DCubeHead([8, 4], 2, 1, 16, ClassifierConfig(subfeature=subfeature), fuse_size=4)
 
 
 def _inputs():

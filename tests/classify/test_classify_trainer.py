@@ -19,7 +19,7 @@ def _score(y, p):
     return acc, acc
 
 
-CFG = ClassifierConfig(subfeature="none", fuse_size=4, epochs=3, batch_size=16, cycle_weight=0)
+CFG = ClassifierConfig(subfeature="none", epochs=3, batch_size=16, cycle_weight=0)
 
 
 def test_learns_and_selects_on_validation(tmp_path):

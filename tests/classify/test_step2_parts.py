@@ -54,8 +54,7 @@ def _cycle_run(tmp_path, epochs, monkeypatch=None, every=False, channels_last=Fa
     _, val = _data(24, 1)
     if every:
         monkeypatch.setattr(trainer, "ratio_epoch", lambda epoch, epochs: True)
-    cfg = ClassifierConfig(subfeature="none", fuse_size=4, epochs=epochs, batch_size=16, cycle_weight=1.0,
-                           cycle_batch=16, consistency_weight=0.1)
+    cfg = ClassifierConfig(subfeature="none", epochs=epochs, batch_size=16, cycle_weight=1.0, consistency_weight=0.1)
     head, _ = train_classifier(cfg, train, val, ["a", "b"], tmp_path, _score, denoiser=OracleDenoiser(protos, sched),
                                scheduler=sched, compute=ComputeConfig(channels_last=channels_last))
     return head, val, read_json(tmp_path / "history.json")["history"]
@@ -79,14 +78,13 @@ def test_cycle_loss_is_zero_at_the_true_label_and_needs_the_denoiser(tmp_path):
     assert cycle_loss(oracle, sched, train.images, right, train.labels, draws=draws) < 1e-6
     assert cycle_loss(oracle, sched, train.images, -right, train.labels, draws=draws) > 1e-3
     with pytest.raises(ValueError, match="denoiser"):
-        train_classifier(ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, cycle_weight=1.0),
+        train_classifier(ClassifierConfig(subfeature="none", epochs=1, cycle_weight=1.0),
                          train, train, ["a", "b"], tmp_path, _score)
 
 
 def test_class_scores_enter_the_head_as_raw_global_sums():
     torch.manual_seed(0)
-    cfg = ClassifierConfig(subfeature="none", fuse_size=4)
-    head = DCubeHead([4], 2, 1, 8, cfg).eval()
+    head = DCubeHead([4], 2, 1, 8, ClassifierConfig(subfeature="none"), fuse_size=4).eval()
     _, split = _data(6)
     scores = head.class_scores(split.feats, split.images)
     f = head.proj(torch.cat([head.norms[0](split.feats[0])], 1))
@@ -98,18 +96,18 @@ def test_class_scores_enter_the_head_as_raw_global_sums():
 def test_flip_augmentation_uses_the_flipped_features(tmp_path, consistency):
     _, train = _data()
     _, val = _data(24, 1)
-    base = ClassifierConfig(subfeature="none", fuse_size=4, epochs=1, batch_size=16, cycle_weight=0.0,
-                            consistency_weight=consistency, consistency_batch=4, flip_augment=True)
-    a, _ = train_classifier(base, train, val, ["a", "b"], tmp_path / "a", _score)
+    base = ClassifierConfig(subfeature="none", epochs=1, batch_size=16, cycle_weight=0.0,
+                            consistency_weight=consistency, flip_augment=True)
+    a, _ = train_classifier(base, train, val, ["a", "b"], tmp_path / "a", _score, consistency_batch=4)
     garbage = FeatureSplit(train.feats, train.images, train.labels, [torch.zeros_like(f) for f in train.feats])
-    b, _ = train_classifier(base, garbage, val, ["a", "b"], tmp_path / "b", _score)
+    b, _ = train_classifier(base, garbage, val, ["a", "b"], tmp_path / "b", _score, consistency_batch=4)
     off = ClassifierConfig(**{**vars(base), "flip_augment": False})
-    c, _ = train_classifier(off, garbage, val, ["a", "b"], tmp_path / "c", _score)
+    c, _ = train_classifier(off, garbage, val, ["a", "b"], tmp_path / "c", _score, consistency_batch=4)
     pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
     assert not torch.allclose(pa, pb)  # the flipped features reach training...
     no_flip = FeatureSplit(train.feats, train.images, train.labels, None)
     if not consistency:  # without consistency the flipped features are not read at all with flips off
-        d, _ = train_classifier(off, no_flip, val, ["a", "b"], tmp_path / "d", _score)
+        d, _ = train_classifier(off, no_flip, val, ["a", "b"], tmp_path / "d", _score, consistency_batch=4)
         assert torch.allclose(pc, torch.cat([p.flatten() for p in d.parameters()]))  # ...only with flips on
     with pytest.raises(ValueError, match="flip_augment"):
         train_classifier(base, no_flip, val, ["a", "b"], tmp_path / "e", _score)

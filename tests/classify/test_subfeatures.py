@@ -121,20 +121,22 @@ def test_plain_classifier(name):
 
 
 @pytest.mark.parametrize("size,work,out", [(32, 32, 2), (64, 64, 4), (96, 96, 6)])
-def test_head_cnn_input_size(size, work, out):
-    """classifier.cnn_input_size sets the EfficientNet working size of the D-Cube head's sub-feature CNN."""
+def test_min_input_size_sets_the_efficientnet_working_size(size, work, out):
+    """Smaller images are upsampled to min_input_size (the D-Cube head's CNN: 64, EFFNET_MIN_INPUT)."""
     from dcube.classify.head import DCubeHead
     from dcube.config import ClassifierConfig
 
-    head = DCubeHead([4], 2, 1, 28, ClassifierConfig(fuse_size=4, cnn_input_size=size))
-    assert head.cnn.work_size == work and head.cnn.out_size == out
+    cnn = build_subfeature_cnn("efficientnet-lite0", 1, 28, min_input_size=size)
+    assert cnn.work_size == work and cnn.out_size == out
     with torch.no_grad():
-        assert head.cnn.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 112, out, out)
+        assert cnn.eval()(torch.zeros(1, 1, 28, 28)).shape == (1, 112, out, out)
+    assert DCubeHead([4], 2, 1, 28, ClassifierConfig(), fuse_size=4).cnn.work_size == 64
 
 
-@pytest.mark.parametrize("bad", [8, 1024, "64"])
-def test_cnn_input_size_refused(bad):
+@pytest.mark.parametrize("old", [8, 32, 1024])
+def test_the_removed_cnn_input_size_loads_only_with_the_kept_value(old):
     from dcube.config import ConfigError, from_dict
 
-    with pytest.raises(ConfigError, match="classifier.cnn_input_size"):
-        from_dict({"classifier": {"cnn_input_size": bad}})
+    assert from_dict({"classifier": {"cnn_input_size": 64}}).classifier == from_dict({}).classifier
+    with pytest.raises(ConfigError, match="classifier.cnn_input_size: removed in dcube 1.0"):
+        from_dict({"classifier": {"cnn_input_size": old}})

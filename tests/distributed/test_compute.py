@@ -92,7 +92,7 @@ def test_mixed_precision_trains_and_resumes(tmp_path, mode):
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(24, 4, 4, 4, generator=g) + labels[:, None, None, None]]
     split = FeatureSplit(feats, images, labels, [f.flip(-1) for f in feats])
-    cc = ClassifierConfig(subfeature="none", fuse_size=4, epochs=2, batch_size=8, cycle_weight=0)
+    cc = ClassifierConfig(subfeature="none", epochs=2, batch_size=8, cycle_weight=0)
     head, best = train_classifier(cc, split, split, ["a", "b"], tmp_path / "c", lambda y, p: (0.5, 0.5),
                                   compute=ComputeConfig(mixed_precision=mode, grad_accum=2, channels_last=True))
     assert best["epoch"] == 1 and all(torch.isfinite(p).all() for p in head.parameters())

@@ -36,8 +36,8 @@ def _config(work: Path) -> dict:
         "diffusion": {"backbone": "uvit", "preset": "micro", "epochs": 3, "max_steps": 4, "batch_size": 10,
                       "sample_grid": False, "checkpoint_every": 2},
         "features": {"ks_images": 20, "batch_size": 8, "input_mode": "xt", "timestep": 100},
-        "classifier": {"subfeature": "none", "fuse_size": 4, "epochs": 2, "batch_size": 8, "cycle_batch": 4,
-                       "consistency_batch": 5},
+        # batch 40: its first 32 rows (CONSISTENCY_BATCH) also classified flipped, split unevenly over the ranks
+        "classifier": {"subfeature": "none", "epochs": 2, "batch_size": 40},
                 "compute": {"grad_accum": 2},
     }
 
@@ -48,7 +48,7 @@ def two_procs(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for c, base in (("a", 60), ("b", 190)):
         (work / "imgs" / c).mkdir(parents=True)
-        for i in range(21):
+        for i in range(41):
             px = (base + torch.randint(-40, 40, (16, 16), generator=g)).clamp(0, 255).to(torch.uint8)
             Image.fromarray(px.numpy()).save(work / "imgs" / c / f"{i}.png")
     (work / "config.json").write_text(json.dumps(_config(work)))

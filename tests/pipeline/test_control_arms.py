@@ -19,7 +19,7 @@ def _cfg(shared_data, run_dir, **sections):
                  "max_train": 96, "max_val": 32, "max_test": 32},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
         "features": {"ks_images": 32, "batch_size": 64},
-        "classifier": {"subfeature": "resnet18", "epochs": 1, "batch_size": 32, "bn_recalibration": 64},
+        "classifier": {"subfeature": "resnet18", "epochs": 1, "batch_size": 32},
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
@@ -30,9 +30,9 @@ def test_cnn_only_arm_feeds_the_head_no_diffusion_tensor(shared_data, tmp_path, 
     seen = []
     forward = DCubeHead.forward
 
-    def spy(self, feats, image, frozen=None):
+    def spy(self, feats, image):
         seen.append(len(feats))
-        return forward(self, feats, image, frozen)
+        return forward(self, feats, image)
 
     monkeypatch.setattr(DCubeHead, "forward", spy)
     out = run(_cfg(shared_data, tmp_path / "cnn", classifier={"diffusion_features": False}))

@@ -29,8 +29,7 @@ def _config(shared_data, run_dir: Path) -> dict:
             "diffusion": {"preset": "micro", "max_steps": 6, "checkpoint_every": 2, "batch_size": 16,
                           "sample_grid": False},
             "features": {"ks_images": 32, "batch_size": 32},
-            "classifier": {"subfeature": "none", "epochs": 3, "batch_size": 16, "cycle_weight": 1.0,
-                           "cycle_batch": 8, "bn_recalibration": 32}}
+            "classifier": {"subfeature": "none", "epochs": 3, "batch_size": 16, "cycle_weight": 1.0}}
 
 
 def _cmd(cfg_path: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """The D-Cube head.
 
-Selected diffusion feature maps (each batch-normalised, resized to `fuse_size` with antialiasing
+Selected diffusion feature maps (each batch-normalised, resized to ``FUSE_SIZE`` with antialiasing
 when shrunk) and the sub-feature map of an ImageNet-pretrained CNN are projected, concatenated and
 fused into ONE channel by a 1x1 convolution. Per-class scores from global sum pooling of a 1x1
 class-evidence map on the CNN features weight that channel into one map per class
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from dcube.config import ClassifierConfig
 
+FUSE_SIZE = 16  # spatial size the features are fused at (the official code's)
+
 
 class ParallelConv(nn.Module):
     """3x3 and 5x5 convolutions side by side, summed, then ReLU and batch norm."""
@@ -36,11 +38,11 @@ class ParallelConv(nn.Module):
 
 class DCubeHead(nn.Module):
     def __init__(self, feat_channels: list[int], num_classes: int, in_channels: int, image_size: int,
-                 cfg: ClassifierConfig, width: int = 128):
+                 cfg: ClassifierConfig, width: int = 128, fuse_size: int = FUSE_SIZE):
         super().__init__()
         from dcube.classify.subfeatures import build_subfeature_cnn
 
-        self.size = cfg.fuse_size
+        self.size = fuse_size
         self.num_classes = num_classes
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in feat_channels)
         self.proj = nn.Conv2d(sum(feat_channels), width, 1) if feat_channels else None
@@ -49,10 +51,7 @@ class DCubeHead(nn.Module):
         self.cnn = None
         fused_in = width if feat_channels else 0
         if cfg.subfeature != "none":
-            self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights,
-                                            min_input_size=cfg.cnn_input_size)
-            # a fallback CNN (efficientnet packages missing) may have fewer units than were asked for
-            self.cnn.freeze(min(cfg.cnn_frozen_blocks, self.cnn.body.num_units))
+            self.cnn = build_subfeature_cnn(cfg.subfeature, in_channels, image_size, cfg.subfeature_weights)
             self.cnn_proj = nn.Conv2d(self.cnn.out_channels, width, 1)
             self.class_map = nn.Conv2d(self.cnn.out_channels, num_classes, 1)
             fused_in += width
@@ -69,28 +68,26 @@ class DCubeHead(nn.Module):
         shrink = x.shape[-1] > self.size or x.shape[-2] > self.size
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrink)
 
-    def class_scores(self, feats: list[torch.Tensor], image: torch.Tensor, frozen=None) -> torch.Tensor:
+    def class_scores(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """The per-class weights that enter the fused channel (N, num_classes)."""
-        return self._fused(feats, image, frozen)[1]
+        return self._fused(feats, image)[1]
 
-    def _fused(self, feats, image, frozen=None):
+    def _fused(self, feats, image):
         if len(feats) != len(self.norms):
             raise ValueError(f"the head was built for {len(self.norms)} diffusion feature maps, got {len(feats)}")
         f = None
         if self.proj is not None:
             f = self.proj(torch.cat([self._resize(n(x)) for n, x in zip(self.norms, feats)], dim=1))
         if self.cnn is not None:
-            g = self._resize(self.cnn(image, frozen))
+            g = self._resize(self.cnn(image))
             score = self.class_map(g).sum(dim=(2, 3))  # global sum pooling -> per-class score
             f = self.cnn_proj(g) if f is None else torch.cat([f, self.cnn_proj(g)], dim=1)
         else:
             score = self.class_map(f).sum(dim=(2, 3))
         return f, score
 
-    def forward(self, feats: list[torch.Tensor], image: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """`frozen`: the sub-feature CNN's frozen part's output for `image`, computed earlier
-        (``cnn.frozen_features``; classifier.cnn_frozen_blocks > 0): the same logits, faster."""
-        f, score = self._fused(feats, image, frozen)
+    def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        f, score = self._fused(feats, image)
         x = self.to_one(f)  # (N, 1, S, S)
         x = x + x * score[:, :, None, None]  # (N, C, S, S)
         return self.fc(self.stages(x))

@@ -237,36 +237,11 @@ class _EffNetTrunk(nn.Module):
             size = -(-size // 2)
         return self._blocks[-1]._bn2.num_features, size
 
-    @property
-    def num_units(self) -> int:
-        return len(self._blocks)
-
-    def frozen_modules(self, k: int) -> list[nn.Module]:
-        """What ``k`` frozen units are: the stem and the first k MBConv blocks (none for k = 0)."""
-        return [self._conv_stem, self._bn0, *self._blocks[:k]] if k > 0 else []
-
-    def forward_to(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """The stem and blocks 0..k-1 (nothing for k = 0)."""
-        if k == 0:
-            return x
-        x = self._swish(self._bn0(self._conv_stem(x)))
-        for idx in range(k):
-            x = self._block(idx, x)
-        return x
-
-    def forward_from(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """The rest, from block k (from the stem for k = 0)."""
-        if k == 0:
-            x = self._swish(self._bn0(self._conv_stem(x)))
-        for idx in range(k, len(self._blocks)):
-            x = self._block(idx, x)
-        return x
-
-    def _block(self, idx: int, x: torch.Tensor) -> torch.Tensor:  # the original's drop-connect schedule
-        return self._blocks[idx](x, drop_connect_rate=self._dc_rate * idx / self._n_total)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_from(x, 0)
+        x = self._swish(self._bn0(self._conv_stem(x)))
+        for idx, block in enumerate(self._blocks):  # the original's drop-connect schedule
+            x = block(x, drop_connect_rate=self._dc_rate * idx / self._n_total)
+        return x
 
 
 class _ResNetTrunk(nn.Module):
@@ -287,37 +262,10 @@ class _ResNetTrunk(nn.Module):
         bn = last.bn3 if hasattr(last, "bn3") else last.bn2
         return bn.num_features, size
 
-    num_units = 3  # layer1..layer3
-
-    def _layers(self) -> list[nn.Module]:
-        return [self.layer1, self.layer2, self.layer3]
-
-    def frozen_modules(self, k: int) -> list[nn.Module]:
-        """The stem and the first k of layer1..layer3 (none for k = 0)."""
-        stem = [self.conv1, self.bn1] + ([self.maxpool] if self.maxpool is not None else [])
-        return [*stem, *self._layers()[:k]] if k > 0 else []
-
-    def _stem(self, x):
-        x = self.act(self.bn1(self.conv1(x)))
-        return self.maxpool(x) if self.maxpool is not None else x
-
-    def forward_to(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        if k == 0:
-            return x
-        x = self._stem(x)
-        for layer in self._layers()[:k]:
-            x = layer(x)
-        return x
-
-    def forward_from(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        if k == 0:
-            x = self._stem(x)
-        for layer in self._layers()[k:]:
-            x = layer(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_from(x, 0)
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.maxpool(x) if self.maxpool is not None else x
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 def _monai_resnet(depth: int, in_channels: int, image_size: int, num_classes: int = 1) -> nn.Module:
@@ -368,47 +316,13 @@ class SubFeatureCNN(nn.Module):
         self.pretrained = pretrained
         self.weights = weights
         self.out_channels, self.out_size = body.out_shape(pre.work_size)
-        self.frozen_blocks = 0
 
-    def freeze(self, k: int) -> "SubFeatureCNN":
-        """Keep the stem and the first `k` units (EfficientNet: MBConv blocks; ResNet: layers) at their
-        weights, with batch norm in eval mode even in training (their ImageNet statistics), so that
-        their output is a fixed function of the image: the step-2 trainer computes it once per split
-        (:meth:`frozen_features`) and the backward pass stops there. k = 0: everything is trained."""
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.body.num_units:
-            raise ValueError(f"classifier.cnn_frozen_blocks: expected an integer from 0 to "
-                             f"{self.body.num_units} for {self.name}, got {k!r}")
-        for m in self.body.frozen_modules(self.frozen_blocks):
-            for p in m.parameters():
-                p.requires_grad_(True)
-        self.frozen_blocks = k
-        for m in self.body.frozen_modules(k):
-            for p in m.parameters():
-                p.requires_grad_(False)
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> "SubFeatureCNN":
-        super().train(mode)
-        for m in self.body.frozen_modules(self.frozen_blocks):  # fixed statistics, no drop-connect
-            m.eval()
-        return self
-
-    @torch.no_grad()
-    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen units' output for images `x` (what ``forward(x, frozen=...)`` takes)."""
-        return self.body.forward_to(self.pre(x), self.frozen_blocks)
-
-    def forward(self, x: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """`frozen`: :meth:`frozen_features` of `x`, computed earlier (then `x` is not read)."""
-        k = self.frozen_blocks
-        if frozen is None:
-            frozen = self.body.forward_to(self.pre(x), k)
-        return self.body.forward_from(frozen, k)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.pre(x))
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, in_channels={self.in_channels}, image_size={self.image_size}, "
-                f"out=({self.out_channels}, {self.out_size}, {self.out_size}), pretrained={self.pretrained}, "
-                f"frozen_blocks={self.frozen_blocks}")
+                f"out=({self.out_channels}, {self.out_size}, {self.out_size}), pretrained={self.pretrained}")
 
 
 def build_subfeature_cnn(name: str, in_channels: int, image_size: int,

@@ -36,7 +36,12 @@ FEW_STEPS = 200  # fewer optimiser steps in a whole run than this: say so, and n
 # classifier.subfeature: auto trains one head per candidate and keeps the one validation scores higher
 AUTO_CANDIDATES = ("efficientnet-lite0", "resnet18")  # in order of preference on a tie: the paper's ImageNet CNN first
 CHOICE = "subfeature.json"  # classifier/: the candidate chosen, with every candidate's validation score
-FROZEN_CACHE_BYTES = 2 ** 31  # a split's frozen-CNN outputs are kept when they fit in this (float32), else recomputed
+# settings no study or user changed (their keys left the config in dcube 1.0)
+CNN_LR = 1e-4  # AdamW learning rate of the pretrained sub-feature CNN (the head's: classifier.lr)
+WEIGHT_DECAY = 1e-4  # AdamW weight decay
+CYCLE_BATCH = 16  # images per step that go through the frozen denoiser for the cycle loss
+CONSISTENCY_BATCH = 32  # images per step whose horizontal flip is also classified for the consistency loss
+BN_RECALIBRATION = 1024  # training images that re-estimate the EMA head's BN statistics before each validation
 
 
 def ratio_epoch(epoch: int, epochs: int) -> bool:
@@ -63,40 +68,15 @@ def rows_of(maps: list[torch.Tensor], rows, device) -> list[torch.Tensor]:
     return [f[rows].to(device, torch.float32) for f in maps]
 
 
-class FrozenPart:
-    """The sub-feature CNN's frozen part's output for one split's images (classifier.cnn_frozen_blocks):
-    computed once and kept (on the CPU), or recomputed per batch when the split's would exceed
-    FROZEN_CACHE_BYTES. Either way no backward pass goes through it; `rows` is None without a frozen part."""
-
-    def __init__(self, head, images: torch.Tensor, device="cpu", batch_size: int = 256):
-        cnn = head.cnn if head.cnn is not None and head.cnn.frozen_blocks > 0 else None
-        self.cnn, self.images, self.device, self.cache = cnn, images, device, None
-        if cnn is None or not len(images):
-            return
-        per_image = cnn.frozen_features(images[:1].to(device)).numel() * 4
-        if per_image * len(images) <= FROZEN_CACHE_BYTES:
-            self.cache = torch.cat([cnn.frozen_features(images[s:s + batch_size].to(device)).cpu()
-                                    for s in range(0, len(images), batch_size)])
-
-    def rows(self, idx) -> torch.Tensor | None:
-        if self.cnn is None:
-            return None
-        if self.cache is not None:
-            return self.cache[idx].to(self.device)
-        return self.cnn.frozen_features(self.images[idx].to(self.device))
-
-
 def build_head(cfg: ClassifierConfig, split: FeatureSplit, num_classes: int) -> DCubeHead:
     c, h = split.images.shape[1], split.images.shape[2]
     return DCubeHead([f.shape[1] for f in split.feats], num_classes, c, h, cfg)
 
 
 @torch.no_grad()
-def head_probabilities(head, split: FeatureSplit, batch_size: int = 256, device="cpu",
-            frozen: FrozenPart | None = None) -> torch.Tensor:
+def head_probabilities(head, split: FeatureSplit, batch_size: int = 256, device="cpu") -> torch.Tensor:
     """Class probabilities (N, C); deterministic (eval mode, fixed features). With several
-    processes each rank predicts every world-th batch and all get every row, in order.
-    `frozen`: the split's cached frozen-CNN outputs (the same probabilities, faster)."""
+    processes each rank predicts every world-th batch and all get every row, in order."""
     head.eval()
     n = len(split.labels)
     mine = dist.shard_indices(n, block=batch_size)
@@ -104,8 +84,7 @@ def head_probabilities(head, split: FeatureSplit, batch_size: int = 256, device=
     for s in range(0, len(mine), batch_size):
         rows = mine[s:s + batch_size] if dist.world_size() > 1 else slice(s, s + batch_size)
         feats = rows_of(split.feats, rows, device)
-        fz = frozen.rows(rows) if frozen is not None else None
-        out.append(head(feats, split.images[rows].to(device), fz).softmax(1).cpu())
+        out.append(head(feats, split.images[rows].to(device)).softmax(1).cpu())
     probs = torch.cat(out) if out else torch.empty(0, head.num_classes)
     return dist.gather_ordered(probs, n, block=batch_size)
 
@@ -122,15 +101,13 @@ def micro_batches(n: int, accum: int = 1) -> tuple[list, list | None]:
     return shares[dist.rank()], [c for share in shares for c in share]
 
 
-def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="cpu",
-               frozen: FrozenPart | None = None):
-    """(feature maps, images, frozen-CNN outputs or None) batches of a fixed seeded sample of k training rows."""
+def bn_batches(split: FeatureSplit, k: int, batch_size: int, seed: int, device="cpu"):
+    """(feature maps, images) batches of a fixed seeded sample of k training rows."""
     rows = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:k]
     for s in range(0, len(rows), batch_size):
         r = rows[s:s + batch_size]
         if len(r) >= 2:
-            yield rows_of(split.feats, r, device), split.images[r].to(device), \
-                frozen.rows(r) if frozen is not None else None
+            yield rows_of(split.feats, r, device), split.images[r].to(device)
 
 
 def gradient_ratio(module: torch.nn.Module, ce: torch.Tensor, other: torch.Tensor) -> float:
@@ -152,13 +129,14 @@ def _param_groups(head, cfg: ClassifierConfig):
     rest = [p for p in head.parameters() if id(p) not in ids]
     groups = [{"params": rest, "lr": cfg.lr}]
     if cnn:
-        groups.append({"params": cnn, "lr": cfg.cnn_lr})
+        groups.append({"params": cnn, "lr": CNN_LR})
     return groups
 
 
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
                      out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
-                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None) -> tuple[DCubeHead, dict]:
+                     device="cpu", on_epoch=None, compute: ComputeConfig | None = None,
+                     cycle_batch: int = CYCLE_BATCH, consistency_batch: int = CONSISTENCY_BATCH) -> tuple[DCubeHead, dict]:
     """Train (or resume); returns the best-on-validation EMA head and its summary.
 
     `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
@@ -175,7 +153,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     head = build_head(cfg, train, nc).to(device)
     dist.broadcast_module(head)
     ema = EMA(head, cfg.ema_decay)
-    opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=WEIGHT_DECAY)
     amp = Precision(compute.mixed_precision, device)
     weight = None
     if cfg.class_weighting:
@@ -201,9 +179,6 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     layout = partial(memory_format, compute=compute, stage="step2")
     if channels_last(compute, "step2"):  # the EMA copy too: BN recalibration and validation run on it
         ema.module.to(memory_format=torch.channels_last)
-    # the frozen part of the sub-feature CNN (classifier.cnn_frozen_blocks): its outputs once per split
-    fz_train, fz_val = FrozenPart(head, train.images, device), FrozenPart(head, val.images, device)
-    fz_flip = FrozenPart(head, train.images.flip(-1), device) if use_cons or use_flip else None
     n = len(train.labels)
     passes = passes_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
     total = cfg.epochs * passes * -(-n // cfg.batch_size)
@@ -228,8 +203,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             if every == []:  # every share too small for batch norm
                 continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            kc = min(cfg.cycle_batch, len(idx))
-            kf = min(cfg.consistency_batch, len(idx))
+            kc = min(cycle_batch, len(idx))
+            kf = min(consistency_batch, len(idx))
             draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle else None
             # random horizontal flips (own generator: the cycle draws stay what they were)
             flip = (torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 2_000_003 + step)) < 0.5
@@ -247,14 +222,10 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 fl = None if flip is None else (flip if rows is None else flip[rows])
                 x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
                 feats = rows_of(train.feats, bidx, device)
-                fz = fz_train.rows(bidx)  # None without a frozen CNN part
                 cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
-                fz_other = None
                 if fl is None:
                     other = rows_of(train.feats_flipped, bidx[:lf], device) if cons else None
                     x_other = x[:lf].flip(-1)
-                    if fz is not None and cons:
-                        fz_other = fz_flip.rows(bidx[:lf])
                 else:  # flipped rows swap their two views
                     m = fl.to(device)[:, None, None, None]
                     fflip = rows_of(train.feats_flipped, bidx, device)
@@ -262,15 +233,11 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
                     x_other = torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
                     x = torch.where(m, x.flip(-1), x)
-                    if fz is not None:
-                        fzf = fz_flip.rows(bidx)
-                        fz_other = torch.where(m[:lf], fz[:lf], fzf[:lf]) if cons else None
-                        fz = torch.where(m, fzf, fz)
                 with amp.autocast():
-                    logits = net([layout(f) for f in feats], layout(x), fz)
+                    logits = net([layout(f) for f in feats], layout(x))
                     logits_f = None
                     if other is not None:
-                        logits_f = net([layout(f) for f in other], layout(x_other), fz_other)
+                        logits_f = net([layout(f) for f in other], layout(x_other))
                 logits = logits.float()
                 ce = F.cross_entropy(logits, y, weight=weight)
                 loss = ce
@@ -307,9 +274,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             if use_cons:
                 sums["consistency"] += con_s
         nb = max(1, len(batches))
-        if cfg.bn_recalibration > 0:  # statistics of the EMA weights themselves (dcube.classify.bn)
-            recalibrate_bn(ema.module, bn_batches(train, cfg.bn_recalibration, cfg.batch_size, seed, device, fz_train))
-        probs = head_probabilities(ema.module, val, device=device, frozen=fz_val)
+        # statistics of the EMA weights themselves (dcube.classify.bn)
+        recalibrate_bn(ema.module, bn_batches(train, BN_RECALIBRATION, cfg.batch_size, seed, device))
+        probs = head_probabilities(ema.module, val, device=device)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}

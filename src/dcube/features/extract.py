@@ -22,7 +22,7 @@ from dcube.utils.rows import batches
 
 def shrink_map(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """`x` (N, C, h, w) resized (bilinear, antialiased) to size x size when a side is larger; else as is.
-    ``features.map_size``: the head fuses at ``classifier.fuse_size`` anyway, so maps stored at that size
+    ``features.map_size``: the head fuses at ``dcube.classify.head.FUSE_SIZE`` anyway, so maps stored at that size
     lose nothing it uses and take (h / size)^2 less room (a 128x128 map: 64x less at 16)."""
     if size is None or (x.shape[-1] <= size and x.shape[-2] <= size):
         return x
