@@ -42,7 +42,6 @@ _TINY = {
     "data": {"max_train": 48, "max_val": 24, "max_test": 24},
     "diffusion": {"preset": "micro", "epochs": 1, "max_steps": 2, "batch_size": 16, "sample_grid": False,
                   "checkpoint_every": 100},
-    "features": {"ks_images": 24, "batch_size": 32},
     "classifier": {"epochs": 1, "batch_size": 16},
     "latent": {"ae_channels": [8, 8], "ae_max_steps": 2, "ae_epochs": 1,
                "zs_trials": 3, "head_epochs": 2, "finetune_epochs": 1},

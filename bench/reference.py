@@ -28,7 +28,6 @@ def config(run_dir: Path) -> dict:
                      "download": False, "max_train": 64 if SMOKE else 160, "max_val": 32 if SMOKE else 64,
                      "max_test": 32 if SMOKE else 96},
             "diffusion": {"preset": "micro", "max_steps": 2 if SMOKE else 8, "batch_size": 16, "sample_grid": False},
-            "features": {"ks_images": 32, "batch_size": 32},
             "classifier": {"epochs": 1 if SMOKE else 2, "batch_size": 16}}
 
 

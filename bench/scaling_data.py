@@ -33,9 +33,9 @@ STEP1_STEPS = {28: 100, 128: 200}
 # (the KS choice could keep the 128x128 up_1, 512 KB per image in float16: 25 GB at 50k); no flipped
 # features (flips, flip consistency) and no cycle loss, whose denoiser passes would double step 2.
 SETTINGS = {
-    28: {"diffusion": {"batch_size": 64}, "features": {"ks_images": 256, "batch_size": 256},
+    28: {"diffusion": {"batch_size": 64}, "features": {},
          "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64}},
-    128: {"diffusion": {"batch_size": 16}, "features": {"layers": ["down_1", "mid"], "batch_size": 128},
+    128: {"diffusion": {"batch_size": 16}, "features": {"layers": ["down_1", "mid"]},
           "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64, "flip_augment": False,
                          "consistency_weight": 0.0, "cycle_weight": 0.0}},
 }

@@ -79,14 +79,9 @@ class FeatureConfig:
     input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
     timestep: int = 50  # the same timestep at train and test time
     layers: Optional[list] = None  # explicit layer names; None = the non-Gaussian ones (the paper's Eq. 6, per image map)
-    ks_min_effect: float = 0.02  # ks_map: least KS distance above Gaussian noise's for a layer to count
-    ks_map_values: int = 4096  # ks_map: values per image's map (a fixed stride through it)
-    ks_alpha: float = 0.05  # KS test level: a layer is Gaussian when p >= ks_alpha
-    ks_images: int = 256  # training images used for the KS test
-    ks_fallback_k: int = 2  # when no layer has p < alpha, keep the k least Gaussian
+    ks_alpha: float = 0.05  # KS test level: a layer is Gaussian when p >= ks_alpha (on 256 training images; dcube.features.ks)
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
     ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
-    batch_size: int = 128  # images per feature-extraction batch
     map_size: Optional[int] = None  # the head's maps stored at most this size (antialiased); None = as the layer gives them
 
 
@@ -202,6 +197,8 @@ REMOVED = {
     "classifier.fuse_size": 16, "classifier.cnn_lr": 1e-4, "classifier.weight_decay": 1e-4,
     "classifier.cycle_batch": 16, "classifier.consistency_batch": 32, "classifier.bn_recalibration": 1024,
     "classifier.cnn_frozen_blocks": 0, "classifier.cnn_input_size": 64,
+    "features.ks_min_effect": 0.02, "features.ks_map_values": 4096, "features.ks_fallback_k": 2,
+    "features.ks_images": 256, "features.batch_size": ANY,
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -325,8 +322,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "diffusion.batch_size": cfg.diffusion.batch_size,
         "diffusion.num_train_timesteps": cfg.diffusion.num_train_timesteps,
         "classifier.batch_size": cfg.classifier.batch_size,
-        "features.batch_size": cfg.features.batch_size,
-        "features.ks_images": cfg.features.ks_images,
         "compute.grad_accum": cfg.compute.grad_accum,
         "diffusion.patience": cfg.diffusion.patience,
         "diffusion.eval_every": cfg.diffusion.eval_every,

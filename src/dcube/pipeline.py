@@ -55,6 +55,7 @@ from dcube.utils.io import load_checkpoint, read_json, sha256_file, write_json
 STAGES = ("diffusion", "select", "classify", "evaluate")
 MODEL_FILES = ("diffusion/ema.safetensors", "classifier/best.safetensors")  # fingerprinted in run.json
 PROBE_IMAGES = 512  # diffusion.epochs=auto: training images the validation probe is fitted on (stratified)
+KS_IMAGES = 256  # training images (a seeded sample) the KS layer selection reads
 
 
 class DCube(Method):
@@ -162,12 +163,11 @@ class DCube(Method):
                 write_json(fdir / "selection.json", {"names": names, "manual": True})
                 return names
             g = torch.Generator().manual_seed(self.cfg.seed)
-            k = min(fc.ks_images, len(d.train.labels))
+            k = min(KS_IMAGES, len(d.train.labels))
             idx = torch.randperm(len(d.train.labels), generator=g)[:k]
             maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
                            self._scheduler(dcfg), self.device, desc="KS sample")
-            sel = select_ks_map(maps, fc.ks_alpha, fc.ks_min_effect, fc.ks_map_values, fc.ks_fallback_k,
-                                fc.max_layers, fc.ks_keep)
+            sel = select_ks_map(maps, fc.ks_alpha, max_layers=fc.max_layers, keep=fc.ks_keep)
             if sel.note:
                 print(f"[KS] {sel.note}")
             write_json(fdir / "selection.json", sel.to_dict())

@@ -116,7 +116,6 @@ threads: 1
 data: {{name: pneumoniamnist, path: {shared_data / 'medmnist' / 'pneumoniamnist.npz'}, download: false,
         max_train: 64, max_val: 32, max_test: 32}}
 diffusion: {{preset: micro, max_steps: 2, batch_size: 16, sample_grid: false}}
-features: {{ks_images: 32, batch_size: 32}}
 classifier: {{epochs: 1, batch_size: 16}}
 """)
     assert main(["run", str(cfg)]) == 0

@@ -36,7 +36,6 @@ def _config(tmp: Path, data_path: Path | None = None, **sections) -> dict:
            "data": {"source": "folder", "path": str(data_path or tmp / "data"), "image_size": SIZE,
                     "val_fraction": 0.2, "test_fraction": 0.2},
            "diffusion": {"preset": "micro", "max_steps": 1, "batch_size": 8, "sample_grid": False},
-           "features": {"ks_images": 8, "batch_size": 16},
            "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 8}}
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v

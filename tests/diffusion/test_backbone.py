@@ -29,7 +29,6 @@ def _config(tmp: Path, **diffusion) -> Path:
            "data": {"source": "folder", "path": str(tmp / "data"), "image_size": SIZE, "val_fraction": 0.2,
                     "test_fraction": 0.2},
            "diffusion": {"preset": "micro", "max_steps": 2, "batch_size": 8, "sample_grid": False, **diffusion},
-           "features": {"ks_images": 8, "batch_size": 16},
            "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 8}}
     p = tmp / f"cfg{len(list(tmp.glob('cfg*.yaml')))}.yaml"
     p.write_text(yaml.safe_dump(cfg))

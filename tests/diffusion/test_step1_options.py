@@ -125,8 +125,7 @@ def test_auto_stop_in_the_pipeline_never_reads_the_test_split(shared_data, tmp_p
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 96, "max_val": 48, "max_test": 32},
         "diffusion": {"backbone": "unet", "preset": "micro", "epochs": "auto", "eval_every": 2, "patience": 1,
-                      "max_steps": 9, "batch_size": 32, "sample_grid": False},
-        "features": {"batch_size": 64}})
+                      "max_steps": 9, "batch_size": 32, "sample_grid": False}})
     r = DCube(cfg)
     r.data.test = NoTest()
     r.train_diffusion()
@@ -166,7 +165,6 @@ def test_unlabelled_images_reach_step_1_only(shared_data, tmp_path):
         "data": {"source": "medmnist", "name": "breastmnist", "download": False, "path": str(npz),
                  "max_train": 60, "max_val": 40, "max_test": 40, "unlabelled_rest": True, "unlabelled": str(extra)},
         "diffusion": {"backbone": "unet", "preset": "micro", "epochs": 1, "batch_size": 64, "sample_grid": False},
-        "features": {"ks_images": 32, "batch_size": 64},
         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32}})
     out = run(cfg)
     info = read_json(tmp_path / "run" / "run.json")["data"]

@@ -35,7 +35,7 @@ def _config(work: Path) -> dict:
                  "test_fraction": 0.2},
         "diffusion": {"backbone": "uvit", "preset": "micro", "epochs": 3, "max_steps": 4, "batch_size": 10,
                       "sample_grid": False, "checkpoint_every": 2},
-        "features": {"ks_images": 20, "batch_size": 8, "input_mode": "xt", "timestep": 100},
+        "features": {"input_mode": "xt", "timestep": 100},
         # batch 40: its first 32 rows (CONSISTENCY_BATCH) also classified flipped, split unevenly over the ranks
         "classifier": {"subfeature": "none", "epochs": 2, "batch_size": 40},
                 "compute": {"grad_accum": 2},
@@ -94,7 +94,7 @@ def test_gathered_results_equal_one_process(two_procs):
     images = r.data.train.images
     assert len(images) % 2 == 1 or len(images) % 8  # shards of unequal size
     maps = extract(model, images, model.feature_names, r.cfg.features, r.cfg.seed, r._scheduler(dcfg),
-                   progress=False)
+                   progress=False, batch_size=8)
     for name, m in maps.items():
         assert torch.equal(got[f"feat.{name}"], m), name
         assert torch.equal(got[f"featdisk.{name}"], m), name  # 2 ranks reading the uint8 store by rows

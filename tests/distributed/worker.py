@@ -56,7 +56,8 @@ r = DCube(from_dict(CONFIG))
 model, dcfg = r.denoiser()
 fc = r.cfg.features
 images = r.data.train.images
-maps = extract(model, images, model.feature_names, fc, r.cfg.seed, r._scheduler(dcfg), progress=False)
+maps = extract(model, images, model.feature_names, fc, r.cfg.seed, r._scheduler(dcfg), progress=False,
+               batch_size=8)
 
 # the on-disk path: both ranks decode into ONE store (the same run directory), then extract through a
 # DataLoader worker; the gathered maps must equal the in-RAM ones of one process
@@ -67,7 +68,7 @@ from dcube.data import load_data  # noqa: E402
 on_disk = load_data(dataclasses.replace(r.cfg.data, in_memory_mb=0), r.cfg.seed, WORK / "diskstore")
 assert type(on_disk.train.images).__name__ == "DiskRows"
 maps_disk = extract(model, on_disk.train.images, model.feature_names, fc, r.cfg.seed, r._scheduler(dcfg),
-                    progress=False, workers=1)
+                    progress=False, workers=1, batch_size=8)
 
 from dcube.diffusion.sampling import sample_images  # noqa: E402
 from dcube.diffusion.zeroshot import classify_zero_shot  # noqa: E402

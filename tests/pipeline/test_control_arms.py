@@ -18,7 +18,6 @@ def _cfg(shared_data, run_dir, **sections):
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 96, "max_val": 32, "max_test": 32},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
-        "features": {"ks_images": 32, "batch_size": 64},
         "classifier": {"subfeature": "resnet18", "epochs": 1, "batch_size": 32},
     }
     for k, v in sections.items():

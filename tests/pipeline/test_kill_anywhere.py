@@ -28,7 +28,6 @@ def _config(shared_data, run_dir: Path) -> dict:
                      "download": False, "max_train": 48, "max_val": 24, "max_test": 24},
             "diffusion": {"preset": "micro", "max_steps": 6, "checkpoint_every": 2, "batch_size": 16,
                           "sample_grid": False},
-            "features": {"ks_images": 32, "batch_size": 32},
             "classifier": {"subfeature": "none", "epochs": 3, "batch_size": 16, "cycle_weight": 1.0}}
 
 

@@ -28,8 +28,7 @@ def _dcube_argv(data: Path, run_dir: Path) -> list[str]:
     sets = {"data.source": "medmnist", "data.name": "pneumoniamnist", "data.download": "false",
             "data.path": str(data / "medmnist" / "pneumoniamnist.npz"), "data.max_train": 120,
             "data.max_val": 48, "data.max_test": 48, "diffusion.preset": "micro", "diffusion.max_steps": 3,
-            "diffusion.batch_size": 32, "diffusion.sample_grid": "false", "features.ks_images": 48,
-            "features.batch_size": 64, "classifier.subfeature": "none", "classifier.epochs": 1,
+            "diffusion.batch_size": 32, "diffusion.sample_grid": "false", "classifier.subfeature": "none", "classifier.epochs": 1,
             "classifier.batch_size": 32, "threads": 1}
     return ["--run-dir", str(run_dir)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 

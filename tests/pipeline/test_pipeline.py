@@ -17,7 +17,6 @@ def _cfg(shared_data, run_dir, **sections):
                  "max_train": 160, "max_val": 64, "max_test": 64},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 4, "batch_size": 32,
                       "sample_grid": False},
-        "features": {"ks_images": 64, "batch_size": 64},
         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32},
     }
     for k, v in sections.items():
@@ -131,14 +130,14 @@ def test_old_configs_resume(shared_data, tmp_path):
     default, and a config that sets it otherwise is refused as a change."""
     import yaml
 
-    cfg = _cfg(shared_data, tmp_path / "run", features={"ks_map_values": 2048})
+    cfg = _cfg(shared_data, tmp_path / "run", features={"max_layers": 3})
     run(cfg, stages=STAGES[:2])
     path = tmp_path / "run" / "config.yaml"
     old = yaml.safe_load(path.read_text())
-    del old["features"]["ks_map_values"]  # as if written before the key existed
+    del old["features"]["max_layers"]  # as if written before the key existed
     path.write_text(yaml.safe_dump(old))
-    with pytest.raises(ConfigError, match="features.ks_map_values differs"):
-        run(cfg, stages=STAGES[:2])  # 2048 is not the default 4096 the old file now implies
+    with pytest.raises(ConfigError, match="features.max_layers differs"):
+        run(cfg, stages=STAGES[:2])  # 3 is not the default 4 the old file now implies
     assert run(_cfg(shared_data, tmp_path / "run"), stages=STAGES[:2]) is None  # the defaults match: it resumes
 
 

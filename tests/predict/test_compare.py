@@ -15,7 +15,6 @@ def _run(shared_data, tmp_path, name, seed, max_test=32, **classifier):
                     "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                     "max_train": 96, "max_val": 32, "max_test": max_test},
            "diffusion": {"preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
-           "features": {"ks_images": 32, "batch_size": 64},
            "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32, **classifier}}
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))

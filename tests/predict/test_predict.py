@@ -20,7 +20,6 @@ def trained(shared_data, tmp_path_factory):
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 128, "max_val": 64, "max_test": 40},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 4, "batch_size": 32, "sample_grid": False},
-        "features": {"ks_images": 64, "batch_size": 64},
         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32, "target_sensitivity": 0.9}})
     run(cfg)
     return d, cfg
@@ -202,7 +201,7 @@ def test_xt_mode_predictions_do_not_depend_on_the_batch(shared_data, tmp_path):
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 64, "max_val": 32, "max_test": 16},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
-        "features": {"input_mode": "xt", "timestep": 200, "ks_images": 32, "batch_size": 64},
+        "features": {"input_mode": "xt", "timestep": 200},
         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32}})
     run(cfg)
     x = load_data(cfg.data, cfg.seed).test.images[:6]
@@ -229,7 +228,7 @@ def test_maps_stored_at_map_size_are_what_predict_and_export_compute(shared_data
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 96, "max_val": 32, "max_test": 32},
         "diffusion": {"backbone": "unet", "preset": "micro", "max_steps": 2, "batch_size": 32, "sample_grid": False},
-        "features": {"layers": ["down_0", "mid", "up_2"], "batch_size": 64, "map_size": 8},
+        "features": {"layers": ["down_0", "mid", "up_2"], "map_size": 8},
         "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 32}})
     out = run(cfg)
     with safe_open(str(tmp_path / "run" / "features" / "test.safetensors"), "pt") as f:

@@ -37,7 +37,6 @@ run_dir: {tmp / 'run'}
 threads: 1
 data: {{source: csv, path: {tmp / 'm.csv'}, image_size: 16, val_fraction: 0.25, test_fraction: 0.25}}
 diffusion: {{preset: micro, max_steps: 2, batch_size: 8}}
-features: {{ks_images: 8, batch_size: 16}}
 classifier: {{subfeature: none, epochs: 1, batch_size: 8}}
 """)
     assert main(["run", str(cfg)]) == 0  # dcube run writes the report, with heat maps

@@ -75,19 +75,20 @@ def denoiser_inputs(model, x: torch.Tensor, cfg: FeatureConfig, index: torch.Ten
 def extract(model, images: torch.Tensor, names: list[str], cfg: FeatureConfig, seed: int = 0,
             scheduler=None, device="cpu", dtype=torch.float32, desc: str = "features",
             progress: bool = True, noise_index: torch.Tensor | None = None, sink=None,
-            workers: int = 0, size: int | None = None) -> dict[str, torch.Tensor]:
+            workers: int = 0, size: int | None = None, batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Feature maps of `names` for every image: name -> (N, C, h, w) on the CPU. In ``xt`` mode image i
     is noised with the draw of index ``noise_index[i]`` (default: i, its row in the split).
 
     `images` may be a tensor or an on-disk split (:mod:`dcube.utils.rows`), read batch by batch (ahead,
     in `workers` DataLoader processes). With `sink` (a :class:`dcube.features.cache.FeatureWriter`)
     each batch's maps go straight to disk and {} is returned: memory stays one batch. `size`: maps with a
-    side above it are resized to size x size (:func:`shrink_map`; the head's input, ``features.map_size``)."""
+    side above it are resized to size x size (:func:`shrink_map`; the head's input, ``features.map_size``).
+    `batch_size`: images per forward pass (memory, not results)."""
     if cfg.input_mode == "xt" and scheduler is None:
         raise ValueError("features.input_mode='xt' needs the diffusion scheduler")
     model.eval()
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    bs = cfg.batch_size
+    bs = batch_size
     mine = dist.shard_indices(len(images), block=bs)  # every world-th batch; all of them in one process
     one = dist.world_size() == 1
     starts = list(range(0, len(mine), bs))

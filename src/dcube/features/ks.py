@@ -1,7 +1,7 @@
 """Kolmogorov-Smirnov layer selection: keep the layers whose features are NOT Gaussian.
 
 The paper's Eq. 6, per image (dcube 0.1's pooled rule was removed in 1.0: CHANGELOG.md).
-Each image's whole feature map (every channel and position; at most ``ks_map_values`` values, taken at a fixed stride) is compared with a Gaussian of
+Each image's whole feature map (every channel and position; at most ``max_values`` (4096) values, taken at a fixed stride) is compared with a Gaussian of
 that map's own mean and standard deviation: ``D_i = sup |F_i(x) - Phi((x - mu_i) / sd_i)|``. D is
 an effect size: it does not shrink with the number of values the way a p-value does, so a layer at
 2x2 and one at 28x28 are on one scale. The layer's statistic is the median over images of ``D_i``
@@ -10,7 +10,7 @@ small-sample bias of D, ~0.9/sqrt(n), removed), so ~0 means "as Gaussian as Gaus
 any resolution. Its test: each image's p-value from that Monte Carlo null (moments estimated, as
 Lilliefors), and the layer's p-value: how often the median D of as many Gaussian maps reaches the
 observed median (the same Monte Carlo null, resampled). A layer is kept when it rejects AND its statistic is at least
-``ks_min_effect``. Deterministic, and invariant to the order of the images.
+``min_effect`` (0.02). Deterministic, and invariant to the order of the images.
 """
 
 from __future__ import annotations

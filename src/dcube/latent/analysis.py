@@ -53,8 +53,9 @@ class AnalysisOptions:
 def pooled(model, latents: torch.Tensor, names: list[str], t: int, scheduler, seed: int = 0, device="cpu",
            batch_size: int = 128, progress: bool = False) -> dict[str, torch.Tensor]:
     """name -> (N, C) globally average-pooled features of x_t (noise fixed per image index)."""
-    fcfg = FeatureConfig(input_mode="xt", timestep=int(t), batch_size=batch_size)
-    maps = extract(model, latents, names, fcfg, seed, scheduler, device, desc=f"features t={t}", progress=progress)
+    fcfg = FeatureConfig(input_mode="xt", timestep=int(t))
+    maps = extract(model, latents, names, fcfg, seed, scheduler, device, desc=f"features t={t}", progress=progress,
+                   batch_size=batch_size)
     return {n: m.float().mean(dim=(2, 3)) for n, m in maps.items()}
 
 
