@@ -76,8 +76,8 @@ def table() -> str:
     rows = load_results(STUDY)
     lines = [f"## Reading one very large image\n\nCommand: `python -m bench.big_image`. Machine: {machine()}. "
              "One grayscale image of size x size pixels read at 28 px, each reading in a fresh process; "
-             "*added* = peak RSS (VmHWM) minus the process's RSS before reading. `data.max_pixels` (default "
-             "100 M) refuses such a file unless raised; this measures the reader itself.\n",
+             "*added* = peak RSS (VmHWM) minus the process's RSS before reading. dcube refuses a file above "
+             "100 M pixels (`dcube.data.images.MAX_PIXELS`); this measures the reader itself.\n",
              "| format | size | full decode: added MB | reduced: added MB | same image mean (28 px) | date |",
              "|---|---|---|---|---|---|"]
     for fmt in ("png", "jpg"):

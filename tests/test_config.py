@@ -7,7 +7,7 @@ def test_defaults_are_the_demo():
     cfg = from_dict({})
     assert isinstance(cfg, RunConfig)
     assert cfg.data.name == "pneumoniamnist" and cfg.data.image_size == 28
-    assert cfg.features.ks_alpha == 0.05 and cfg.classifier.ema_decay == 0.999
+    assert cfg.features.max_layers == 4 and cfg.classifier.ema_decay == 0.999
 
 
 @pytest.mark.parametrize("values, field", [
@@ -15,7 +15,7 @@ def test_defaults_are_the_demo():
     ({"diffusion": {"backbone": "vit"}}, "diffusion.backbone"),
     ({"diffusion": {"epochs": "ten"}}, "diffusion.epochs"),
     ({"features": {"timestep": 1000}}, "features.timestep"),
-    ({"features": {"ks_alpha": 1.5}}, "features.ks_alpha"),
+    ({"features": {"ks_alpha": 1.5}}, "features.ks_alpha: removed in dcube 1.0"),
     ({"data": {"source": "folder"}}, "data.path"),
     ({"classifier": {"cycle_weight": -1}}, "classifier.cycle_weight"),
     ({"data": {"download": "yes"}}, "data.download"),

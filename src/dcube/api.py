@@ -40,7 +40,7 @@ class TrainedRun:
         if isinstance(images, (str, Path)):
             images = [images]
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, Path)):
-            return torch.from_numpy(np.stack([read_image(p, d.image_size, d.channels, d.max_pixels, d.dicom_window)
+            return torch.from_numpy(np.stack([read_image(p, d.image_size, d.channels, dicom_window=d.dicom_window)
                                               for p in images]))
         arr = np.asarray(images)
         if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3 and d.channels == 3):

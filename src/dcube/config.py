@@ -43,11 +43,8 @@ class DataConfig:
     unlabelled: Optional[str] = None  # folder / CSV (path column) / npz of images WITHOUT labels: step 1 only
     unlabelled_rest: bool = False  # the training images max_train / minority_ratio leave out join step 1 unlabelled
     classes: Optional[list] = None  # folder / CSV: the class names expected (others are an error); None = found
-    min_class_images: int = 2  # folder / CSV without a split: a class with fewer images is an error (a typo?)
     group_pattern: Optional[str] = None  # regex on the file name grouping images by patient, e.g. 'person(\\d+)_'
     duplicates: str = "near"  # folder / CSV splits: near (re-encoded copies too: 16x16 thumbnails within 8 grey levels RMS) | exact (byte-identical) | off; each group stays in one split
-    allow_outside_root: bool = False  # CSV: allow image paths outside the manifest's folder
-    max_pixels: Optional[int] = 100_000_000  # refuse decoding an image with more pixels (decompression bombs)
     dicom_window: str = "percentile"  # percentile (robust 0.5-99.5 %) | file (VOI LUT / window from the file) | lung | mediastinum | abdomen | brain | bone
     in_memory_mb: Optional[float] = 4096  # a split bigger than this as float32 is decoded once to run_dir/cache/images (uint8) and read per batch; 0 = always on disk, None = always in RAM
     workers: int = 0  # DataLoader processes reading batches of on-disk splits ahead (0: in the main process)
@@ -79,7 +76,6 @@ class FeatureConfig:
     input_mode: str = "x0"  # x0 (clean image) | xt (noised at `timestep`, fixed seed)
     timestep: int = 50  # the same timestep at train and test time
     layers: Optional[list] = None  # explicit layer names; None = the non-Gaussian ones (the paper's Eq. 6, per image map)
-    ks_alpha: float = 0.05  # KS test level: a layer is Gaussian when p >= ks_alpha (on 256 training images; dcube.features.ks)
     max_layers: Optional[int] = 4  # at most this many selected layers (lowest p first)
     ks_keep: str = "least_gaussian"  # most_gaussian: the ablation, as many layers from the other end
     map_size: Optional[int] = None  # the head's maps stored at most this size (antialiased); None = as the layer gives them
@@ -102,7 +98,6 @@ class ClassifierConfig:
     select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
     target_sensitivity: Optional[float] = None  # binary: the threshold reaching this validation sensitivity
     synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
-    synthetic_ratio: Optional[float] = None  # at most ratio * len(train) synthetic images; None = all
 
 
 @dataclass
@@ -198,7 +193,9 @@ REMOVED = {
     "classifier.cycle_batch": 16, "classifier.consistency_batch": 32, "classifier.bn_recalibration": 1024,
     "classifier.cnn_frozen_blocks": 0, "classifier.cnn_input_size": 64,
     "features.ks_min_effect": 0.02, "features.ks_map_values": 4096, "features.ks_fallback_k": 2,
-    "features.ks_images": 256, "features.batch_size": ANY,
+    "features.ks_images": 256, "features.batch_size": ANY, "features.ks_alpha": 0.05,
+    "data.min_class_images": 2, "data.allow_outside_root": False, "data.max_pixels": 100_000_000,
+    "classifier.synthetic_ratio": None,
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -316,7 +313,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: {obj!r} is not one of {list(allowed)}")
     positive = {
         "data.image_size": cfg.data.image_size,
-        "data.min_class_images": cfg.data.min_class_images,
         "diffusion.checkpoint_every": cfg.diffusion.checkpoint_every,
         "classifier.epochs": cfg.classifier.epochs,
         "diffusion.batch_size": cfg.diffusion.batch_size,
@@ -333,7 +329,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     optional_positive = {"threads": cfg.threads, "diffusion.max_steps": cfg.diffusion.max_steps,
                          "features.max_layers": cfg.features.max_layers,
-                         "data.max_pixels": cfg.data.max_pixels, "features.map_size": cfg.features.map_size,
+                         "features.map_size": cfg.features.map_size,
                          }
     if cfg.diffusion.epochs != "auto" and cfg.diffusion.epochs < 0:
         raise ConfigError(f"diffusion.epochs: must be >= 0 (0: the untrained denoiser) or 'auto', "
@@ -346,7 +342,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
-        "classifier.synthetic_ratio": cfg.classifier.synthetic_ratio or 0,
         "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
     }.items():
@@ -371,8 +366,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     ts = cfg.classifier.target_sensitivity
     if ts is not None and not 0 < ts < 1:
         raise ConfigError(f"classifier.target_sensitivity: must lie in (0, 1), got {ts}")
-    if not 0 < cfg.features.ks_alpha < 1:
-        raise ConfigError(f"features.ks_alpha: must lie in (0, 1), got {cfg.features.ks_alpha}")
     for key in ("val_fraction", "test_fraction"):
         v = getattr(cfg.data, key)
         if not 0 <= v < 1:

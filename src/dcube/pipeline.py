@@ -167,7 +167,7 @@ class DCube(Method):
             idx = torch.randperm(len(d.train.labels), generator=g)[:k]
             maps = extract(model, d.train.images[idx], model.feature_names, fc, self.cfg.seed,
                            self._scheduler(dcfg), self.device, desc="KS sample")
-            sel = select_ks_map(maps, fc.ks_alpha, max_layers=fc.max_layers, keep=fc.ks_keep)
+            sel = select_ks_map(maps, max_layers=fc.max_layers, keep=fc.ks_keep)
             if sel.note:
                 print(f"[KS] {sel.note}")
             write_json(fdir / "selection.json", sel.to_dict())
@@ -233,7 +233,7 @@ class DCube(Method):
 
             cc = self.cfg.classifier
             synth = load_synthetic(cc.synthetic_dir)
-            self._train = augment_train(self.data, synth, cc.synthetic_ratio, self.cfg.seed)
+            self._train = augment_train(self.data, synth, seed=self.cfg.seed)
             n_syn = len(self._train) - len(self.data.train)
             self.info["synthetic"] = {**self.synthetic_key(), "n_added": n_syn}
             self.save_info()
@@ -245,8 +245,7 @@ class DCube(Method):
         cc = self.cfg.classifier
         if not cc.synthetic_dir:
             return None
-        return {"dir": str(cc.synthetic_dir), "manifest_sha256": sha256_file(Path(cc.synthetic_dir) / MANIFEST),
-                "ratio": cc.synthetic_ratio}
+        return {"dir": str(cc.synthetic_dir), "manifest_sha256": sha256_file(Path(cc.synthetic_dir) / MANIFEST)}
 
     # -- step 2b ----------------------------------------------------------------------------
     def feature_split(self, split, names, model, dcfg, with_flip=False):

@@ -115,3 +115,13 @@ def test_array_to_tensor():
     rgb = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
     t = array_to_tensor(rgb, 64, 1)
     assert t.shape == (5, 1, 64, 64) and t.min() >= -1 and t.max() <= 1
+
+
+def test_an_image_over_max_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    import dcube.data.images as images
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "big.png")
+    assert read_image(tmp_path / "big.png", 8, 1).shape == (1, 8, 8)  # 256 pixels: under MAX_PIXELS
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    with pytest.raises(DataError, match=r"big.png: 16 x 16 pixels is more than 100"):
+        read_image(tmp_path / "big.png", 8, 1)

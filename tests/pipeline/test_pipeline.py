@@ -107,17 +107,10 @@ def test_dcube_head_trains_on_real_plus_synthetic(shared_data, tmp_path):
     assert info["synthetic"]["n_added"] == 8 and info["synthetic"]["manifest_sha256"]
     from dcube.utils.io import load_tensors
     tensors, meta = load_tensors(tmp_path / "run2" / "features" / "train.safetensors")
-    assert next(iter(tensors.values())).shape[0] == 160 + 8 and meta["key"]["synthetic"]["ratio"] is None
+    assert next(iter(tensors.values())).shape[0] == 160 + 8 and meta["key"]["synthetic"]["manifest_sha256"]
     _, meta_test = load_tensors(tmp_path / "run2" / "features" / "test.safetensors")
     assert meta_test["key"]["n"] == 64  # val/test stay real
     assert out["test"] != real["test"]  # the extra images changed the classifier
-    # half the ratio: 0.025 * 160 = 4 synthetic images, stratified
-    with pytest.raises(ConfigError, match="classifier.synthetic_ratio differs"):
-        DCube(_cfg(shared_data, tmp_path / "run2", classifier={"synthetic_dir": str(tmp_path / "syn"),
-                                                              "synthetic_ratio": 0.025}))
-    r3 = DCube(_cfg(shared_data, tmp_path / "run4", classifier={"synthetic_dir": str(tmp_path / "syn"),
-                                                               "synthetic_ratio": 0.025}))
-    assert len(r3.split("train")) == 164 and len(r3.split("val")) == 64
     # a set made from a different training split is refused
     other = _cfg(shared_data, tmp_path / "run3", data={"max_train": 120},
                  classifier={"synthetic_dir": str(tmp_path / "syn")})

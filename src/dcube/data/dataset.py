@@ -16,6 +16,7 @@ from dcube.data.bundle import SPLITS, DataBundle, DataError, Split
 from dcube.data.fetch import resolve_npz
 from dcube.data.files import fingerprint, plan, raise_unreadable, read_split, save_plan
 from dcube.data.folder import absolute, read_manifest, scan_folder
+from dcube.data.images import MAX_PIXELS
 from dcube.data.medmnist import file_size_for, get_info
 from dcube.data.npz import load_npz
 from dcube.data.splits import nested_per_class, stratified_subsample
@@ -68,7 +69,7 @@ def _cache(cfg: DataConfig, run_dir: Optional[Path], split: str, members: list, 
 
     ids = hashlib.sha256("\n".join(str(getattr(e, "path", e)) for e in members).encode()).hexdigest()
     key = {"data": data_sha, "split": split, "members": ids, "image_size": cfg.image_size,
-           "channels": cfg.channels, "dicom_window": cfg.dicom_window, "max_pixels": cfg.max_pixels}
+           "channels": cfg.channels, "dicom_window": cfg.dicom_window, "max_pixels": MAX_PIXELS}
 
     root = Path(run_dir) / "cache" / "images" if run_dir else Path(tempfile.gettempdir()) / "dcube-images"
     if not dist.is_main():  # several processes: files in the run directory come from rank 0 only
@@ -96,7 +97,7 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
         entries, layout = scan_folder(path)
         root, manifest = absolute(path), None
     else:
-        entries, layout = read_manifest(path, cfg.allow_outside_root), "csv"
+        entries, layout = read_manifest(path), "csv"
         root, manifest = absolute(path).parent, path
     sha = fingerprint(entries, root, manifest)
     entries, splits, classes, file, reused, grouping = plan(entries, cfg, seed, root, str(path), run_dir)

@@ -22,6 +22,7 @@ from dcube.data.splitfile import SPLIT_FILE, read_splits, write_splits
 from dcube.data.splits import grouped_split, stratified_split
 from dcube.utils.io import sha256_file
 
+MIN_CLASS_IMAGES = 2  # without a given split, a class with fewer images is an error (a mistyped label?)
 PROGRESS_ABOVE = 500  # show a progress bar when reading more files than this
 
 
@@ -30,7 +31,7 @@ MAX_LISTED = 20  # unreadable files named in one error
 
 def check_labels(entries: list[Entry], cfg: DataConfig, source: str, split_given: bool) -> None:
     """Labels that look like mistakes: names equal up to case and spaces; with no given split, a class
-    under data.min_class_images images; with data.classes, any other name."""
+    under MIN_CLASS_IMAGES images; with data.classes, any other name."""
     names = sorted({e.label for e in entries})
     if cfg.classes is not None:
         expected = [str(c) for c in cfg.classes]
@@ -48,11 +49,10 @@ def check_labels(entries: list[Entry], cfg: DataConfig, source: str, split_given
     if not split_given and cfg.classes is None:
         counts = {n: sum(e.label == n for e in entries) for n in names}
         for n, c in counts.items():
-            if c < cfg.min_class_images:
+            if c < MIN_CLASS_IMAGES:
                 first = next(e for e in entries if e.label == n)
                 raise DataError(f"{source}: class {n!r} has only {c} image(s) ({first.where}), fewer than "
-                                f"data.min_class_images={cfg.min_class_images}: a typo? Fix the label, or list "
-                                f"the classes in data.classes")
+                                f"{MIN_CLASS_IMAGES}: a typo? Fix the label, or list the classes in data.classes")
 
 
 def content_hashes(entries: list[Entry]) -> list[str]:
@@ -77,7 +77,7 @@ def thumbnails(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, list[
 
     def one(e):
         try:
-            x = read_image(e.path, NEAR_SIZE, 1, cfg.max_pixels, cfg.dicom_window)
+            x = read_image(e.path, NEAR_SIZE, 1, dicom_window=cfg.dicom_window)
             return (x.reshape(-1).astype(np.float64) + 1.0) * 127.5
         except Exception:  # unreadable: reported with every other unreadable file by the data stage
             return None
@@ -340,7 +340,7 @@ def read_split(entries: list[Entry], classes: list[str], cfg: DataConfig, desc: 
     def fill(write) -> bool:
         def load(i):
             try:
-                x = read_image(entries[i].path, cfg.image_size, cfg.channels, cfg.max_pixels, cfg.dicom_window)
+                x = read_image(entries[i].path, cfg.image_size, cfg.channels, dicom_window=cfg.dicom_window)
             except DataError as exc:
                 if errors is None:
                     raise

@@ -152,15 +152,14 @@ def scan_folder(root: str | Path) -> tuple[list[Entry], str]:
     return _class_entries(root, None), "classes"
 
 
-def read_manifest(csv_path: str | Path, allow_outside_root: bool = False) -> list[Entry]:
+def read_manifest(csv_path: str | Path) -> list[Entry]:
     """Entries of a CSV manifest; relative paths are relative to the CSV's folder and must stay inside
-    it (no '../..' out of it) unless `allow_outside_root` (data.allow_outside_root); absolute paths are
-    taken as written."""
+    it (no '../..' out of it); absolute paths are taken as written."""
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise DataError(f"data.path: CSV manifest {csv_path} does not exist or is not a file")
     try:
-        return _read_manifest(csv_path, allow_outside_root)
+        return _read_manifest(csv_path)
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the manifest as "
                         f"UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
@@ -168,7 +167,7 @@ def read_manifest(csv_path: str | Path, allow_outside_root: bool = False) -> lis
         raise DataError(f"{csv_path}: not a readable CSV file ({exc})") from None
 
 
-def _read_manifest(csv_path: Path, allow_outside_root: bool) -> list[Entry]:
+def _read_manifest(csv_path: Path) -> list[Entry]:
     root = absolute(csv_path.parent)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -184,10 +183,10 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> list[Entry]:
             entries.append(_manifest_entry(row, csv_path.parent, where, "split" in fields,
                                            "patient_id" in fields))
             e = entries[-1]
-            if not allow_outside_root and not Path(row["path"].strip()).expanduser().is_absolute() \
+            if not Path(row["path"].strip()).expanduser().is_absolute() \
                     and not e.path.is_relative_to(root):  # '../..' out of the manifest's folder
                 raise DataError(f"{where}: the relative path {row['path'].strip()!r} leads outside the manifest's "
-                                f"folder {root}; give an absolute path or set data.allow_outside_root: true")
+                                f"folder {root}; give an absolute path")
             if e.path in seen:
                 raise DataError(f"{where}: image {e.path} is listed twice (also at {seen[e.path]})")
             seen[e.path] = where

@@ -42,15 +42,20 @@ def _flatten_alpha(img: Image.Image, path: Path) -> Image.Image:
         Image.composite(img, black, alpha)
 
 
+MAX_PIXELS = 100_000_000  # an image with more pixels is refused before it is decoded (decompression bombs)
+
+
 def _read_pil(path: Path, max_pixels: int | None = None, target: int | None = None) -> np.ndarray:
     """(H, W) or (H, W, 3) float32 in [0, 1]; high bit depths are windowed like DICOM. An image above
-    `max_pixels` is refused before decoding; a large JPEG is decoded at a reduced scale near `target`."""
+    `max_pixels` (None: MAX_PIXELS) is refused before decoding; a large JPEG is decoded at a reduced scale
+    near `target`."""
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise DataError(f"{path}: {w} x {h} pixels is more than data.max_pixels={max_pixels}; "
-                                f"downsample the file or raise data.max_pixels")
+            max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+            if w * h > max_pixels:
+                raise DataError(f"{path}: {w} x {h} pixels is more than {max_pixels} (a decompression bomb?); "
+                                f"downsample the file")
             if target is not None and img.format == "JPEG":
                 img.draft(img.mode, (2 * target, 2 * target))  # DCT scaling: decodes 1/2 .. 1/8 size
             img.load()
@@ -92,7 +97,7 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 def read_image(path: str | Path, image_size: int, channels: int, max_pixels: int | None = None,
                dicom_window: str = "percentile", frame: int | None = None) -> np.ndarray:
     """Read a PNG/JPEG/TIFF/... or DICOM file -> float32 (channels, image_size, image_size) in [-1, 1].
-    `max_pixels` (data.max_pixels): larger non-DICOM images are refused before they are decoded.
+    `max_pixels` (None: MAX_PIXELS): larger non-DICOM images are refused before they are decoded.
     `dicom_window` (data.dicom_window) and `frame` (a multi-frame DICOM's frame): see :func:`read_dicom`."""
     path = Path(path)
     x = read_dicom(path, dicom_window, frame) if is_dicom(path) else _read_pil(path, max_pixels, image_size)
