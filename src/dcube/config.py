@@ -108,8 +108,6 @@ class LatentConfig:
     ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
     ae_latent_channels: int = 4  # autoencoder latent channels
     ae_epochs: int = 5  # autoencoder epochs (its batch, learning rate and crops: dcube.latent.autoencoder)
-    ae_max_steps: Optional[int] = None  # autoencoder: stop after this many optimiser steps
-    zs_trials: int = 16  # zero-shot: K (t, noise) pairs per image, shared by all classes (more: dcube classify-zero-shot -h)
     head_epochs: int = 60  # light head: epochs
     finetune_epochs: int = 3  # latent finetune: epochs (its learning rates and batch: dcube.latent.head)
 
@@ -195,7 +193,7 @@ REMOVED = {
     "features.ks_min_effect": 0.02, "features.ks_map_values": 4096, "features.ks_fallback_k": 2,
     "features.ks_images": 256, "features.batch_size": ANY, "features.ks_alpha": 0.05,
     "data.min_class_images": 2, "data.allow_outside_root": False, "data.max_pixels": 100_000_000,
-    "classifier.synthetic_ratio": None,
+    "classifier.synthetic_ratio": None, "latent.ae_max_steps": None,
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -211,6 +209,7 @@ MOVED = {
     "latent.analysis_top_layers": (2, "dcube analyze --top-layers"),
     "latent.errormap_timesteps": ([100, 250, 400], "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
     "latent.errormap_noises": (2, "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
+    "latent.zs_trials": (16, "dcube classify-zero-shot --trials"),
     "latent.zs_timesteps": (None, "dcube classify-zero-shot --timesteps"),
     "latent.zs_t_min": (50, "dcube classify-zero-shot --t-min"),
     "latent.zs_t_max": (950, "dcube classify-zero-shot --t-max"),
@@ -425,14 +424,12 @@ def validate_data(dc: DataConfig) -> None:
 
 def validate_latent(lc: LatentConfig) -> None:
     """The ``latent`` section's rules."""
-    for name in ("ae_latent_channels", "zs_trials"):
+    for name in ("ae_latent_channels",):
         if getattr(lc, name) <= 0:
             raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
     for name in ("ae_epochs", "head_epochs", "finetune_epochs"):
         if getattr(lc, name) < 0:
             raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
-    if lc.ae_max_steps is not None and lc.ae_max_steps <= 0:
-        raise ConfigError(f"latent.ae_max_steps: must be > 0 or null, got {lc.ae_max_steps}")
     if not lc.ae_channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
                                      for c in lc.ae_channels):
         raise ConfigError(f"latent.ae_channels: a list of positive channel counts, got {lc.ae_channels!r}")

@@ -17,8 +17,8 @@ from dcube.config import LatentConfig, from_dict
 from dcube.diffusion.zeroshot import ZeroShotOptions
 
 WORKER = Path(__file__).with_name("worker.py")
-AE = dict(ae_channels=[16, 16], ae_max_steps=3, ae_epochs=1)
-AE_TRAIN = dict(batch_size=7, crop=8)  # an odd batch split over 2 ranks, random crops
+AE = dict(ae_channels=[16, 16], ae_epochs=1)
+AE_TRAIN = dict(batch_size=7, crop=8, max_steps=3)  # an odd batch split over 2 ranks, random crops
 ZS = ZeroShotOptions(trials=3, batch_size=4)
 
 

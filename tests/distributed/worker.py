@@ -45,8 +45,8 @@ from dcube.utils import dist  # noqa: E402
 from dcube.utils.io import save_tensors  # noqa: E402
 
 CONFIG = json.loads((WORK / "config.json").read_text())
-AE = dict(ae_channels=[16, 16], ae_max_steps=3, ae_epochs=1)
-AE_TRAIN = dict(batch_size=7, crop=8)  # an odd batch split over 2 ranks, random crops
+AE = dict(ae_channels=[16, 16], ae_epochs=1)
+AE_TRAIN = dict(batch_size=7, crop=8, max_steps=3)  # an odd batch split over 2 ranks, random crops
 ZS = ZeroShotOptions(trials=3, batch_size=4)
 assert dist.world_size() == 2 and dist.rank() == RANK
 

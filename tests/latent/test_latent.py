@@ -45,8 +45,8 @@ def test_latent_round_trip_keeps_shape_and_range():
 
 def test_train_autoencoder_scales_latents_and_reports_psnr_ssim(tmp_path):
     x, _ = blobs(16, 16)
-    cfg = LatentConfig(**AE, ae_epochs=1, ae_max_steps=2)
-    path = train_autoencoder(cfg, x, tmp_path, seed=0, heldout=x[:4], **TRAIN)
+    cfg = LatentConfig(**AE, ae_epochs=1)
+    path = train_autoencoder(cfg, x, tmp_path, seed=0, heldout=x[:4], max_steps=2, **TRAIN)
     codec = load_codec(path)
     z = codec.encode_all(x, progress=False)
     assert z.std().item() == pytest.approx(1.0, rel=1e-3)  # scaled to unit variance
@@ -264,9 +264,10 @@ def test_latent_run_end_to_end_on_an_image_folder(tmp_path):
                              "train-latent-head"}
     common = ["--run-dir", str(tmp_path / "run"), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
               "--set", "data.image_size=16", "--set", "diffusion.preset=micro", "--set", "diffusion.max_steps=2",
-              "--set", "diffusion.batch_size=8", "--set", "latent.ae_max_steps=2",
-              "--set", "latent.ae_channels=[8,16]", "--set", "latent.zs_trials=3"]
-    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2", "--t-max", "900"]):
+              "--set", "diffusion.batch_size=8", "--set", "latent.ae_epochs=1",
+              "--set", "latent.ae_channels=[8,16]"]
+    for argv in (["train-latent-diffusion"], ["classify-zero-shot", "--error-maps", "1", "--adaptive", "--first-round", "2", "--t-max", "900",
+                 "--trials", "3"]):
         args = p.parse_args(argv + common)
         assert args.func(args) == 0
     lat = tmp_path / "run" / "latent"
@@ -291,7 +292,7 @@ def test_latent_diffusion_trains_on_latents_and_samples_decoded_images(tmp_path,
     )
 
     x, y = blobs(16, 16)
-    ae_path = train_autoencoder(LatentConfig(**AE, ae_max_steps=1), x, tmp_path / "ae", **TRAIN)
+    ae_path = train_autoencoder(LatentConfig(**AE), x, tmp_path / "ae", max_steps=1, **TRAIN)
     codec = load_codec(ae_path)
     z = codec.encode_all(x, progress=False)
     cfg = DiffusionConfig(backbone=backbone, preset="micro", max_steps=2, batch_size=8, sample_grid=False)
@@ -308,7 +309,7 @@ def test_bad_latent_values_are_errors_naming_the_field(tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="cmd"))
-    for bad, field in (("latent.zs_trials=0", "latent.zs_trials"), ("latent.ae_channels=[8,-4]", "latent.ae_channels"),
+    for bad, field in (("latent.zs_trials=0", "--trials"), ("latent.ae_channels=[8,-4]", "latent.ae_channels"),
                        ("latent.zs_weighting=min_snr", "--weighting"),
                        ("latent.nope=1", "latent.nope")):
         args = p.parse_args(["analyze", "--run-dir", str(tmp_path), "--set", bad])
@@ -329,7 +330,7 @@ def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
     ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
     ae.parent.mkdir(parents=True)
     ae.write_bytes(b"x")  # as if trained
-    Latent(cfg(ae_latent_channels=2, zs_trials=4))  # not an autoencoder key
+    Latent(cfg(ae_latent_channels=2, head_epochs=4))  # not an autoencoder key
     with pytest.raises(ConfigError, match="latent.ae_latent_channels differs"):
         Latent(cfg(ae_latent_channels=3))
     with pytest.raises(ConfigError, match="seed 1 differs"):
@@ -351,7 +352,7 @@ def test_the_help_of_the_latent_options_says_their_defaults():
                      ("classify-zero-shot", ZeroShotOptions)):
         helps = {a.dest: a.help for a in handlers[cmd][0]._actions}
         for f in dataclasses.fields(cls):
-            if cls is ZeroShotOptions and f.name in ("trials", "timesteps"):  # latent.zs_trials; no fixed set
+            if cls is ZeroShotOptions and f.name == "timesteps":  # no fixed set: the help says how they are spaced
                 continue
             value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             said = " ".join(map(str, value)) if isinstance(value, list) else str(value)

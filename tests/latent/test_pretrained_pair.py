@@ -27,7 +27,7 @@ def _folder(root: Path, n: int = 24) -> Path:
 def _argv(folder: Path, run: Path, *sets: str) -> list[str]:
     base = {"data.source": "folder", "data.path": str(folder), "data.image_size": 16, "diffusion.preset": "micro",
             "diffusion.max_steps": 2, "diffusion.batch_size": 8, "diffusion.sample_grid": "false",
-            "latent.ae_max_steps": 2, "latent.ae_channels": "[8,16]", "threads": 1}
+            "latent.ae_epochs": 1, "latent.ae_channels": "[8,16]", "threads": 1}
     return ["--run-dir", str(run)] + [a for kv in [f"{k}={v}" for k, v in base.items()] + list(sets)
                                       for a in ("--set", kv)]
 

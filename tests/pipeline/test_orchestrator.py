@@ -36,8 +36,8 @@ def _dcube_argv(data: Path, run_dir: Path) -> list[str]:
 def _latent_argv(folder: Path, run_dir: Path) -> list[str]:
     sets = {"data.source": "folder", "data.path": str(folder), "data.image_size": 16, "diffusion.preset": "micro",
             "diffusion.max_steps": 2, "diffusion.batch_size": 8,
-            "diffusion.sample_grid": "false", "latent.ae_max_steps": 2, "latent.ae_channels": "[8,16]",
-            "latent.zs_trials": 3, "latent.head_epochs": 2,
+            "diffusion.sample_grid": "false", "latent.ae_epochs": 1, "latent.ae_channels": "[8,16]",
+            "latent.head_epochs": 2,
             "latent.finetune_epochs": 1, "threads": 1}
     return ["--run-dir", str(run_dir)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 

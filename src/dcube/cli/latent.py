@@ -42,7 +42,7 @@ def cmd_classify_zero_shot(args) -> int:
 
     given = {k: v for k, v in (("first_round", args.first_round), ("drop_z", args.drop_z)) if v is not None}
     adaptive = Adaptive(**given) if args.adaptive else None
-    names = ("timesteps", "t_min", "t_max", "weighting", "temperature", "batch_size")
+    names = ("trials", "timesteps", "t_min", "t_max", "weighting", "temperature", "batch_size")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     with _run(args) as r:
         out = r.zero_shot(args.split, adaptive, args.max_images, args.error_maps, options=options)
@@ -104,10 +104,11 @@ def register(subparsers) -> dict:
     sp.add_argument("--first-round", type=int, metavar="K", help="--adaptive: trials before dropping (default: 4)")
     sp.add_argument("--drop-z", type=float, metavar="Z",
                     help="--adaptive: drop a class whose paired error excess exceeds Z standard errors (default: 2.0)")
-    # the trial options' defaults are ZeroShotOptions' (the trial count is latent.zs_trials)
+    # the trial options' defaults are ZeroShotOptions'
+    sp.add_argument("--trials", type=int, metavar="K",
+                    help="(t, noise) pairs per image, shared by all classes (default: 16)")
     sp.add_argument("--timesteps", type=int, nargs="+", metavar="T",
-                    help="the trials' timesteps, cycled over latent.zs_trials (default: evenly spaced in "
-                         "[--t-min, --t-max])")
+                    help="the trials' timesteps, cycled over --trials (default: evenly spaced in [--t-min, --t-max])")
     sp.add_argument("--t-min", type=int, metavar="T", help="smallest evenly spaced timestep (default: 50)")
     sp.add_argument("--t-max", type=int, metavar="T", help="largest evenly spaced timestep (default: 950)")
     sp.add_argument("--weighting", choices=("uniform", "min_snr"), help="trial weights (default: uniform)")

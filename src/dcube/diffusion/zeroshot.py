@@ -36,8 +36,7 @@ WEIGHTINGS = ("uniform", "min_snr")
 
 @dataclass
 class ZeroShotOptions:
-    """How the trials are drawn and weighed. A run takes ``trials`` from ``latent.zs_trials``; the rest are
-    options of ``dcube classify-zero-shot``."""
+    """How the trials are drawn and weighed: the options of ``dcube classify-zero-shot``."""
 
     trials: int = 16  # K (t, noise) pairs per image, shared by all classes
     timesteps: Optional[list] = None  # explicit t set (cycled over the K trials); None = evenly spaced
@@ -72,9 +71,9 @@ class Trials:
 
 
 def check_options(opts: ZeroShotOptions, num_train_timesteps: int, adaptive: Adaptive | None = None) -> None:
-    """Raise ValueError naming the option (or latent.zs_trials) that is out of range."""
+    """Raise ValueError naming the option that is out of range."""
     if opts.trials < 1:
-        raise ValueError(f"latent.zs_trials: must be >= 1, got {opts.trials}")
+        raise ValueError(f"--trials: must be >= 1, got {opts.trials}")
     if opts.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting: {opts.weighting!r} is not one of {list(WEIGHTINGS)}")
     if opts.temperature <= 0:
@@ -86,7 +85,7 @@ def check_options(opts: ZeroShotOptions, num_train_timesteps: int, adaptive: Ada
     if opts.t_min > opts.t_max:
         raise ValueError(f"--t-min {opts.t_min} exceeds --t-max {opts.t_max}")
     if adaptive is not None and not 2 <= adaptive.first_round <= opts.trials:
-        raise ValueError(f"--first-round: must lie in [2, latent.zs_trials={opts.trials}] in adaptive mode, "
+        raise ValueError(f"--first-round: must lie in [2, --trials {opts.trials}] in adaptive mode, "
                          f"got {adaptive.first_round}")
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {opts.batch_size}")

@@ -146,9 +146,10 @@ def reconstruction_metrics(codec: LatentCodec, images: torch.Tensor, batch_size:
 
 def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Path, seed: int = 0,
                       device="cpu", heldout: Optional[torch.Tensor] = None, on_step=None, batch_size: int = BATCH_SIZE,
-                      crop: Optional[int] = CROP, checkpoint_every: int = CHECKPOINT_EVERY) -> Path:
+                      crop: Optional[int] = CROP, checkpoint_every: int = CHECKPOINT_EVERY,
+                      max_steps: Optional[int] = None) -> Path:
     """Train (or resume) the AutoencoderKL on `images` in [-1, 1]; returns the final weights' path.
-    `crop`: random square crops of this size (None: whole images).
+    `crop`: random square crops of this size (None: whole images); `max_steps`: at most this many steps.
 
     Deterministic and resumable like step 1: epoch order from (seed, epoch), crops and the
     reparameterisation noise from (seed, step). `heldout` images give the PSNR/SSIM report.
@@ -166,7 +167,7 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
     dist.broadcast_module(ae)
     opt = torch.optim.AdamW(ae.parameters(), lr=LR)
     per_epoch = math.ceil(n / batch_size)
-    total = cfg.ae_epochs * per_epoch if cfg.ae_max_steps is None else min(cfg.ae_epochs * per_epoch, cfg.ae_max_steps)
+    total = cfg.ae_epochs * per_epoch if max_steps is None else min(cfg.ae_epochs * per_epoch, max_steps)
     step, history = 0, []
     if (out_dir / LAST).exists():
         state = load_checkpoint(out_dir / LAST, {"model": ae, "opt": opt})

@@ -151,9 +151,8 @@ class Latent(Method):
                   error_maps: int = 0, tag: str = "", options: dict | None = None) -> dict:
         """Zero-shot metrics of a split (or a stratified subset); `adaptive`: class dropping (an
         :class:`~dcube.diffusion.zeroshot.Adaptive`, True for its defaults); `options`: fields of
-        :class:`~dcube.diffusion.zeroshot.ZeroShotOptions` besides its trials (latent.zs_trials); `tag`
-        suffixes the output file."""
-        opts = ZeroShotOptions(**{"trials": self.lc.zs_trials, **(options or {})})
+        :class:`~dcube.diffusion.zeroshot.ZeroShotOptions`; `tag` suffixes the output file."""
+        opts = ZeroShotOptions(**(options or {}))
         model, dcfg, codec, sched = self.model()
         adaptive = as_adaptive(adaptive)
         s, names = getattr(self.data, split), self.data.class_names
