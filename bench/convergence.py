@@ -6,7 +6,7 @@
 
 BreastMNIST (or PneumoniaMNIST: `--datasets pneumoniamnist`), 28 px, the `unet` tiny preset. Each variant trains step 1 with ``diffusion.epochs: auto``
 machinery at a fixed length (patience larger than the run, so the whole curve is drawn): every
-``eval_every`` steps the EMA model's pooled block features get a logistic-regression probe fitted on
+``checkpoint_every`` steps the EMA model's pooled block features get a logistic-regression probe fitted on
 training images and scored on VALIDATION (best block and C on validation); the best-scoring checkpoint
 is the chosen one. Only then is the test split read once: the same probe (block, C of the chosen
 checkpoint) scored on test. Same seed and data for every variant; the plot draws validation AUC against
@@ -61,7 +61,7 @@ def _cfg(dataset: str, key: str, seed: int, epochs: int) -> dict:
                   "diffusion": {"sample_grid": False, **VARIANTS[key][1]}})
     cap = min(epochs * steps_per_epoch, cfg["diffusion"].get("max_steps") or epochs * steps_per_epoch)  # smoke: shrink's
     auto = {"epochs": "auto", "max_steps": cap, "patience": 10_000,
-            "eval_every": 1 if SMOKE else eval_epochs(dataset, epochs) * steps_per_epoch}
+            "checkpoint_every": 1 if SMOKE else eval_epochs(dataset, epochs) * steps_per_epoch}
     cfg["diffusion"] = {**cfg["diffusion"], **auto}
     return cfg
 
@@ -97,7 +97,7 @@ def variant_run(dataset: str, key: str, seed: int, epochs: int) -> dict:
 
 
 def probe_run(cfg_dict: dict) -> dict:
-    """Step 1 of `cfg_dict` (diffusion.epochs auto: the validation probe every eval_every steps), then the chosen
+    """Step 1 of `cfg_dict` (diffusion.epochs auto: the validation probe at every checkpoint), then the chosen
     checkpoint's probe (its block and C) scored once on test. -> curve, chosen step, val / test AUC, minutes."""
     from dcube.config import from_dict
     from dcube.features import extract

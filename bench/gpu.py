@@ -40,13 +40,13 @@ METHODS = ("dcube", "cnn-only", "resnet18", "efficientnet-lite0", "resnet50")
 BASELINE_EPOCHS = 100  # MedMNIST v2
 # D-Cube: step 1 until the validation probe stops improving (capped), step 2 as long as the baselines
 DCUBE = {
-    "breastmnist": {"diffusion": {"epochs": "auto", "max_steps": 3600, "patience": 8, "eval_every": 45,
+    "breastmnist": {"diffusion": {"epochs": "auto", "max_steps": 3600, "patience": 8, "checkpoint_every": 45,
                                   "batch_size": 64},
                     "classifier": {"epochs": 100, "batch_size": 64}},
-    "pneumoniamnist": {"diffusion": {"epochs": "auto", "max_steps": 14800, "patience": 6, "eval_every": 370,
+    "pneumoniamnist": {"diffusion": {"epochs": "auto", "max_steps": 14800, "patience": 6, "checkpoint_every": 370,
                                      "batch_size": 128},
                        "classifier": {"epochs": 50, "batch_size": 128}},
-    "covid": {"diffusion": {"epochs": "auto", "max_steps": 6300, "patience": 6, "eval_every": 210,
+    "covid": {"diffusion": {"epochs": "auto", "max_steps": 6300, "patience": 6, "checkpoint_every": 210,
                             "batch_size": 64, "preset": "small"},
               "classifier": {"epochs": 30, "batch_size": 64},
               # 128 px: the head's maps stored at the fuse size (16), not as 128x128 layers (64x the disk)
@@ -73,7 +73,7 @@ def dcube_job(dataset: str, seed: int, device: str, work: Path, compile_: bool, 
                      "data": data_dict(dataset), **{k: dict(v) for k, v in sched.items()},
                      "compute": {**(GPU_COMPUTE if device == "cuda" else {}), "compile": compile_}})
     if SMOKE:  # shrink's max_steps caps step 1; auto needs a probe step inside it
-        values["diffusion"].update(eval_every=1)
+        values["diffusion"].update(checkpoint_every=1)
     if arm == "cnn-only":
         values["classifier"] = {**values["classifier"], "diffusion_features": False}
     cfg = from_dict(values)

@@ -70,7 +70,7 @@ def size_run(dataset: str, model: str, seed: int) -> dict:
     cfg = shrink({"run_dir": str(runs_root(STUDY) / f"{dataset}-{model}-s{seed}"), "seed": seed, "threads": THREADS,
                   "data": data, "diffusion": {"backbone": backbone, "preset": preset, "sample_grid": False}})
     cfg["diffusion"] = {**cfg["diffusion"], "backbone": backbone, "preset": preset, "epochs": "auto",
-                        "max_steps": steps, "patience": 10_000, "eval_every": max(1, steps // EVALS)}
+                        "max_steps": steps, "patience": 10_000, "checkpoint_every": max(1, steps // EVALS)}
     params = sum(p.numel() for p in build_denoiser(DiffusionConfig(backbone=backbone, preset=preset), 1, size,
                                                    2).parameters())
     return {"study": STUDY, "dataset": dataset, "model": model, "seed": seed, "params": params,

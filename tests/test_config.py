@@ -22,7 +22,7 @@ def test_defaults_are_the_demo():
     ({"data": 3}, "data"),
     ({"diffusion": {"epochs": "forever"}}, "diffusion.epochs"),
     ({"diffusion": {"contrastive_form": "cosine"}}, "diffusion.contrastive_form"),
-    ({"diffusion": {"eval_every": 0}}, "diffusion.eval_every"),
+    ({"diffusion": {"checkpoint_every": 0}}, "diffusion.checkpoint_every"),
     ({"features": {"select": "probe"}}, "features.select"),  # removed in 1.0: only its kept value loads
     ({"classifier": {"score_norm": "softmax"}}, "classifier.score_norm"),
     ({"classifier": {"cycle_form": "posterior"}}, "classifier.cycle_form"),

@@ -55,17 +55,16 @@ class DiffusionConfig:
     backbone: str = "unet"  # unet (MONAI DiffusionModelUNet) | uvit
     preset: str = "tiny"  # size preset of the backbone, see dcube.diffusion
     num_train_timesteps: int = 1000  # DDPM steps T (the linear beta schedule 1e-4 .. 0.02 of both papers)
-    epochs: int = 5  # or "auto": stop when the validation probe stops improving (patience, eval_every); 0: the seeded initialisation (the untrained control arm)
+    epochs: int = 5  # or "auto": stop when the validation probe (at every checkpoint) stops improving (patience); 0: the seeded initialisation (the untrained control arm)
     max_steps: Optional[int] = None  # stop after this many optimiser steps
     patience: int = 5  # epochs=auto: probe evaluations without improvement before stopping
-    eval_every: int = 200  # epochs=auto: optimiser steps between probe evaluations of the EMA model
     batch_size: int = 64  # step-1 images per optimiser step
     lr: float = 2e-4  # AdamW learning rate (no weight decay)
     ema_decay: float = 0.999  # EMA of the denoiser's weights (the EMA model is the one saved and used)
     contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
     contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
     contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
-    checkpoint_every: int = 200  # optimiser steps between checkpoints
+    checkpoint_every: int = 200  # optimiser steps between checkpoints (epochs=auto: and between validation probes)
     sample_grid: bool = True  # samples.png: 8 DDIM-50 samples per class at the end of training (seconds; more: dcube synthesize)
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
     init_from: Optional[str] = None  # a `dcube pretrain` backbone (or step-1 model) to start step 1 from; epochs 0 keeps it frozen
@@ -194,6 +193,7 @@ REMOVED = {
     "features.ks_images": 256, "features.batch_size": ANY, "features.ks_alpha": 0.05,
     "data.min_class_images": 2, "data.allow_outside_root": False, "data.max_pixels": 100_000_000,
     "classifier.synthetic_ratio": None, "latent.ae_max_steps": None,
+    "diffusion.eval_every": 200,  # epochs=auto probes at every checkpoint (diffusion.checkpoint_every, also 200)
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
 # default loads; another value is refused, naming the option that replaces the key
@@ -319,7 +319,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.batch_size": cfg.classifier.batch_size,
         "compute.grad_accum": cfg.compute.grad_accum,
         "diffusion.patience": cfg.diffusion.patience,
-        "diffusion.eval_every": cfg.diffusion.eval_every,
         "diffusion.lr": cfg.diffusion.lr,
         "classifier.lr": cfg.classifier.lr,
     }

@@ -92,7 +92,7 @@ def test_auto_stop_keeps_the_argmax_of_the_validation_curve(tmp_path):
 
     torch.manual_seed(0)
     x = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cfg = DiffusionConfig(backbone="unet", preset="micro", epochs="auto", eval_every=2, patience=2, batch_size=16,
+    cfg = DiffusionConfig(backbone="unet", preset="micro", epochs="auto", checkpoint_every=2, patience=2, batch_size=16,
                           sample_grid=False, max_steps=40)
     train_diffusion(cfg, x, torch.arange(32) % 2, 2, tmp_path, eval_fn=eval_fn)
     hist = read_json(tmp_path / "history.json")
@@ -124,7 +124,7 @@ def test_auto_stop_in_the_pipeline_never_reads_the_test_split(shared_data, tmp_p
         "data": {"source": "medmnist", "name": "pneumoniamnist", "download": False,
                  "path": str(shared_data / "medmnist" / "pneumoniamnist.npz"),
                  "max_train": 96, "max_val": 48, "max_test": 32},
-        "diffusion": {"backbone": "unet", "preset": "micro", "epochs": "auto", "eval_every": 2, "patience": 1,
+        "diffusion": {"backbone": "unet", "preset": "micro", "epochs": "auto", "checkpoint_every": 2, "patience": 1,
                       "max_steps": 9, "batch_size": 32, "sample_grid": False}})
     r = DCube(cfg)
     r.data.test = NoTest()

@@ -207,7 +207,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     ``grad_accum`` micro-batches: less memory, the same optimiser steps), torch.compile and
     channels-last; default all off.
 
-    ``cfg.epochs == "auto"``: every ``eval_every`` steps ``eval_fn(ema_model) -> (score, info)`` rates
+    ``cfg.epochs == "auto"``: at every checkpoint (``checkpoint_every`` steps) ``eval_fn(ema_model) -> (score, info)`` rates
     the EMA model (the pipeline passes a linear probe fitted on training images and scored on the
     VALIDATION split); the best-scoring EMA weights are kept (``best_ema.safetensors``) and become
     ``ema.safetensors``, and training stops after ``patience`` evaluations without improvement (or at
@@ -309,7 +309,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         bar.set_postfix(mse=f"{float(mse):.4f}", con=f"{float(con):.3f}")
         pace.tick(step)
         probe["train_seconds"] += time.time() - t_step
-        evaluated = auto and (step % cfg.eval_every == 0 or step == total)
+        evaluated = auto and (step % cfg.checkpoint_every == 0 or step == total)
         if evaluated:
             _evaluate_probe(probe, eval_fn, ema.module, step, cfg.patience, out_dir, meta)
             if main:
