@@ -43,7 +43,7 @@ _TINY = {
     "diffusion": {"preset": "micro", "epochs": 1, "max_steps": 2, "batch_size": 16, "sample_grid": False,
                   "checkpoint_every": 100},
     "classifier": {"epochs": 1, "batch_size": 16},
-    "latent": {"ae_channels": [8, 8], "ae_epochs": 1, "head_epochs": 2, "finetune_epochs": 1},
+    "latent": {"ae_channels": [8, 8], "ae_epochs": 1},
 }
 
 

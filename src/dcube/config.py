@@ -107,8 +107,6 @@ class LatentConfig:
     ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
     ae_latent_channels: int = 4  # autoencoder latent channels
     ae_epochs: int = 5  # autoencoder epochs (its batch, learning rate and crops: dcube.latent.autoencoder)
-    head_epochs: int = 60  # light head: epochs
-    finetune_epochs: int = 3  # latent finetune: epochs (its learning rates and batch: dcube.latent.head)
 
 
 @dataclass
@@ -210,6 +208,8 @@ MOVED = {
     "latent.errormap_timesteps": ([100, 250, 400], "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
     "latent.errormap_noises": (2, "nothing: error maps use fixed trials (dcube.latent.errormaps)"),
     "latent.zs_trials": (16, "dcube classify-zero-shot --trials"),
+    "latent.head_epochs": (60, "dcube train-latent-head --epochs"),
+    "latent.finetune_epochs": (3, "dcube train-latent-head --finetune-epochs"),
     "latent.zs_timesteps": (None, "dcube classify-zero-shot --timesteps"),
     "latent.zs_t_min": (50, "dcube classify-zero-shot --t-min"),
     "latent.zs_t_max": (950, "dcube classify-zero-shot --t-max"),
@@ -426,7 +426,7 @@ def validate_latent(lc: LatentConfig) -> None:
     for name in ("ae_latent_channels",):
         if getattr(lc, name) <= 0:
             raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
-    for name in ("ae_epochs", "head_epochs", "finetune_epochs"):
+    for name in ("ae_epochs",):
         if getattr(lc, name) < 0:
             raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")
     if not lc.ae_channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0

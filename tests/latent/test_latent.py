@@ -213,14 +213,13 @@ def test_mlp_head_and_finetune_update_the_denoiser(micro_unet):
     f = features(model, x, ["mid", "up_0"], 50, sched)
     assert f.shape[0] == 32
     assert linear_probe(f, y, f[:3]).shape == (3, 2)
-    cfg = LatentConfig(head_epochs=3, finetune_epochs=1)
-    head, info = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, cfg, progress=False)
+    head, info = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, epochs=3, progress=False)
     assert len(info["history"]) == 3
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ft = FineTuneModel(model, head, ["mid", "up_0"], 50, sched)
     with torch.no_grad():  # the same noise per image index as the cached features
         assert torch.allclose(ft.predict(x), head(f).softmax(1), atol=1e-5)
-    out = finetune(ft, x[:24], y[:24], x[24:], y[24:], cfg, progress=False, lr=1e-3, batch_size=16)
+    out = finetune(ft, x[:24], y[:24], x[24:], y[24:], epochs=1, progress=False, lr=1e-3, batch_size=16)
     assert [h["epoch"] for h in out["history"]] == [0, 1]
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert changed == (out["best_epoch"] == 1)  # the best epoch's weights are kept: epoch 0 means untouched
@@ -234,12 +233,11 @@ def test_finetune_keeps_the_better_epoch_and_moves_the_denoiser(micro_unet, monk
     model, sched = micro_unet
     x, y = blobs(32, 16)
     f = features(model, x, ["mid"], 50, sched)
-    cfg = LatentConfig(head_epochs=2, finetune_epochs=2)
-    head, _ = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, cfg, progress=False)
+    head, _ = train_mlp_head(f[:24], y[:24], f[24:], y[24:], 2, epochs=2, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = iter(range(100))
     monkeypatch.setattr(head_mod, "_balanced_acc", lambda *a: next(calls) / 100)
-    out = finetune(FineTuneModel(model, head, ["mid"], 50, sched), x[:24], y[:24], x[24:], y[24:], cfg, progress=False,
+    out = finetune(FineTuneModel(model, head, ["mid"], 50, sched), x[:24], y[:24], x[24:], y[24:], epochs=2, progress=False,
                    lr=1e-3, batch_size=16)
     assert out["best_epoch"] == 2
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -319,18 +317,18 @@ def test_bad_latent_values_are_errors_naming_the_field(tmp_path, capsys):
 
 def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
     """The latent path opens its run directory like Run: a changed autoencoder key after the autoencoder
-    exists, or a changed seed, is a one-line ConfigError; a zero-shot key may change freely."""
+    exists, or a changed seed, is a one-line ConfigError; a key of a stage not run yet may change freely."""
     from dcube.config import ConfigError
     from dcube.latent.run import Latent
 
-    def cfg(**latent):
-        return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent})
+    def cfg(diffusion=None, **latent):
+        return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent, "diffusion": diffusion or {}})
 
     Latent(cfg(ae_latent_channels=2))
     ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
     ae.parent.mkdir(parents=True)
     ae.write_bytes(b"x")  # as if trained
-    Latent(cfg(ae_latent_channels=2, head_epochs=4))  # not an autoencoder key
+    Latent(cfg({"lr": 1e-3}, ae_latent_channels=2))  # the latent step-1 model is not made yet: free to change
     with pytest.raises(ConfigError, match="latent.ae_latent_channels differs"):
         Latent(cfg(ae_latent_channels=3))
     with pytest.raises(ConfigError, match="seed 1 differs"):

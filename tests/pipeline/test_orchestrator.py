@@ -37,8 +37,7 @@ def _latent_argv(folder: Path, run_dir: Path) -> list[str]:
     sets = {"data.source": "folder", "data.path": str(folder), "data.image_size": 16, "diffusion.preset": "micro",
             "diffusion.max_steps": 2, "diffusion.batch_size": 8,
             "diffusion.sample_grid": "false", "latent.ae_epochs": 1, "latent.ae_channels": "[8,16]",
-            "latent.head_epochs": 2,
-            "latent.finetune_epochs": 1, "threads": 1}
+            "threads": 1}
     return ["--run-dir", str(run_dir)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -74,9 +73,10 @@ def _latent_outputs(tmp: Path, extra: tuple = ()) -> dict:
 
     lat_run = tmp / "latent"
     argv = _latent_argv(_folder(tmp / "folder"), lat_run) + list(extra)
-    for cmd in (["train-latent-diffusion"], ["classify-zero-shot", "--adaptive", "--first-round", "2"],
-                ["classify-zero-shot"], ["analyze", "--images", "16", "--zs-images", "8", "--zs-trials", "2", "--folds",
-                                         "2", "--timesteps", "10", "500"], ["train-latent-head", "--finetune"]):
+    for cmd in (["train-latent-diffusion"], ["classify-zero-shot", "--adaptive", "--first-round", "2", "--trials", "3"],
+                ["classify-zero-shot", "--trials", "3"],
+                ["analyze", "--images", "16", "--zs-images", "8", "--zs-trials", "2", "--folds", "2", "--timesteps", "10",
+                 "500"], ["train-latent-head", "--finetune", "--epochs", "2", "--finetune-epochs", "1"]):
         assert main(cmd + argv) == 0, cmd
     lat = lat_run / "latent"
     zs = json.loads((lat / "zeroshot" / "test.json").read_text())

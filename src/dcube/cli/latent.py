@@ -68,12 +68,12 @@ def cmd_analyze(args) -> int:
 @guard
 def cmd_train_latent_head(args) -> int:
     with _run(args) as r:
-        out = r.head()
+        out = r.head(args.epochs)
         for k in ("linear_probe", "mlp_head"):
             t = out[k]["test"]
             print(f"{k}: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
         if args.finetune:
-            t = r.finetune()["test"]
+            t = r.finetune(epochs=args.finetune_epochs)["test"]
             print(f"fine-tuned: test ACC {t['accuracy']:.3f}  AUC {t['auc'] if t['auc'] is None else round(t['auc'], 3)}")
 
 
@@ -129,4 +129,6 @@ def register(subparsers) -> dict:
     sp = add("train-latent-head", "linear probe and MLP head on the recommended features", cmd_train_latent_head,
              model=True)
     sp.add_argument("--finetune", action="store_true", help="also fine-tune denoiser + head end to end")
+    sp.add_argument("--epochs", type=int, help="MLP head epochs (default: 60)")
+    sp.add_argument("--finetune-epochs", type=int, help="--finetune: epochs (default: 3)")
     return handlers

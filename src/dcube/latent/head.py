@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcube.config import LatentConfig
 from dcube.features.extract import FeatureExtractor
 
-# settings no study changed (their keys left the config in dcube 1.0); the epochs are latent.head_epochs
-# and latent.finetune_epochs
+# settings no study changed (their keys left the config in dcube 1.0); the epochs are options of
+# dcube train-latent-head
+HEAD_EPOCHS = 60  # the MLP head's epochs (full batch on cached features: cheap)
+FINETUNE_EPOCHS = 3  # end-to-end fine-tuning epochs
 HEAD_HIDDEN = 128  # the MLP head's hidden units
 HEAD_LR = 1e-3  # the head's AdamW learning rate (also while fine-tuning)
 HEAD_WEIGHT_DECAY = 1e-4  # AdamW weight decay of the head and of fine-tuning
@@ -77,7 +78,7 @@ def _balanced_acc(y: torch.Tensor, probs: torch.Tensor) -> float:
     return float(balanced_accuracy_score(y.numpy(), probs.argmax(1).numpy()))
 
 
-def train_mlp_head(x_train, y_train, x_val, y_val, num_classes: int, cfg: LatentConfig, seed: int = 0,
+def train_mlp_head(x_train, y_train, x_val, y_val, num_classes: int, epochs: int = HEAD_EPOCHS, seed: int = 0,
                    progress: bool = True) -> tuple[MLPHead, dict]:
     """Full-batch AdamW on the cached features; keeps the epoch best on validation."""
     torch.manual_seed(seed)
@@ -85,7 +86,7 @@ def train_mlp_head(x_train, y_train, x_val, y_val, num_classes: int, cfg: Latent
     opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WEIGHT_DECAY)
     g = torch.Generator().manual_seed(seed)
     best, best_state, history = -1.0, None, []
-    for epoch in tqdm(range(cfg.head_epochs), desc="MLP head", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="MLP head", disable=not progress, leave=False):
         head.train()
         for idx in torch.randperm(len(x_train), generator=g).split(64):
             loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
@@ -131,8 +132,8 @@ class FineTuneModel(nn.Module):
         return torch.cat(out)
 
 
-def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, cfg: LatentConfig, seed: int = 0, device="cpu",
-             progress: bool = True, lr: float = FINETUNE_LR, batch_size: int = FINETUNE_BATCH_SIZE) -> dict:
+def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, epochs: int = FINETUNE_EPOCHS, seed: int = 0,
+             device="cpu", progress: bool = True, lr: float = FINETUNE_LR, batch_size: int = FINETUNE_BATCH_SIZE) -> dict:
     """Unfreeze the denoiser and train denoiser (at `lr`) + head; keeps the epoch best on validation."""
     ft.to(device)
     for p in ft.parameters():
@@ -142,7 +143,7 @@ def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, cfg: LatentConfi
     best, best_state, history = -1.0, copy.deepcopy(ft.state_dict()), []
     best = _balanced_acc(y_val, ft.predict(z_val, seed, device=device))
     history.append({"epoch": 0, "val_balanced_accuracy": best})
-    for epoch in range(cfg.finetune_epochs):
+    for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(z_train), generator=g)
         ft.train()

@@ -203,14 +203,15 @@ class Latent(Method):
 
         return self.run.stage("latent_analysis", path, work, done=lambda: read_json(path), label="analysis")
 
-    def head(self) -> dict:
-        """Linear probe and MLP head on the recommended (layers, t); test + validation metrics."""
+    def head(self, epochs: int | None = None) -> dict:
+        """Linear probe and MLP head (`epochs`: HEAD_EPOCHS) on the recommended (layers, t); test + validation
+        metrics."""
         path = self.ldir / "head" / "head.json"
-        return self.run.stage("latent_head", path, lambda: self._head(path), done=lambda: read_json(path),
+        return self.run.stage("latent_head", path, lambda: self._head(path, epochs), done=lambda: read_json(path),
                               label="latent head")
 
-    def _head(self, path: Path) -> dict:
-        from dcube.latent.head import features, linear_probe, train_mlp_head
+    def _head(self, path: Path, epochs: int | None) -> dict:
+        from dcube.latent.head import HEAD_EPOCHS, features, linear_probe, train_mlp_head
 
         rec = self.analyze()["recommended"]
         model, _, _, sched = self.model()
@@ -218,8 +219,8 @@ class Latent(Method):
         f = {s: features(model, self.inputs(s), rec["layers"], rec["timestep"], sched, self.cfg.seed, self.device)
              for s in ("train", "val", "test")}
         lin = linear_probe(f["train"].numpy(), d.train.labels.numpy(), f["test"].numpy(), self.cfg.seed)
-        mlp, info = train_mlp_head(f["train"], d.train.labels, f["val"], d.val.labels, len(names), self.lc,
-                                   self.cfg.seed)
+        mlp, info = train_mlp_head(f["train"], d.train.labels, f["val"], d.val.labels, len(names),
+                                   epochs or HEAD_EPOCHS, self.cfg.seed)
         with torch.no_grad():
             probs = mlp(f["test"]).softmax(1)
         save_tensors(path.parent / "mlp.safetensors", mlp.state_dict(),
@@ -230,15 +231,17 @@ class Latent(Method):
         write_json(path, out)
         return out
 
-    def finetune(self, tag: str = "") -> dict:
-        """End-to-end fine-tuning from the MLP head; `tag` suffixes the output directory."""
+    def finetune(self, tag: str = "", epochs: int | None = None) -> dict:
+        """End-to-end fine-tuning from the MLP head (`epochs`: FINETUNE_EPOCHS); `tag` suffixes the output
+        directory."""
         path = self.ldir / f"finetune{tag}" / "finetune.json"
-        return self.run.stage(f"latent_finetune{tag}", path, lambda: self._finetune(path), done=lambda: read_json(path),
-                              label="fine-tune")
+        return self.run.stage(f"latent_finetune{tag}", path, lambda: self._finetune(path, epochs),
+                              done=lambda: read_json(path), label="fine-tune")
 
-    def _finetune(self, path: Path) -> dict:
+    def _finetune(self, path: Path, epochs: int | None) -> dict:
         from dcube.latent.diffusion import load_model
-        from dcube.latent.head import FINETUNE_LR, HEAD_HIDDEN, HEAD_LR, FineTuneModel, MLPHead, finetune
+        from dcube.latent.head import FINETUNE_EPOCHS, FINETUNE_LR, HEAD_HIDDEN, HEAD_LR, FineTuneModel, MLPHead, finetune
+        epochs = epochs or FINETUNE_EPOCHS
         self.head()
         tensors, meta = load_tensors(self.ldir / "head" / "mlp.safetensors")
         model, dcfg, _ = load_model(self.model_path, self.device)  # a fresh copy: this one is trained
@@ -248,12 +251,12 @@ class Latent(Method):
         d = self.data
         seed_everything(self.cfg.seed)  # here, after the modules above drew their initial weights
         t0 = time.time()
-        info = finetune(ft, self.inputs("train"), d.train.labels, self.inputs("val"), d.val.labels, self.lc,
+        info = finetune(ft, self.inputs("train"), d.train.labels, self.inputs("val"), d.val.labels, epochs,
                         self.cfg.seed, self.device)
         probs = ft.predict(self.inputs("test"), self.cfg.seed, device=self.device)
         save_tensors(path.parent / "model.safetensors", ft.state_dict(), meta)
         out = {"layers": meta["layers"], "timestep": meta["timestep"], "seconds": time.time() - t0,
-               "finetune_lr": FINETUNE_LR, "head_lr": HEAD_LR, "epochs": self.lc.finetune_epochs,
+               "finetune_lr": FINETUNE_LR, "head_lr": HEAD_LR, "epochs": epochs,
                "test": compute_metrics(d.test.labels.numpy(), probs.numpy(), d.class_names), **info}
         write_json(path, out)
         return out
