@@ -34,7 +34,7 @@ STANDARD_EPOCHS = {"breastmnist": 30, "pneumoniamnist": 10}  # the schedule of e
 VARIANTS = {  # key -> (label, diffusion overrides)
     "normalized": ("contrastive, normalized form (dcube 0.1 default)", {}),
     "paper": ("contrastive, the paper's Eq. 4 (raw features, margin 0.1, weight 1, pairs in the batch)",
-              {"contrastive_form": "paper", "contrastive_weight": 1.0, "contrastive_margin": 0.1}),
+              {"contrastive_form": "paper", "contrastive_weight": 1.0}),
     "min_snr": ("normalized contrastive + min-SNR-5 weighting", {"loss_weighting": "min_snr"}),
     "no_contrastive": ("noise MSE only", {"contrastive_weight": 0.0}),
     "untrained": ("untrained denoiser (step 0, the same seeded initialisation): the reference", {}),

@@ -7,7 +7,7 @@ def test_defaults_are_the_demo():
     cfg = from_dict({})
     assert isinstance(cfg, RunConfig)
     assert cfg.data.name == "pneumoniamnist" and cfg.data.image_size == 28
-    assert cfg.features.max_layers == 4 and cfg.classifier.ema_decay == 0.999
+    assert cfg.features.max_layers == 4 and cfg.diffusion.ema_decay == 0.999
 
 
 @pytest.mark.parametrize("values, field", [
@@ -65,6 +65,13 @@ def test_a_removed_key_loads_with_the_kept_behaviour_and_refuses_a_removed_varia
                                 ("latent", "contrastive", True), ("classifier", "ce_weight", 2.0)):
         with pytest.raises(ConfigError, match=rf"{section}\.{key}: removed in dcube 1\.0"):
             from_dict({section: {key: value}})
+    # a kept value that depends on its neighbours: each contrastive form's own margin
+    paper = {"contrastive_form": "paper", "contrastive_weight": 1.0}
+    assert from_dict({"diffusion": {**paper, "contrastive_margin": 0.1}}) == from_dict({"diffusion": paper})
+    assert from_dict({"diffusion": {"contrastive_margin": 1.0}}) == from_dict({})
+    for section in ({**paper, "contrastive_margin": 1.0}, {"contrastive_margin": 0.1}):
+        with pytest.raises(ConfigError, match=r"diffusion\.contrastive_margin: removed in dcube 1\.0"):
+            from_dict({"diffusion": section})
 
 
 def test_yaml_off_means_the_off_choice_of_data_duplicates(tmp_path):

@@ -47,7 +47,6 @@ class DataConfig:
     duplicates: str = "near"  # folder / CSV splits: near (re-encoded copies too: 16x16 thumbnails within 8 grey levels RMS) | exact (byte-identical) | off; each group stays in one split
     dicom_window: str = "percentile"  # percentile (robust 0.5-99.5 %) | file (VOI LUT / window from the file) | lung | mediastinum | abdomen | brain | bone
     in_memory_mb: Optional[float] = 4096  # a split bigger than this as float32 is decoded once to run_dir/cache/images (uint8) and read per batch; 0 = always on disk, None = always in RAM
-    workers: int = 0  # DataLoader processes reading batches of on-disk splits ahead (0: in the main process)
 
 
 @dataclass
@@ -62,8 +61,7 @@ class DiffusionConfig:
     lr: float = 2e-4  # AdamW learning rate (no weight decay)
     ema_decay: float = 0.999  # EMA of the denoiser's weights (the EMA model is the one saved and used)
     contrastive_weight: float = 0.1  # 0 switches the contrastive loss off (the paper: 1)
-    contrastive_margin: float = 1.0  # (the paper: 0.1, on the squared distance)
-    contrastive_form: str = "normalized"  # normalized (unit features, uniform condition) | paper (Eq. 4)
+    contrastive_form: str = "normalized"  # normalized (unit features, uniform condition, margin 1) | paper (Eq. 4, margin 0.1)
     checkpoint_every: int = 200  # optimiser steps between checkpoints (epochs=auto: and between validation probes)
     sample_grid: bool = True  # samples.png: 8 DDIM-50 samples per class at the end of training (seconds; more: dcube synthesize)
     class_dropout: float = 0.1  # P(label -> null class) in training: classifier-free guidance
@@ -90,11 +88,8 @@ class ClassifierConfig:
     min_steps: int = 0  # at least this many optimiser steps: repeated passes per epoch on a small training set
     batch_size: int = 64  # step-2 images per optimiser step
     lr: float = 1e-3  # AdamW learning rate of the head (the pretrained CNN: a tenth of it; weight decay 1e-4)
-    ema_decay: float = 0.999  # EMA of the head's weights (evaluated and saved)
     cycle_weight: float = 0.0  # > 0 switches the cycle loss on (the paper: 10 and 100); off: validation did not choose it
     consistency_weight: float = 0.1  # 0 switches the flip-consistency loss off
-    class_weighting: bool = False  # inverse-frequency weights in the cross-entropy
-    select_metric: str = "auc"  # validation metric choosing the best epoch: auc | acc | f1
     target_sensitivity: Optional[float] = None  # binary: the threshold reaching this validation sensitivity
     synthetic_dir: Optional[str] = None  # a `dcube synthesize` output added to the TRAINING split only
 
@@ -105,7 +100,6 @@ class LatentConfig:
 
     autoencoder: Optional[str] = None  # safetensors AutoencoderKL weights to use; None = train one
     ae_channels: list = field(default_factory=lambda: [16, 32, 32])  # L levels: 2**(L-1) downsampling
-    ae_latent_channels: int = 4  # autoencoder latent channels
     ae_epochs: int = 5  # autoencoder epochs (its batch, learning rate and crops: dcube.latent.autoencoder)
 
 
@@ -154,7 +148,6 @@ _CHOICES = {
     "features.ks_keep": ("least_gaussian", "most_gaussian"),
     "data.duplicates": ("near", "exact", "off"),
     "classifier.subfeature": ("efficientnet-lite0", "resnet18", "none", "auto"),
-    "classifier.select_metric": ("auc", "acc", "f1"),
     "device": ("auto", "cpu", "cuda"),
     "compute.mixed_precision": ("no", "bf16", "fp16"),
     "compute.channels_last": ("no", "step2", "all"),
@@ -191,6 +184,11 @@ REMOVED = {
     "features.ks_images": 256, "features.batch_size": ANY, "features.ks_alpha": 0.05,
     "data.min_class_images": 2, "data.allow_outside_root": False, "data.max_pixels": 100_000_000,
     "classifier.synthetic_ratio": None, "latent.ae_max_steps": None,
+    # each contrastive form's own margin (dcube.diffusion.losses): what the config said for it
+    "diffusion.contrastive_margin": lambda section: 0.1 if section.get("contrastive_form") == "paper" else 1.0,
+    "latent.ae_latent_channels": 4,
+    "data.workers": ANY,  # reading ahead never changed a result: dcube.utils.rows.reader_workers
+    "classifier.ema_decay": 0.999, "classifier.class_weighting": False, "classifier.select_metric": "auc",
     "diffusion.eval_every": 200,  # epochs=auto probes at every checkpoint (diffusion.checkpoint_every, also 200)
 }
 # keys moved to a command's options in dcube 1.0 -> (their default, the option): an old config.yaml with the
@@ -263,7 +261,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in values.items() if not _removed(prefix, k, v)}
+    values = {k: v for k, v in values.items() if not _removed(prefix, k, v, values)}
     unknown = sorted((k for k in values if k not in names), key=repr)  # keys may be any YAML scalar
     if unknown:
         key = prefix + unknown[0] if isinstance(unknown[0], str) else f"{prefix}{unknown[0]!r}"
@@ -284,9 +282,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _removed(prefix: str, key: Any, value: Any) -> bool:
+def _removed(prefix: str, key: Any, value: Any, section: dict) -> bool:
     """True for a key removed in dcube 1.0 whose value is the behaviour that stayed (dropped); an error for
-    one that asks for a removed variant; False for any other key."""
+    one that asks for a removed variant; False for any other key. `section`: the mapping the key is in (a
+    kept value may depend on its neighbours)."""
     where = f"{prefix}{key}"
     if isinstance(key, str) and where in MOVED:
         default, option = MOVED[where]
@@ -296,6 +295,7 @@ def _removed(prefix: str, key: Any, value: Any) -> bool:
     if not isinstance(key, str) or where not in REMOVED:
         return False
     kept = REMOVED[where]
+    kept = kept(section) if callable(kept) else kept
     if kept is ANY or value == kept:
         return True
     raise ConfigError(f"{where}: removed in dcube 1.0 with its variant {value!r} (see CHANGELOG.md; the code "
@@ -340,7 +340,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "classifier.cycle_weight": cfg.classifier.cycle_weight,
         "classifier.consistency_weight": cfg.classifier.consistency_weight,
         "classifier.min_steps": cfg.classifier.min_steps,
-        "data.workers": cfg.data.workers,
         "data.in_memory_mb": 0 if cfg.data.in_memory_mb is None else cfg.data.in_memory_mb,
     }.items():
         if v < 0:
@@ -381,7 +380,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.classes is not None and (len(cfg.data.classes) < 2 or len(set(map(str, cfg.data.classes)))
                                          < len(cfg.data.classes)):
         raise ConfigError(f"data.classes: need at least 2 distinct names, got {cfg.data.classes!r}")
-    for key in ("diffusion.ema_decay", "classifier.ema_decay"):
+    for key in ("diffusion.ema_decay",):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         if not 0 <= v < 1:
@@ -423,9 +422,6 @@ def validate_data(dc: DataConfig) -> None:
 
 def validate_latent(lc: LatentConfig) -> None:
     """The ``latent`` section's rules."""
-    for name in ("ae_latent_channels",):
-        if getattr(lc, name) <= 0:
-            raise ConfigError(f"latent.{name}: must be > 0, got {getattr(lc, name)}")
     for name in ("ae_epochs",):
         if getattr(lc, name) < 0:
             raise ConfigError(f"latent.{name}: must be >= 0, got {getattr(lc, name)}")

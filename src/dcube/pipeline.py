@@ -27,6 +27,7 @@ import torch
 from dcube.classify.trainer import (
     BEST,
     CHOICE,
+    SELECT_METRIC,
     FeatureSplit,
     build_head,
     head_probabilities,
@@ -51,6 +52,7 @@ from dcube.preflight import check_run
 from dcube.run import Method
 from dcube.utils import dist
 from dcube.utils.io import load_checkpoint, read_json, sha256_file, write_json
+from dcube.utils.rows import reader_workers
 
 STAGES = ("diffusion", "select", "classify", "evaluate")
 MODEL_FILES = ("diffusion/ema.safetensors", "classifier/best.safetensors")  # fingerprinted in run.json
@@ -106,7 +108,7 @@ class DCube(Method):
                 print(f"[step 1] {len(d.train)} labelled + {len(d.unlabelled)} unlabelled training images")
             return train_diffusion(self.cfg.diffusion, images, labels, len(d.class_names), self.dir / "diffusion",
                                    seed=self.cfg.seed, device=self.device, class_names=d.class_names,
-                                   compute=self.cfg.compute, eval_fn=probe, workers=self.cfg.data.workers)
+                                   compute=self.cfg.compute, eval_fn=probe, workers=reader_workers())
 
         return self.run.stage("diffusion", self.denoiser_path, work, label="step 1")
 
@@ -203,13 +205,13 @@ class DCube(Method):
             desc = f"features {split}{' (flipped)' if flipped else ''}"
             if dist.world_size() > 1:  # gathered from the ranks, written by rank 0 (save_features)
                 save_features(path, extract(model, images, names, fc, self.cfg.seed, self._scheduler(dcfg),
-                                            self.device, workers=self.cfg.data.workers, desc=desc,
+                                            self.device, workers=reader_workers(), desc=desc,
                                             size=fc.map_size), key)
             else:
                 sink = FeatureWriter(path, len(images), key)
                 try:
                     extract(model, images, names, fc, self.cfg.seed, self._scheduler(dcfg), self.device,
-                            sink=sink, workers=self.cfg.data.workers, desc=desc, size=fc.map_size)
+                            sink=sink, workers=reader_workers(), desc=desc, size=fc.map_size)
                     sink.close()
                 except BaseException:
                     sink.abort()
@@ -272,7 +274,7 @@ class DCube(Method):
 
     def _val_score(self, y_true, probs):
         m = compute_metrics(y_true, probs, self.data.class_names)
-        return select_score(m, self.cfg.classifier.select_metric), m["accuracy"]
+        return select_score(m, SELECT_METRIC), m["accuracy"]
 
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self) -> dict:

@@ -36,7 +36,7 @@ from dcube.utils.runtime import configure_torch, package_versions, pick_device, 
 
 # keys that change how a stage runs or what is drawn and reported after it, never the weights or features it
 # writes: changing one never makes a finished stage stale
-NO_EFFECT = {"data.workers", "data.in_memory_mb", "diffusion.sample_grid", "classifier.target_sensitivity"}
+NO_EFFECT = {"data.in_memory_mb", "diffusion.sample_grid", "classifier.target_sensitivity"}
 
 
 def _changed(old: dict, new: dict, section: str, prefix: str) -> list[str]:

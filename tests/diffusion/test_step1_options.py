@@ -56,7 +56,7 @@ def test_paper_form_trains_and_logs(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 1, 16, 16, generator=g) * 2 - 1
     cfg = DiffusionConfig(backbone="unet", preset="micro", max_steps=3, batch_size=16, sample_grid=False,
-                          contrastive_form="paper", contrastive_weight=1.0, contrastive_margin=0.1)
+                          contrastive_form="paper", contrastive_weight=1.0)
     train_diffusion(cfg, x, torch.arange(32) % 2, 2, tmp_path / "paper")
     hist = read_json(tmp_path / "paper" / "history.json")["history"]
     assert len(hist) == 3 and all(h["contrastive"] > 0 and h["mse"] > 0 for h in hist)

@@ -17,6 +17,7 @@ from dcube.diffusion.zeroshot import (
     spread_order,
 )
 from dcube.latent.autoencoder import (
+    LATENT_CHANNELS,
     LatentCodec,
     ae_spec,
     build_autoencoder,
@@ -27,7 +28,7 @@ from dcube.latent.autoencoder import (
 
 from .conftest import blobs
 
-AE = dict(ae_channels=[8, 16], ae_latent_channels=2)
+AE = dict(ae_channels=[8, 16])
 TRAIN = dict(batch_size=8, crop=None, checkpoint_every=2)  # train_autoencoder's settings for 16 px blobs
 
 
@@ -36,7 +37,7 @@ def test_latent_round_trip_keeps_shape_and_range():
     codec = LatentCodec(build_autoencoder(ae_spec(LatentConfig(**AE), 1)), scale=2.0)
     x, _ = blobs(4, 16)
     z = codec.encode(x)
-    assert z.shape == (4, 2, 8, 8)
+    assert z.shape == (4, LATENT_CHANNELS, 8, 8)
     r = codec.decode(z)
     assert r.shape == x.shape and r.min() >= -1 and r.max() <= 1
     ident = LatentCodec(None)
@@ -296,7 +297,7 @@ def test_latent_diffusion_trains_on_latents_and_samples_decoded_images(tmp_path,
     cfg = DiffusionConfig(backbone=backbone, preset="micro", max_steps=2, batch_size=8, sample_grid=False)
     path = train_latent_diffusion(cfg, codec, z, y, 2, tmp_path / "diff")
     model, dcfg, codec2 = load_model(path)
-    assert model.in_channels == 2 and model.image_size == 8 and not codec2.is_identity
+    assert model.in_channels == LATENT_CHANNELS and model.image_size == 8 and not codec2.is_identity
     assert codec2.scale == codec.scale
     imgs = sample_decoded(model, dcfg, codec2, torch.tensor([0, 1]), steps=2)
     assert imgs.shape == (2, 1, 16, 16) and imgs.abs().max() <= 1
@@ -324,15 +325,15 @@ def test_latent_run_refuses_a_config_its_outputs_were_not_made_with(tmp_path):
     def cfg(diffusion=None, **latent):
         return from_dict({"run_dir": str(tmp_path / "run"), "latent": latent, "diffusion": diffusion or {}})
 
-    Latent(cfg(ae_latent_channels=2))
+    Latent(cfg(ae_channels=[8, 16]))
     ae = tmp_path / "run" / "latent" / "autoencoder" / "autoencoder.safetensors"
     ae.parent.mkdir(parents=True)
     ae.write_bytes(b"x")  # as if trained
-    Latent(cfg({"lr": 1e-3}, ae_latent_channels=2))  # the latent step-1 model is not made yet: free to change
-    with pytest.raises(ConfigError, match="latent.ae_latent_channels differs"):
-        Latent(cfg(ae_latent_channels=3))
+    Latent(cfg({"lr": 1e-3}, ae_channels=[8, 16]))  # the latent step-1 model is not made yet: free to change
+    with pytest.raises(ConfigError, match="latent.ae_channels differs"):
+        Latent(cfg(ae_channels=[8, 32]))
     with pytest.raises(ConfigError, match="seed 1 differs"):
-        Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_latent_channels": 2}}))
+        Latent(from_dict({"run_dir": str(tmp_path / "run"), "seed": 1, "latent": {"ae_channels": [8, 16]}}))
 
 
 def test_the_help_of_the_latent_options_says_their_defaults():

@@ -42,6 +42,8 @@ WEIGHT_DECAY = 1e-4  # AdamW weight decay
 CYCLE_BATCH = 16  # images per step that go through the frozen denoiser for the cycle loss
 CONSISTENCY_BATCH = 32  # images per step whose horizontal flip is also classified for the consistency loss
 BN_RECALIBRATION = 1024  # training images that re-estimate the EMA head's BN statistics before each validation
+EMA_DECAY = 0.999  # the EMA of the head's weights (the paper's), evaluated and saved
+SELECT_METRIC = "auc"  # the validation metric that chooses the epoch (and, with subfeature auto, the CNN)
 
 
 def ratio_epoch(epoch: int, epochs: int) -> bool:
@@ -141,7 +143,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
 
     `score_fn(y_true, probs) -> (score, accuracy)` rates the EMA head on the validation split
     (higher is better); the pipeline passes dcube.evaluate's metric named by
-    `cfg.select_metric`, so this stage does not depend on the evaluation stage.
+    SELECT_METRIC, so this stage does not depend on the evaluation stage.
     `compute`: mixed precision, gradient accumulation (micro-batches), channels-last; torch.compile
     is for the step-1 denoiser only (the head runs twice per step on different batch sizes).
     """
@@ -152,13 +154,9 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     torch.manual_seed(seed)
     head = build_head(cfg, train, nc).to(device)
     dist.broadcast_module(head)
-    ema = EMA(head, cfg.ema_decay)
+    ema = EMA(head, EMA_DECAY)
     opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=WEIGHT_DECAY)
     amp = Precision(compute.mixed_precision, device)
-    weight = None
-    if cfg.class_weighting:
-        counts = torch.bincount(train.labels, minlength=nc).float()
-        weight = (counts.sum() / (nc * counts.clamp(min=1))).to(device)
     use_cycle = cfg.cycle_weight > 0
     if use_cycle and (denoiser is None or scheduler is None):
         raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
@@ -211,7 +209,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     if use_flip else None)
             if every is not None:  # normalisers of the whole batch (the rows every rank uses)
                 used = torch.cat(every)
-                total_ce = float(weight.cpu()[train.labels[idx[used]]].sum()) if weight is not None else len(used)
+                total_ce = len(used)
                 total_c, total_f = int((used < kc).sum()), int((used < kf).sum())
             opt.zero_grad(set_to_none=True)
             logged = torch.zeros(3)  # this rank's share of the batch's ce, cycle, consistency
@@ -239,7 +237,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     if other is not None:
                         logits_f = net([layout(f) for f in other], layout(x_other))
                 logits = logits.float()
-                ce = F.cross_entropy(logits, y, weight=weight)
+                ce = F.cross_entropy(logits, y)
                 loss = ce
                 cyc = con = torch.zeros(())
                 if use_cycle and lc:
@@ -256,7 +254,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
                                              "lower classifier.lr")
                 if rows is not None:  # weights: the ranks' average gradient is the whole batch's
-                    w_ce = (float(weight[y].sum()) if weight is not None else len(rows)) / total_ce
+                    w_ce = len(rows) / total_ce
                     ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
                     loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
                         * dist.world_size()
@@ -279,7 +277,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         probs = head_probabilities(ema.module, val, device=device)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
-               "val_" + cfg.select_metric: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
+               "val_" + SELECT_METRIC: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
         if use_cycle:  # the weighted cycle term against the weighted cross-entropy
             row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(row["ce"], 1e-12)
             if grad_ratio is not None:
@@ -290,7 +288,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                                                                     if isinstance(v, float)))
         pace.tick(epoch + 1)
         if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "metric": cfg.select_metric}
+            best = {"score": score, "epoch": epoch + 1, "metric": SELECT_METRIC}
             save_checkpoint(out_dir / BEST, {"head": ema.module}, {"best": best})
         extra = {"amp": amp.state()} if amp.scaler is not None else {}
         save_checkpoint(out_dir / LAST, {"head": head, "ema": ema.module, "opt": opt},
@@ -333,9 +331,9 @@ def train_auto(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, cl
                                                     out_dir / "candidates" / name, score_fn, **kwargs)
     chosen = choose_subfeature(bests)
     if dist.is_main():
-        print(f"[step 2] sub-feature CNN chosen on validation ({cfg.select_metric}): {chosen} ("
+        print(f"[step 2] sub-feature CNN chosen on validation ({SELECT_METRIC}): {chosen} ("
               + ", ".join(f"{n} {b['score']:.4f} at epoch {b['epoch']}" for n, b in bests.items()) + ")")
-    write_json(out_dir / CHOICE, {"chosen": chosen, "metric": cfg.select_metric, "split": "val",
+    write_json(out_dir / CHOICE, {"chosen": chosen, "metric": SELECT_METRIC, "split": "val",
                                   "candidates": bests})
     for f in ("history.json", BEST):  # BEST last: the stage counts as done only once it exists
         atomic_write_bytes(out_dir / f, (out_dir / "candidates" / chosen / f).read_bytes())

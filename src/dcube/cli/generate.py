@@ -117,6 +117,7 @@ def cmd_fidelity(args) -> int:
 def cmd_train_baseline(args) -> int:
     """Write OUT/best.safetensors, history.json and metrics.json (test + val)."""
     from dcube.classify.baseline import BaselineConfig, train_baseline
+    from dcube.classify.trainer import SELECT_METRIC
     from dcube.evaluate import compute_metrics, format_table, select_score
     from dcube.evaluate.record import evaluation_record
     from dcube.generate import load_synthetic
@@ -127,7 +128,7 @@ def cmd_train_baseline(args) -> int:
                           lr_milestones=tuple(args.lr_milestones), ema_decay=args.ema_decay, synthetic_ratio=args.synthetic_ratio)
     synth = load_synthetic(args.synthetic) if args.synthetic else None
     out = Path(args.out) if args.out else run_dir / f"baseline-{args.model}{'-synthetic' if synth else ''}"
-    score = lambda y, p: select_score(compute_metrics(y, p, data.class_names), cfg.classifier.select_metric)  # noqa: E731
+    score = lambda y, p: select_score(compute_metrics(y, p, data.class_names), SELECT_METRIC)  # noqa: E731
     res = train_baseline(bcfg, data, out, score, seed=cfg.seed, synthetic=synth, device=device)
     # the same record as `dcube run`'s metrics.json: `dcube compare` pairs the two on the test images
     rec = evaluation_record(data.test.labels.numpy(), res["test_probs"].numpy(), data.test.ids, data.class_names,

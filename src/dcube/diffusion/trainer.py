@@ -201,7 +201,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     """Train (or resume) step 1 on `images` in [-1, 1]; returns the path of the EMA weights.
 
     `images` may be an on-disk split (:mod:`dcube.utils.rows`); `workers` > 0 reads its batches ahead in
-    that many DataLoader processes (``data.workers``): the same batches, in the same order.
+    that many DataLoader processes (:func:`dcube.utils.rows.reader_workers`): the same batches, in the same order.
 
     `compute`: mixed precision, gradient accumulation (each rank's rows of a batch in
     ``grad_accum`` micro-batches: less memory, the same optimiser steps), torch.compile and
@@ -289,7 +289,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
             if qr:
                 f = mid.out.flatten(1)
                 pair_loss = contrastive_loss_paper if paper else contrastive_loss
-                con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr], cfg.contrastive_margin)
+                con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr])  # each form's own margin
                 loss = mse + cfg.contrastive_weight * con
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")

@@ -36,6 +36,7 @@ LR = 5e-4  # AdamW learning rate
 KL_WEIGHT = 1e-6  # weight of the KL term beside the L1 reconstruction
 CROP = 64  # random square crops (the network is fully convolutional); smaller images are used whole
 CHECKPOINT_EVERY = 100  # optimiser steps between checkpoints
+LATENT_CHANNELS = 4  # channels of the latent (Stable Diffusion's autoencoders have 4 too)
 
 
 def ae_spec(cfg: LatentConfig, channels: int) -> dict:
@@ -45,7 +46,7 @@ def ae_spec(cfg: LatentConfig, channels: int) -> dict:
     if not chans:
         raise ValueError("latent.ae_channels: must list at least one channel count")
     return dict(spatial_dims=2, in_channels=channels, out_channels=channels, channels=chans,
-                latent_channels=cfg.ae_latent_channels, num_res_blocks=1,
+                latent_channels=LATENT_CHANNELS, num_res_blocks=1,
                 attention_levels=[False] * len(chans), norm_num_groups=math.gcd(8, *chans),
                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 
@@ -226,7 +227,7 @@ def import_autoencoder(cfg: LatentConfig, path: str | Path, images: torch.Tensor
     """Use a user-given safetensors AutoencoderKL: written into `out_dir` with its scale and metrics.
 
     A file written by dcube carries its spec; any other is built from ``latent.ae_channels`` and
-    ``latent.ae_latent_channels``.
+    its 4 latent channels.
     """
     path = Path(path)
     tensors, meta = load_tensors(path)
@@ -235,7 +236,7 @@ def import_autoencoder(cfg: LatentConfig, path: str | Path, images: torch.Tensor
     missing, unexpected = ae.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"latent.autoencoder: {path} does not match the AutoencoderKL built from "
-                         f"latent.ae_channels / ae_latent_channels (missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
+                         f"latent.ae_channels (missing keys {missing[:5]}, unexpected keys {unexpected[:5]})")
     ae.to(device).eval()
     scale = float(meta.get("scale") or latent_scale(ae, images, device=device))
     recon = reconstruction_metrics(LatentCodec(ae, scale), heldout, device=device) if heldout is not None else {}

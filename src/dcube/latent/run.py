@@ -27,6 +27,7 @@ from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.zeroshot import Adaptive, ZeroShotOptions, as_adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
 from dcube.evaluate.record import evaluation_record
+from dcube.latent.autoencoder import LATENT_CHANNELS
 from dcube.preflight import check_device
 from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -52,7 +53,7 @@ class Latent(Method):
         if cfg.diffusion.init_from is None:
             return
         lc, d = cfg.latent, cfg.data
-        shape = None if lc.autoencoder else (lc.ae_latent_channels, d.image_size // 2 ** (len(lc.ae_channels) - 1))
+        shape = None if lc.autoencoder else (LATENT_CHANNELS, d.image_size // 2 ** (len(lc.ae_channels) - 1))
         cls._check_init_from(cfg, shape)
 
     @staticmethod

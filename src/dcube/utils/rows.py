@@ -156,6 +156,14 @@ class _Rows(torch.utils.data.Dataset):
         return self.images[idx]
 
 
+def reader_workers() -> int:
+    """DataLoader processes that read an on-disk split ahead: none on a machine of 2 cores or fewer (they
+    would compete with training for them), else half the cores, at most 4. The batches are the same for any
+    number (this only moves the reading)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
 def batches(images, index: Iterable, workers: int = 0) -> Iterator[torch.Tensor]:
     """``images[idx]`` for each index batch in `index`, in order; with ``workers`` > 0 the reads run ahead in
     that many DataLoader processes (the same tensors, in the same order). `index` is consumed lazily, at
