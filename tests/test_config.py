@@ -80,3 +80,11 @@ def test_yaml_off_means_the_off_choice_of_data_duplicates(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data: {duplicates: off}\n")  # YAML 1.1 reads a bare off as false
     assert load_config(p).data.duplicates == "off"
+
+
+def test_the_configuration_has_at_most_65_keys():
+    """dcube 1.0's promise: a configuration a newcomer reads in one screen (docs/config.md lists them)."""
+    def leaves(d):
+        return sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
+
+    assert leaves(from_dict({}).to_dict()) <= 65
