@@ -151,7 +151,8 @@ def table() -> str:
              "`data.labelled_per_class` (seeded, stratified, nested); the pool reaches only D-Cube's step 1 and "
              f"FixMatch's unlabelled loss. Every step 2 / baseline: at least {LONG_STEPS} optimiser steps. "
              f"Paired columns: {ARMS[REFERENCE]} minus the arm, same test images and seeds; {STATS}; each "
-             "dataset's comparisons one family.\n"]
+             "dataset's comparisons one family. The comparisons, their families and the decision rule were committed "
+             "before these runs ([the registration](docs/benchmarks/learning_curves-preregistration.md)).\n"]
     for ds in DATASETS:
         runs = [r for r in rows if r["dataset"] == ds]
         if not runs:
