@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from dcube.config import LatentConfig
 from dcube.diffusion.sampling import save_grid
 from dcube.utils import dist
-from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, save_tensors, sha256_file, write_json
+from dcube.utils.engine import Engine
+from dcube.utils.io import load_tensors, save_tensors, sha256_file, write_json
 
 LAST = "last.safetensors"
 FINAL = "autoencoder.safetensors"
@@ -166,18 +167,15 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
         raise ValueError(f"crop={crop} must be divisible by the autoencoder's downsampling {downsampling(spec)}")
     ae = build_autoencoder(spec).to(device)
     dist.broadcast_module(ae)
-    opt = torch.optim.AdamW(ae.parameters(), lr=LR)
+    engine = Engine(ae, torch.optim.AdamW(ae.parameters(), lr=LR), last=out_dir / LAST)
     per_epoch = math.ceil(n / batch_size)
     total = cfg.ae_epochs * per_epoch if max_steps is None else min(cfg.ae_epochs * per_epoch, max_steps)
-    step, history = 0, []
-    if (out_dir / LAST).exists():
-        state = load_checkpoint(out_dir / LAST, {"model": ae, "opt": opt})
-        step, history = state["step"], state["history"]
-        if dist.is_main():
-            print(f"[autoencoder] resuming from step {step}/{total} ({out_dir / LAST})")
-    bar = tqdm(total=total, initial=step, desc="autoencoder", unit="step", disable=not dist.is_main())
+    if engine.resume() and dist.is_main():
+        print(f"[autoencoder] resuming from step {engine.steps}/{total} ({out_dir / LAST})")
+    bar = tqdm(total=total, initial=engine.steps, desc="autoencoder", unit="step", disable=not dist.is_main())
     t0 = time.time()
-    while step < total:
+    while engine.steps < total:
+        step = engine.steps
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -193,22 +191,19 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
         loss = rec + KL_WEIGHT * kl
         if not torch.isfinite(loss):
             raise FloatingPointError(f"autoencoder: loss became {loss.item()} at step {step}; check the images (NaN or extreme values?)")
-        opt.zero_grad(set_to_none=True)
         if rows is not None:  # the ranks' average gradient is the whole batch's
             rec, kl = rec * (len(rows) / nb), kl * (len(rows) / nb)
             loss = (rec + KL_WEIGHT * kl) * dist.world_size()
-        loss.backward()
-        dist.sync_gradients(ae)
-        opt.step()
-        step += 1
+        with engine.step():
+            engine.backward(loss)
         rec, kl = dist.all_sum(torch.stack([rec.detach(), kl.detach()]).cpu()) if rows is not None else (rec, kl)
-        history.append({"step": step, "l1": rec.item(), "kl": kl.item()})
+        engine.history.append({"step": engine.steps, "l1": rec.item(), "kl": kl.item()})
         bar.update(1)
         bar.set_postfix(l1=f"{rec.item():.4f}")
-        if step % checkpoint_every == 0 or step == total:
-            save_checkpoint(out_dir / LAST, {"model": ae, "opt": opt}, {"spec": spec, "step": step, "history": history})
+        if engine.steps % checkpoint_every == 0 or engine.steps == total:
+            engine.save(spec=spec)
         if on_step is not None:
-            on_step(step)
+            on_step(engine.steps)
     bar.close()
     ae.eval()
     scale = latent_scale(ae, images, device=device)
@@ -216,9 +211,10 @@ def train_autoencoder(cfg: LatentConfig, images: torch.Tensor, out_dir: str | Pa
     if heldout is not None and len(heldout):
         recon = reconstruction_metrics(LatentCodec(ae, scale), heldout, device=device)
         save_recon_grid(LatentCodec(ae, scale), heldout[:8], out_dir / "recon.png", device)
-    meta = {"kind": KIND, "spec": spec, "scale": scale, "image_size": h, "steps": step, "recon": recon}
+    meta = {"kind": KIND, "spec": spec, "scale": scale, "image_size": h, "steps": engine.steps, "recon": recon}
     write_json(out_dir / "recon.json", recon)
-    write_json(out_dir / "history.json", {"steps": step, "seconds_this_session": time.time() - t0, "history": history})
+    write_json(out_dir / "history.json", {"steps": engine.steps, "seconds_this_session": time.time() - t0,
+                                                "history": engine.history})
     return save_tensors(out_dir / FINAL, ae.state_dict(), meta)
 
 

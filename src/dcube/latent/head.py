@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcube.features.extract import FeatureExtractor
+from dcube.utils.engine import Best, Engine
 
 # settings no study changed (their keys left the config in dcube 1.0); the epochs are options of
 # dcube train-latent-head
@@ -83,25 +83,22 @@ def train_mlp_head(x_train, y_train, x_val, y_val, num_classes: int, epochs: int
     """Full-batch AdamW on the cached features; keeps the epoch best on validation."""
     torch.manual_seed(seed)
     head = MLPHead(x_train.shape[1], num_classes, HEAD_HIDDEN).fit_scaler(x_train)
-    opt = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WEIGHT_DECAY)
+    engine = Engine(head, torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=HEAD_WEIGHT_DECAY))
     g = torch.Generator().manual_seed(seed)
-    best, best_state, history = -1.0, None, []
+    best, history = Best(), []
     for epoch in tqdm(range(epochs), desc="MLP head", disable=not progress, leave=False):
         head.train()
         for idx in torch.randperm(len(x_train), generator=g).split(64):
             loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with engine.step():
+                engine.backward(loss)
         head.eval()
         with torch.no_grad():
             score = _balanced_acc(y_val, head(x_val).softmax(1))
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_balanced_accuracy": score})
-        if score > best:
-            best, best_state = score, copy.deepcopy(head.state_dict())
-    head.load_state_dict(best_state)
-    head.eval()
-    return head, {"history": history, "best_val_balanced_accuracy": best,
+        best.update(score, head, epoch + 1)
+    best.restore(head).eval()
+    return head, {"history": history, "best_val_balanced_accuracy": best.score,
                   "best_epoch": max(history, key=lambda h: h["val_balanced_accuracy"])["epoch"]}
 
 
@@ -138,11 +135,11 @@ def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, epochs: int = FI
     ft.to(device)
     for p in ft.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": ft.denoiser.parameters(), "lr": lr},
-                             {"params": ft.head.parameters(), "lr": HEAD_LR}], weight_decay=HEAD_WEIGHT_DECAY)
-    best, best_state, history = -1.0, copy.deepcopy(ft.state_dict()), []
-    best = _balanced_acc(y_val, ft.predict(z_val, seed, device=device))
-    history.append({"epoch": 0, "val_balanced_accuracy": best})
+    engine = Engine(ft, torch.optim.AdamW([{"params": ft.denoiser.parameters(), "lr": lr},
+                                           {"params": ft.head.parameters(), "lr": HEAD_LR}],
+                                          weight_decay=HEAD_WEIGHT_DECAY))
+    best = Best(_balanced_acc(y_val, ft.predict(z_val, seed, device=device)), ft)  # epoch 0: the head alone
+    history = [{"epoch": 0, "val_balanced_accuracy": best.score}]
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(z_train), generator=g)
@@ -152,14 +149,11 @@ def finetune(ft: FineTuneModel, z_train, y_train, z_val, y_val, epochs: int = FI
             z = z_train[idx].to(device)
             noise = torch.randn(z.shape, generator=g).to(device)
             loss = F.cross_entropy(ft(z, noise), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with engine.step():
+                engine.backward(loss)
         score = _balanced_acc(y_val, ft.predict(z_val, seed, device=device))
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_balanced_accuracy": score})
-        if score > best:
-            best, best_state = score, copy.deepcopy(ft.state_dict())
-    ft.load_state_dict(best_state)
-    ft.eval()
-    return {"history": history, "best_val_balanced_accuracy": best,
+        best.update(score, ft, epoch + 1)
+    best.restore(ft).eval()
+    return {"history": history, "best_val_balanced_accuracy": best.score,
             "best_epoch": max(history, key=lambda h: h["val_balanced_accuracy"])["epoch"]}
