@@ -69,19 +69,19 @@ def test_lr_drops_at_the_milestones_and_an_interrupted_run_resumes_exactly(tmp_p
     full = train_baseline(cfg, data, tmp_path / "full", score, seed=1, progress=False)
     assert [h["lr"] for h in full["history"]] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-5])
 
-    import dcube.classify.baseline as mod
-    real_save, calls = mod.save_checkpoint, []
+    from dcube.utils.engine import Engine
 
-    def crash_after_two_epochs(path, *a, **k):
-        real_save(path, *a, **k)
-        calls.append(path)
+    real_save, calls = Engine.save, []
+
+    def crash_after_two_epochs(self, **meta):  # the resumable checkpoint is written, then the process dies
+        calls.append(real_save(self, **meta))
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(mod, "save_checkpoint", crash_after_two_epochs)
+    monkeypatch.setattr(Engine, "save", crash_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         train_baseline(cfg, data, tmp_path / "cut", score, seed=1, progress=False)
-    monkeypatch.setattr(mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(Engine, "save", real_save)
     resumed = train_baseline(cfg, data, tmp_path / "cut", score, seed=1, progress=False)
     assert torch.equal(resumed["test_probs"], full["test_probs"])
     assert [h["val_score"] for h in resumed["history"]] == [h["val_score"] for h in full["history"]]

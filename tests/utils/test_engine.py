@@ -1,5 +1,5 @@
 """The training engine (dcube.utils.engine): one optimiser step, its checkpoint and resume, the best weights;
-and no trainer outside it runs its own optimiser step, but for those still listed below."""
+and no trainer runs its own optimiser step outside it."""
 
 import re
 from pathlib import Path
@@ -76,11 +76,9 @@ def test_best_keeps_the_strictly_higher_score_and_restores_its_weights():
     assert torch.equal(model.weight, first["weight"] + 1)
 
 
-# trainers that still run their own optimiser loop (issue 35: one engine); porting one removes it from here
-OWN_LOOPS = {"diffusion/trainer.py", "classify/trainer.py", "classify/baseline.py"}
 STEP = re.compile(r"(?<!engine)\.backward\(|\b(?:opt|optimizer|amp)\.step\(|\.zero_grad\(")  # engine.backward: fine
 
 
 def test_no_trainer_runs_its_own_optimiser_step_outside_the_engine():
     found = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if STEP.search(p.read_text(encoding="utf-8"))}
-    assert found - {"utils/engine.py", "utils/compute.py"} == OWN_LOOPS
+    assert found == {"utils/engine.py", "utils/compute.py"}  # the step itself and its fp16 loss scaling

@@ -27,7 +27,8 @@ from dcube.classify.bn import recalibrate_bn
 from dcube.classify.subfeatures import PLAIN_NAMES, build_plain_classifier
 from dcube.data import DataBundle
 from dcube.generate import SyntheticSet, assert_real, augment_train
-from dcube.utils.io import load_checkpoint, load_tensors, save_checkpoint, write_json
+from dcube.utils.engine import Engine
+from dcube.utils.io import load_tensors, save_checkpoint, write_json
 from dcube.utils.runtime import EMA, epoch_batches, passes_for
 
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -157,7 +158,8 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
     n = len(train)
     passes = cfg.passes_for(n)
     steps_per_epoch = -(-n // cfg.batch_size) * passes
-    modules = {"model": model, "opt": opt, "best": best_model, **({"ema": ema.module} if ema else {})}
+    engine = Engine(model, opt, ema=ema, last=out_dir / LAST,
+                    modules={"model": model, "opt": opt, "best": best_model, **({"ema": ema.module} if ema else {})})
     state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": [], "seconds": 0.0}
     if (out_dir / LAST).exists():
         meta = load_tensors(out_dir / LAST)[1]
@@ -165,7 +167,8 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                 or meta.get("n_train") != n:
             raise RuntimeError(f"{out_dir / LAST} was written by another configuration/seed/training set; "
                                f"use a new output directory")
-        state = load_checkpoint(out_dir / LAST, modules)["state"]
+        state = engine.resume()["state"]
+        engine.steps = state["epoch"] * steps_per_epoch
         sched.last_epoch = state["epoch"]  # the optimiser state restored the current LR already
         print(f"[baseline] resuming {cfg.model} at epoch {state['epoch'] + 1}/{cfg.epochs} ({out_dir})")
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch,
@@ -188,11 +191,8 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
                                          cfg.threshold)
                 loss = loss + cfg.lambda_u * lu
                 masked.append(float(mask.mean()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update(model, epoch * steps_per_epoch + b + 1)
+            with engine.step():  # the EMA follows at step epoch * steps_per_epoch + b + 1
+                engine.backward(loss)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
@@ -210,7 +210,7 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
             best_model.load_state_dict(judged.state_dict())
         state["epoch"] = epoch + 1
         state["seconds"] += time.time() - t0
-        save_checkpoint(out_dir / LAST, modules, {"config": asdict(cfg), "seed": seed, "n_train": n, "state": state})
+        engine.save(config=asdict(cfg), seed=seed, n_train=n, state=state)
     bar.close()
     save_checkpoint(out_dir / BEST, {"model": best_model}, {"config": asdict(cfg), "best_epoch": state["best_epoch"],
                                                              "val_score": state["best"], "seed": seed})

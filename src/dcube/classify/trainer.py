@@ -28,6 +28,7 @@ from dcube.classify.losses import consistency_loss, cycle_draws, cycle_loss
 from dcube.config import ClassifierConfig, ComputeConfig
 from dcube.utils import dist
 from dcube.utils.compute import Precision, channels_last, memory_format, training_module
+from dcube.utils.engine import Engine
 from dcube.utils.io import atomic_write_bytes, load_checkpoint, read_json, save_checkpoint, write_json
 from dcube.utils.runtime import EMA, Pace, epoch_batches, passes_for
 
@@ -157,6 +158,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     ema = EMA(head, EMA_DECAY)
     opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=WEIGHT_DECAY)
     amp = Precision(compute.mixed_precision, device)
+    engine = Engine(head, opt, ema=ema, amp=amp, last=out_dir / LAST,
+                    modules={"head": head, "ema": ema.module, "opt": opt})
     use_cycle = cfg.cycle_weight > 0
     if use_cycle and (denoiser is None or scheduler is None):
         raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
@@ -165,12 +168,11 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     if cfg.flip_augment and train.feats_flipped is None:
         raise ValueError("classifier.flip_augment needs the features of the flipped training images "
                          "(FeatureSplit.feats_flipped)")
-    epoch, step, history, best = 0, 0, [], {"score": -float("inf"), "epoch": -1}
+    epoch, best = 0, {"score": -float("inf"), "epoch": -1}
     main = dist.is_main()
-    if (out_dir / LAST).exists():
-        state = load_checkpoint(out_dir / LAST, {"head": head, "ema": ema.module, "opt": opt})
-        epoch, step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-        amp.load_state(state.get("amp"))
+    state = engine.resume()  # the weights, the loss scale, the step count and the history
+    if state:
+        epoch, best = state["epoch"], state["best"]
         if main:
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last), "step2")
@@ -200,6 +202,7 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
             mine, every = micro_batches(len(idx), compute.grad_accum)
             if every == []:  # every share too small for batch norm
                 continue
+            step = engine.steps
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             kc = min(cycle_batch, len(idx))
             kf = min(consistency_batch, len(idx))
@@ -211,60 +214,56 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                 used = torch.cat(every)
                 total_ce = len(used)
                 total_c, total_f = int((used < kc).sum()), int((used < kf).sum())
-            opt.zero_grad(set_to_none=True)
             logged = torch.zeros(3)  # this rank's share of the batch's ce, cycle, consistency
-            for rows in mine:
-                bidx = idx if rows is None else idx[rows]
-                lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
-                lf = kf if rows is None else int((rows < kf).sum())
-                fl = None if flip is None else (flip if rows is None else flip[rows])
-                x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
-                feats = rows_of(train.feats, bidx, device)
-                cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
-                if fl is None:
-                    other = rows_of(train.feats_flipped, bidx[:lf], device) if cons else None
-                    x_other = x[:lf].flip(-1)
-                else:  # flipped rows swap their two views
-                    m = fl.to(device)[:, None, None, None]
-                    fflip = rows_of(train.feats_flipped, bidx, device)
-                    other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if cons else None
-                    feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
-                    x_other = torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
-                    x = torch.where(m, x.flip(-1), x)
-                with amp.autocast():
-                    logits = net([layout(f) for f in feats], layout(x))
-                    logits_f = None
-                    if other is not None:
-                        logits_f = net([layout(f) for f in other], layout(x_other))
-                logits = logits.float()
-                ce = F.cross_entropy(logits, y)
-                loss = ce
-                cyc = con = torch.zeros(())
-                if use_cycle and lc:
-                    d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
+            with engine.step():
+                for rows in mine:
+                    bidx = idx if rows is None else idx[rows]
+                    lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
+                    lf = kf if rows is None else int((rows < kf).sum())
+                    fl = None if flip is None else (flip if rows is None else flip[rows])
+                    x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
+                    feats = rows_of(train.feats, bidx, device)
+                    cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
+                    if fl is None:
+                        other = rows_of(train.feats_flipped, bidx[:lf], device) if cons else None
+                        x_other = x[:lf].flip(-1)
+                    else:  # flipped rows swap their two views
+                        m = fl.to(device)[:, None, None, None]
+                        fflip = rows_of(train.feats_flipped, bidx, device)
+                        other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if cons else None
+                        feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
+                        x_other = torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
+                        x = torch.where(m, x.flip(-1), x)
                     with amp.autocast():
-                        cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
-                    loss = loss + cfg.cycle_weight * cyc
-                if measure_ratio and lc and first_batch and rows is None:  # the cycle term's share of the gradient
-                    grad_ratio = gradient_ratio(head, ce, cfg.cycle_weight * cyc)
-                if logits_f is not None:
-                    con = consistency_loss(logits[:lf], logits_f.float())
-                    loss = loss + cfg.consistency_weight * con
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
-                                             "lower classifier.lr")
-                if rows is not None:  # weights: the ranks' average gradient is the whole batch's
-                    w_ce = len(rows) / total_ce
-                    ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
-                    loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
-                        * dist.world_size()
-                amp.backward(loss)
-                logged += torch.stack([ce.detach().float().cpu(), cyc.detach().float().cpu(),
-                                       con.detach().float().cpu()])
-            dist.sync_gradients(head)
-            amp.step(opt)
-            step += 1
-            ema.update(head, step)
+                        logits = net([layout(f) for f in feats], layout(x))
+                        logits_f = None
+                        if other is not None:
+                            logits_f = net([layout(f) for f in other], layout(x_other))
+                    logits = logits.float()
+                    ce = F.cross_entropy(logits, y)
+                    loss = ce
+                    cyc = con = torch.zeros(())
+                    if use_cycle and lc:
+                        d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
+                        with amp.autocast():
+                            cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
+                        loss = loss + cfg.cycle_weight * cyc
+                    if measure_ratio and lc and first_batch and rows is None:  # the cycle term's share of the gradient
+                        grad_ratio = gradient_ratio(head, ce, cfg.cycle_weight * cyc)
+                    if logits_f is not None:
+                        con = consistency_loss(logits[:lf], logits_f.float())
+                        loss = loss + cfg.consistency_weight * con
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
+                                                 "lower classifier.lr")
+                    if rows is not None:  # weights: the ranks' average gradient is the whole batch's
+                        w_ce = len(rows) / total_ce
+                        ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
+                        loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
+                            * dist.world_size()
+                    engine.backward(loss)
+                    logged += torch.stack([ce.detach().float().cpu(), cyc.detach().float().cpu(),
+                                           con.detach().float().cpu()])
             ce_s, cyc_s, con_s = dist.all_sum(logged).tolist()
             sums["ce"] += ce_s
             if use_cycle:
@@ -277,12 +276,12 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         probs = head_probabilities(ema.module, val, device=device)
         score, acc = score_fn(val.labels.numpy(), probs.numpy())
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
-               "val_" + SELECT_METRIC: score, "val_acc": acc, "ema_decay": ema.decay_at(step)}
+               "val_" + SELECT_METRIC: score, "val_acc": acc, "ema_decay": ema.decay_at(engine.steps)}
         if use_cycle:  # the weighted cycle term against the weighted cross-entropy
             row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(row["ce"], 1e-12)
             if grad_ratio is not None:
                 row["cycle_grad_ratio"] = grad_ratio
-        history.append(row)
+        engine.history.append(row)
         if main:
             tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                                     if isinstance(v, float)))
@@ -290,12 +289,10 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "metric": SELECT_METRIC}
             save_checkpoint(out_dir / BEST, {"head": ema.module}, {"best": best})
-        extra = {"amp": amp.state()} if amp.scaler is not None else {}
-        save_checkpoint(out_dir / LAST, {"head": head, "ema": ema.module, "opt": opt},
-                        {"epoch": epoch + 1, "step": step, "history": history, "best": best, **extra})
+        engine.save(epoch=epoch + 1, best=best)
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    write_json(out_dir / "history.json", {"history": history, "best": best})
+    write_json(out_dir / "history.json", {"history": engine.history, "best": best})
     load_checkpoint(out_dir / BEST, {"head": head})
     head.to(memory_format=torch.contiguous_format)  # evaluated as `dcube predict` loads it (same rounding)
     return head.eval(), best

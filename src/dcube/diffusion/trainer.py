@@ -30,6 +30,7 @@ from dcube.diffusion.losses import contrastive_loss_paper, pair_within_batch
 from dcube.diffusion.schedule import BETA_END, BETA_START, ddpm_scheduler
 from dcube.utils import dist
 from dcube.utils.compute import Precision, memory_format, training_module
+from dcube.utils.engine import Engine
 from dcube.utils.io import atomic_write, load_checkpoint, load_tensors, save_checkpoint, write_json
 from dcube.utils.plotting import pyplot
 from dcube.utils.rows import batches
@@ -223,9 +224,10 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
 
         init_from_backbone(model, cfg.init_from)
     dist.broadcast_module(model)  # replicas start from rank 0's initialisation
-    ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     amp = Precision(compute.mixed_precision, device)
+    engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+                    ema=EMA(model, cfg.ema_decay), amp=amp, last=out_dir / LAST)
+    ema = engine.ema
     sched = ddpm_scheduler(cfg)
     meta = model_meta(cfg, c, h, num_classes)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -235,24 +237,17 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     total = (AUTO_MAX_EPOCHS if auto else cfg.epochs) * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    step, history = 0, []
     probe = {"curve": [], "best": None, "since_best": 0, "train_seconds": 0.0, "stopped": False}
     main = dist.is_main()
-    if (out_dir / LAST).exists():
-        state = load_checkpoint(out_dir / LAST, {"model": model, "ema": ema.module, "opt": opt})
-        step, history = state["step"], state["history"]
+    state = engine.resume()
+    if state:
         probe = state.get("probe", probe)
-        amp.load_state(state.get("amp"))
         if main:
-            print(f"[step 1] resuming from step {step}/{total} ({out_dir / LAST})")
+            print(f"[step 1] resuming from step {engine.steps}/{total} ({out_dir / LAST})")
+    step = engine.steps
     mid = _MidFeatures(model) if cfg.contrastive_weight > 0 else None
     paper = mid is not None and cfg.contrastive_form == "paper"
     net = training_module(model, compute)
-
-    def checkpoint():
-        extra = {"amp": amp.state()} if amp.scaler is not None else {}
-        save_checkpoint(out_dir / LAST, {"model": model, "ema": ema.module, "opt": opt},
-                        {**meta, "step": step, "history": history, "probe": probe, **extra})
 
     bar = tqdm(total=total, initial=step, desc="step 1: diffusion", unit="step", disable=not main)
     pace = Pace("step 1", step, total, "steps", main)
@@ -277,34 +272,31 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         t_step = time.time()
         rows_used, y, t, noise, cond, q = planned.popleft()
         model.train()
-        opt.zero_grad(set_to_none=True)
         logged = torch.zeros(2)  # this rank's share of the batch's mse and contrastive loss
-        for rows, qr in paired_micro_batches(len(x), q, compute.grad_accum):
-            xb, yb, tb, nb, cb = (v if rows is None else v[rows] for v in (x, y, t, noise, cond))
-            xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
-            with amp.autocast():
-                eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
-            mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
-            loss, con = mse, torch.zeros(())
-            if qr:
-                f = mid.out.flatten(1)
-                pair_loss = contrastive_loss_paper if paper else contrastive_loss
-                con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr])  # each form's own margin
-                loss = mse + cfg.contrastive_weight * con
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
-            if rows is not None:  # weights: the ranks' average gradient is the whole batch's
-                w_mse, w_con = len(rows) / len(x), (qr / q if q else 0.0)
-                loss = (w_mse * mse + w_con * cfg.contrastive_weight * con) * dist.world_size()
-                mse, con = mse * w_mse, con * w_con
-            amp.backward(loss)
-            logged += torch.stack([mse.detach().float().cpu(), con.detach().float().cpu()])
-        dist.sync_gradients(model)
-        amp.step(opt)
+        with engine.step():
+            for rows, qr in paired_micro_batches(len(x), q, compute.grad_accum):
+                xb, yb, tb, nb, cb = (v if rows is None else v[rows] for v in (x, y, t, noise, cond))
+                xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
+                with amp.autocast():
+                    eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
+                mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
+                loss, con = mse, torch.zeros(())
+                if qr:
+                    f = mid.out.flatten(1)
+                    pair_loss = contrastive_loss_paper if paper else contrastive_loss
+                    con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr])  # each form's own margin
+                    loss = mse + cfg.contrastive_weight * con
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
+                if rows is not None:  # weights: the ranks' average gradient is the whole batch's
+                    w_mse, w_con = len(rows) / len(x), (qr / q if q else 0.0)
+                    loss = (w_mse * mse + w_con * cfg.contrastive_weight * con) * dist.world_size()
+                    mse, con = mse * w_mse, con * w_con
+                engine.backward(loss)
+                logged += torch.stack([mse.detach().float().cpu(), con.detach().float().cpu()])
         mse, con = dist.all_sum(logged)
-        step += 1
-        ema.update(model, step)
-        history.append({"step": step, "mse": mse.item(), "contrastive": con.item()})
+        step = engine.steps
+        engine.history.append({"step": step, "mse": mse.item(), "contrastive": con.item()})
         bar.update(1)
         bar.set_postfix(mse=f"{float(mse):.4f}", con=f"{float(con):.3f}")
         pace.tick(step)
@@ -316,7 +308,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
                 tqdm.write(f"[step 1] step {step}: validation probe {probe['curve'][-1]['score']:.4f} "
                            f"(best {probe['best']['score']:.4f} at step {probe['best']['step']})")
         if step % cfg.checkpoint_every == 0 or step == total or evaluated:
-            checkpoint()
+            engine.save(**meta, probe=probe)
         if on_step is not None:
             on_step(step)
     bar.close()
@@ -324,7 +316,8 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         mid.handle.remove()
     elapsed = time.time() - t0
     final_meta = {**meta, "step": step}
-    record = {"steps": step, "seconds_this_session": elapsed, "history": history}
+    step = engine.steps
+    record = {"steps": step, "seconds_this_session": elapsed, "history": engine.history}
     if auto:  # the best-on-validation EMA weights are the model step 2 uses
         load_checkpoint(out_dir / BEST_EMA, {"model": ema.module})
         final_meta.update(chosen_step=probe["best"]["step"], probe_score=probe["best"]["score"])

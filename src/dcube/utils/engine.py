@@ -71,7 +71,7 @@ class Engine:
         if self.last is None or not self.last.exists():
             return {}
         meta = load_checkpoint(self.last, self.modules)
-        self.steps, self.history = meta["step"], meta["history"]
+        self.steps, self.history = meta.get("step", 0), meta.get("history", [])
         self.amp.load_state(meta.get("amp"))
         return meta
 
