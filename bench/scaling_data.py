@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, THREADS, machine, run_study, shared_data
+from bench.common import RESULTS, SMOKE, THREADS, machine, run_study, shared_data
 
 STUDY = "scaling_data"
-STEP1_STEPS = {28: 100, 128: 200}
+STEP1_STEPS = {28: 2, 128: 2} if SMOKE else {28: 100, 128: 200}
+N_MAX = 120 if SMOKE else 50_000  # images in the built folder (the smoke test: a few PneumoniaMNIST ones)
 # per image size: what differs from dcube's defaults. 128 px on one CPU thread (the micro UNet reads
 # about 19 images/s there) keeps the 50k row to about an hour: step-1 batch 16; two 32x32 layers named
 # (the KS choice could keep the 128x128 up_1, 512 KB per image in float16: 25 GB at 50k); no flipped
@@ -39,7 +41,8 @@ SETTINGS = {
           "classifier": {"subfeature": "none", "epochs": 1, "batch_size": 64, "flip_augment": False,
                          "consistency_weight": 0.0, "cycle_weight": 0.0}},
 }
-WORK = Path("/tmp/dcube-scaling")
+WORK = Path(os.environ["DCUBE_BENCH_OUT"]) / "scaling-work" if SMOKE and os.environ.get("DCUBE_BENCH_OUT") \
+    else Path("/tmp/dcube-scaling")
 
 
 def _sources():
@@ -58,6 +61,17 @@ def _sources():
                 yield np.asarray(im.convert("L")), y
 
 
+def _of_each_label(k: int):
+    """The first `k` source images of each label (the smoke test's few)."""
+    seen = {0: 0, 1: 0}
+    for a, y in _sources():
+        if seen[y] < k:
+            seen[y] += 1
+            yield a, y
+        if min(seen.values()) >= k:
+            return
+
+
 def build(size: int, n_max: int) -> Path:
     """WORK/s<size>/: n_max augmented PNGs and manifest-<N>.csv files (written once; reused)."""
     import numpy as np
@@ -69,9 +83,10 @@ def build(size: int, n_max: int) -> Path:
     if done.exists():
         return d
     (d / "img").mkdir(parents=True, exist_ok=True)
-    base = [(np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)), y) for a, y in _sources()]
+    sources = _of_each_label(n_max) if SMOKE else _sources()
+    base = [(np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)), y) for a, y in sources]
     g = np.random.default_rng(0)
-    order = g.permutation(n_max) % len(base)
+    order = g.permutation(len(base))[:n_max] if SMOKE else g.permutation(n_max) % len(base)  # smoke: both labels
     rows = []
     for i, k in enumerate(tqdm(order, desc=f"building {n_max} images at {size} px")):
         a, y = base[k]
@@ -105,7 +120,7 @@ print("RESULT " + json.dumps({"peak_rss_mb": round(hwm / 1024, 1), "wall_s": rou
 
 
 def measure(size: int, n: int, mode: str) -> dict:
-    d = build(size, 50_000)
+    d = build(size, N_MAX)
     run_dir = WORK / "runs" / f"s{size}-n{n}-{mode}"
     if run_dir.exists():  # a fresh run each time: the times are of the work, not of a resume
         import shutil
@@ -141,11 +156,11 @@ def table() -> str:
              "steps, not per epoch), KS selection, features of every split, one step-2 epoch (no ImageNet "
              "CNN). *disk*: `data.in_memory_mb: 0` (uint8 image store, features written and read by rows); "
              "*ram*: `in_memory_mb: null` (float32 splits in RAM). Peak RSS = the process's VmHWM. N is split "
-             "70/10/20. Settings per image size (the rest are dcube's defaults; why: `bench/scaling_data.py`, "
-             "SETTINGS):\n\n" + "\n".join(
-                 f"- {size} px: step 1 {STEP1_STEPS[size]} steps; " + "; ".join(
-                     f"{sec}.{k}={v}" for sec, kv in SETTINGS[size].items() for k, v in kv.items())
-                 for size in sorted({r["size"] for r in rows})) + "\n",
+             "70/10/20. Settings per image size, as the runs stored them (the rest were dcube's defaults; why: "
+             "`bench/scaling_data.py`, SETTINGS):\n\n" + "\n".join(
+                 f"- {r['size']} px: step 1 {r['step1_steps']} steps; " + "; ".join(
+                     f"{sec}.{k}={v}" for sec, kv in r["settings"].items() for k, v in kv.items())
+                 for r in {r["size"]: r for r in rows}.values()) + "\n",
              "*classifier s*: the step-2 stage (its epoch and the train/val features); *evaluate s*: the rest after "
              "it (test features, metrics, report); *features s*: every split's extraction, inside those two; "
              "*s per 1k images*: everything but step 1 (whose steps are fixed), per 1,000 images.\n",

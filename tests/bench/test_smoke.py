@@ -30,6 +30,7 @@ STUDIES = {
             "cpu"],
     "big_image": ["--size", "3000"],
     "reference": ["--against", "HEAD"],
+    "scaling_data": ["--n", "120", "--modes", "disk"],
 }
 
 
@@ -126,3 +127,37 @@ classifier: {{epochs: 1, batch_size: 16}}
     rec = json.loads(next((tmp_path / "out" / "results" / "heatmaps").glob("*.json")).read_text())
     page = (tmp_path / "out" / "docs" / "benchmarks" / "heatmaps.md").read_text()
     assert rec["wall_s"] >= 0 and "Command" in page and (tmp_path / "out" / "results" / "heatmaps" / "run-panel.png").exists()
+
+
+STUB_UVIT = '''
+import torch
+
+
+class UViT(torch.nn.Module):  # the reference's constructor and call, not its network
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, mlp_time_embed,
+                 num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_chans, in_chans, 3, padding=1)
+        self.label = torch.nn.Embedding(num_classes, in_chans)
+
+    def forward(self, x, timesteps, y):
+        return self.conv(x) + self.label(y)[:, :, None, None]
+'''
+
+
+def test_the_uvit_reference_study_runs_on_a_stub_reference(tmp_path):
+    """bench.uvit_reference imports the reference U-ViT from a checkout (nothing is downloaded): here a stub
+    with its constructor and call, so the timing harness, its JSON and its page run end to end."""
+    libs = tmp_path / "ref" / "libs"
+    libs.mkdir(parents=True)
+    (libs / "__init__.py").write_text("")
+    (libs / "uvit.py").write_text(STUB_UVIT)
+    env = {**os.environ, "DCUBE_BENCH_SMOKE": "1", "DCUBE_BENCH_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench.uvit_reference", "--reference", str(tmp_path / "ref")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "out" / "results" / "uvit_reference" / "run.json").read_text())
+    assert set(rec["median_images_per_s"]) == {"reference", "dcube", "dcube, bf16"}
+    assert all(v > 0 for v in rec["median_images_per_s"].values())
+    assert "| reference |" in (tmp_path / "out" / "docs" / "benchmarks" / "uvit_reference.md").read_text()
