@@ -220,10 +220,12 @@ def _decision(rows: list[dict]) -> list[str]:
     higher with p < 0.05 (paired t-test over seeds); test numbers never enter."""
     from scipy.stats import ttest_rel
 
+    from dcube.evaluate.stats import holm
+
     base = {r["seed"]: r["val_auc"] for r in rows if r["variant"] == DEFAULT}
-    out = ["", f"Decision on validation (paired over seeds against `{DEFAULT}`, the current default; a variant "
-               "replaces it only when p < 0.05):", ""]
-    winners = []
+    out = ["", f"Decision on validation (paired t over seeds against `{DEFAULT}`, the current default; the family: "
+               "every variant below, Holm-adjusted; a variant replaces the default only at adjusted p < 0.05):", ""]
+    winners, found = [], []
     for key, (label, _) in VARIANTS.items():
         if key == DEFAULT:
             continue
@@ -232,17 +234,19 @@ def _decision(rows: list[dict]) -> list[str]:
         if len(seeds) < 2:
             continue
         diff = [mine[s] - base[s] for s in seeds]
-        p = float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue)
-        verdict = "better" if p < 0.05 and sum(diff) > 0 else "worse" if p < 0.05 else "no difference shown"
+        found.append((key, diff, float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue)))
+    if not found:
+        return []
+    for (key, diff, p), q in zip(found, holm([p for _, _, p in found])):
+        verdict = "better" if q < 0.05 and sum(diff) > 0 else "worse" if q < 0.05 else "no difference shown"
         if verdict == "better":
             winners.append((sum(diff) / len(diff), key))
         out.append(f"- `{key}` − `{DEFAULT}`: validation AUC {sum(diff) / len(diff):+.3f} "
-                   f"(per seed {', '.join(f'{d:+.3f}' for d in diff)}; p = {p:.2f}, {len(seeds)} seeds): {verdict}")
-    if len(out) == 3:
-        return []
+                   f"(per seed {', '.join(f'{d:+.3f}' for d in diff)}; p = {p:.2f}, Holm p = {q:.2f}, {len(diff)} "
+                   f"seeds): {verdict}")
     out.append("")
     out.append(f"Default: **{max(winners)[1] if winners else DEFAULT}**"
-               + ("" if winners else " (kept: no variant is better on validation at p < 0.05)") + ".")
+               + ("" if winners else " (kept: no variant is better on validation at Holm-adjusted p < 0.05)") + ".")
     return out
 
 
@@ -269,8 +273,8 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
     if not seeds:
         return []
     diff = [mine[s] - base[s] for s in seeds]
-    p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f}"
-         if len(seeds) > 1 else "one seed so far: no test")
+    p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f} (a family of "
+         "one: Holm p = p)" if len(seeds) > 1 else "one seed so far: no test")
     return ["", f"- {long[0]['epochs']} epochs − {ref[0]['epochs']} epochs (`{DEFAULT}`, "
                 f"validation AUC of the chosen checkpoints): {np.mean(diff):+.3f} (per seed "
                 f"{', '.join(f'{d:+.3f}' for d in diff)}; {p})"]

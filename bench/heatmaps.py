@@ -226,20 +226,23 @@ def _deletion_contrasts(deletion: dict) -> list[str]:
     import numpy as np
     from scipy.stats import bootstrap, wilcoxon
 
+    from dcube.evaluate.stats import holm
+
     ref = "lung field"
     if ref not in deletion:
         return []
-    out = []
+    found = []
     for k, v in deletion.items():
         if k == ref:
             continue
         d = np.asarray(v["drops"]) - np.asarray(deletion[ref]["drops"])
         ci = bootstrap((d,), np.mean, n_resamples=2000, confidence_level=0.95, method="percentile",
                        random_state=0).confidence_interval
-        p = wilcoxon(d).pvalue if np.any(d != 0) else 1.0
-        out.append(f"- {k} minus lung field, paired over the {len(d)} images: {d.mean():+.3f} "
-                   f"[{ci.low:+.3f}, {ci.high:+.3f}], Wilcoxon p = {p:.3f}")
-    return out
+        found.append((k, d, ci, wilcoxon(d).pvalue if np.any(d != 0) else 1.0))
+    # the family: these contrasts, Holm-adjusted together
+    return [f"- {k} minus lung field, paired over the {len(d)} images: {d.mean():+.3f} [{ci.low:+.3f}, "
+            f"{ci.high:+.3f}], Wilcoxon p = {p:.3f}, Holm p = {q:.3f}"
+            for (k, d, ci, p), q in zip(found, holm([f[3] for f in found]))]
 
 
 def table() -> str:

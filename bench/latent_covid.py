@@ -195,7 +195,8 @@ def _before_after(res: dict) -> list[str]:
         m, vs = r["metrics"], "-"
         if r is a and b and a["ids"] == b["ids"]:
             pb = paired_bootstrap(np.array(a["labels"]), [np.array(a["probs"])], [np.array(b["probs"])], "auc")
-            vs = f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}"
+            vs = (f"{pb['diff']:+.3f} [{pb['ci'][0]:+.3f}, {pb['ci'][1]:+.3f}], p = {pb['p']:.3f}, Holm p = "
+                  f"{pb['p']:.3f} (a family of one)")
         out.append(f"| {name} | {r['steps']} | {r['final_mse']:.3f} | {r['n_images']} | {_f(m['accuracy'])} | "
                    f"{_f(m['balanced_accuracy'])} | {_f(m['auc'])} | {_f(m['f1_macro'])} | {vs} |")
     return out
