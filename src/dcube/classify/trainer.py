@@ -126,6 +126,21 @@ def gradient_ratio(module: torch.nn.Module, ce: torch.Tensor, other: torch.Tenso
     return norm(other) / max(norm(ce), 1e-20)
 
 
+def _views(train: FeatureSplit, rows, flip, lf: int, cons: bool, device):
+    """A micro-batch as it is trained: (images, labels, feature maps) with the `flip`-marked rows swapped for
+    their mirror views, and the other view of its first `lf` rows, (maps or None without `cons`, images), for
+    the flip-consistency loss."""
+    x, y = train.images[rows].to(device), train.labels[rows].to(device)
+    feats = rows_of(train.feats, rows, device)
+    if flip is None:
+        return x, y, feats, rows_of(train.feats_flipped, rows[:lf], device) if cons else None, x[:lf].flip(-1)
+    m = flip.to(device)[:, None, None, None]
+    mirrored = rows_of(train.feats_flipped, rows, device)
+    other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, mirrored)] if cons else None
+    feats = [torch.where(m, b, a) for a, b in zip(feats, mirrored)]
+    return torch.where(m, x.flip(-1), x), y, feats, other, torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
+
+
 def _param_groups(head, cfg: ClassifierConfig):
     cnn = list(head.cnn.parameters()) if head.cnn is not None else []
     ids = {id(p) for p in cnn}
@@ -184,8 +199,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     total = cfg.epochs * passes * -(-n // cfg.batch_size)
     if main and total < FEW_STEPS and not cfg.min_steps:
         print(f"[step 2] note: {total} optimiser steps in all ({n} training images, batch {cfg.batch_size}, "
-              f"{cfg.epochs} epochs); a small training set may need classifier.min_steps (400 raised 10%-label "
-              "BreastMNIST validation AUC, docs/benchmarks/robustness.md)")
+              f"{cfg.epochs} epochs); a small training set may need classifier.min_steps "
+              "(docs/benchmarks/robustness.md)")
     pace = Pace("step 2", epoch, cfg.epochs, "epochs", main, after=2)
     for epoch in range(epoch, cfg.epochs):
         head.train()
@@ -221,19 +236,8 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
                     lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
                     lf = kf if rows is None else int((rows < kf).sum())
                     fl = None if flip is None else (flip if rows is None else flip[rows])
-                    x, y = train.images[bidx].to(device), train.labels[bidx].to(device)
-                    feats = rows_of(train.feats, bidx, device)
                     cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
-                    if fl is None:
-                        other = rows_of(train.feats_flipped, bidx[:lf], device) if cons else None
-                        x_other = x[:lf].flip(-1)
-                    else:  # flipped rows swap their two views
-                        m = fl.to(device)[:, None, None, None]
-                        fflip = rows_of(train.feats_flipped, bidx, device)
-                        other = [torch.where(m[:lf], a[:lf], b[:lf]) for a, b in zip(feats, fflip)] if cons else None
-                        feats = [torch.where(m, b, a) for a, b in zip(feats, fflip)]
-                        x_other = torch.where(m[:lf], x[:lf], x[:lf].flip(-1))
-                        x = torch.where(m, x.flip(-1), x)
+                    x, y, feats, other, x_other = _views(train, bidx, fl, lf, cons, device)
                     with amp.autocast():
                         logits = net([layout(f) for f in feats], layout(x))
                         logits_f = None
