@@ -120,6 +120,10 @@ def test_dcube_run_in_one_call_equals_its_four_step_commands(shared_data, tmp_pa
 def test_the_latent_method_gives_the_numbers_of_the_old_latent_orchestrator(tmp_path):
     diff = _close(json.loads(REFERENCE.read_text())["outputs"]["latent"], _latent_outputs(tmp_path))
     assert not diff, diff[:10]
+    # the micro model's zero-shot probabilities sit near 0.5, inside TOL whatever the trials: the count is
+    # checked where the run wrote it
+    zs = json.loads((tmp_path / "latent" / "latent" / "zeroshot" / "test.json").read_text())
+    assert zs["trials"] == 3 and zs["options"]["trials"] == 3
 
 
 def test_the_latent_method_on_the_on_disk_store_gives_the_in_ram_numbers(tmp_path):
