@@ -153,7 +153,7 @@ def table() -> str:
         "D-Cube minus {untrained, diffusion-only, ResNet-18}, test AUC, 3 datasets")
     table_vi = Family("Table VI: least minus most Gaussian layers (the same step-1 model), test AUC, 3 datasets; "
                       "added after the registration")
-    primary_ds = []  # the dataset of each primary comparison, in the family's order
+    primary_ds, vi_ds = [], []  # the dataset of each primary / Table VI comparison, in the family's order
     for ds in DATASETS:
         runs = [r for r in rows if r["dataset"] == ds]
         if not runs:
@@ -173,6 +173,8 @@ def table() -> str:
                 cell = fam.cell([r for r in dc if r["seed"] in common], [r for r in rs if r["seed"] in common])
                 if fam is primary and cell != "-":
                     primary_ds.append((ds, len(common)))
+                if fam is table_vi and cell != "-":
+                    vi_ds.append((ds, len(common)))
             seeds = ", ".join(f"{r['seed']}{chr(8224) if r.get('reused_from') else ''}" for r in rs)
             lines.append(f"| {ARMS[arm]} | {len(rs)} ({seeds}) | {mean_std([r['test']['auc'] for r in rs])} | "
                          f"{ci_cell(rs)} | {mean_std([r['val']['auc'] for r in rs])} | "
@@ -186,7 +188,7 @@ def table() -> str:
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())
               + " of 5 paired seeds; no verdict of the pre-registered rule is drawn before all 5 are in."]
     md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
-    return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done))
+    return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done) + _answer_vi(table_vi, vi_ds))
 
 
 def _answer(primary, datasets: list, done: bool) -> str:
@@ -205,6 +207,15 @@ def _answer(primary, datasets: list, done: bool) -> str:
     else:
         verdict = "no verdict before all 5 seeds are in."
     return f"**Answer.** Test AUC, D-Cube minus the CNN-only arm: {'; '.join(parts)}; {verdict}"
+
+
+def _answer_vi(table_vi, datasets: list) -> str:
+    """Table VI's line (its own family, added after the registration): the paper's layers minus the worst ones."""
+    if not table_vi.results:
+        return ""
+    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], Holm p = {r['p_holm']:.3f} ({n} seeds)"
+             for (ds, n), r in zip(datasets, table_vi.results)]
+    return " Table VI, the least minus the most Gaussian layers on the same step-1 model: " + "; ".join(parts) + "."
 
 
 def main(argv=None):
