@@ -21,8 +21,8 @@ STUDIES = {
                         "fixmatch"],
     "ablations": ["--datasets", "breastmnist", "--seeds", "0", "--variants", "1_baseline", "ks_worst"],
     "convergence": ["--seeds", "0", "--variants", "normalized", "untrained"],
-    "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "minority1to10", "labels10",
-                   "--methods", "dcube", "dcube-unlabelled", "resnet18", "dcube-unlabelled-long"],
+    "robustness": ["--datasets", "breastmnist", "--seeds", "0", "--settings", "labels10", "--methods",
+                   "dcube-unlabelled", "resnet18"],  # the few-label path with its pool, and the baseline
     "speed": ["--parts", "step1-unet-28", "step2-vs-step1"],
     "scaling": ["--procs", "1", "2", "--images", "32"],
     "rebalance": ["--seeds", "0", "--generators", "short", "long"],
