@@ -27,7 +27,7 @@ from dcube.diffusion.schedule import ddpm_scheduler
 from dcube.diffusion.zeroshot import Adaptive, ZeroShotOptions, as_adaptive, classify_zero_shot
 from dcube.evaluate import compute_metrics
 from dcube.evaluate.record import evaluation_record
-from dcube.latent.autoencoder import LATENT_CHANNELS
+from dcube.latent.autoencoder import LATENT_CHANNELS, import_autoencoder, load_codec, train_autoencoder
 from dcube.preflight import check_device
 from dcube.run import Method
 from dcube.utils.io import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -85,8 +85,6 @@ class Latent(Method):
 
     def train_autoencoder(self) -> dict:
         """Train (or import ``latent.autoencoder``) once; returns the reconstruction metrics."""
-        from dcube.latent.autoencoder import import_autoencoder, train_autoencoder
-
         def work():
             d = self.data
             heldout = d.val.images if len(d.val.images) else d.test.images
@@ -100,8 +98,6 @@ class Latent(Method):
         return load_tensors(self.ae_path)[1].get("recon", {})
 
     def codec(self):
-        from dcube.latent.autoencoder import load_codec
-
         if self._codec is None:
             if not self.ae_path.exists():
                 raise FileNotFoundError(f"no autoencoder at {self.ae_path}: run 'dcube train-autoencoder' first")
