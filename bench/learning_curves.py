@@ -37,6 +37,8 @@ ARMS = {
     "efficientnet-lite0": "EfficientNet-Lite0, fine-tuned",
 }
 REFERENCE = "dcube-pool"  # the arm the target asks to beat every other
+OUT_OF_DOMAIN = "pneumoniamnist-cxr"  # secondary: only the reference arm, at the few-label points, against its
+# own pneumoniamnist run of the same point and seed
 BASELINE_EPOCHS = {"breastmnist": 30, "pneumoniamnist": 4, "covid": 8}
 
 
@@ -46,6 +48,13 @@ def base(dataset: str) -> str:
 
 def seeds_for(point: int) -> list[int]:
     return [0, 1, 2, 3, 4] if point in POINTS[:2] else [0, 1, 2]
+
+
+def registered(datasets=DATASETS, points=POINTS, arms=tuple(ARMS), seeds=None) -> list[tuple]:
+    """The runs the registration names, as (dataset, point, arm, seed), in the order they run: by point, then
+    seed, so that a few-label point is complete before the next starts."""
+    return [(ds, point, arm, seed) for point in points for seed in (seeds or seeds_for(point)) for ds in datasets
+            for arm in arms if ds != OUT_OF_DOMAIN or (arm == REFERENCE and point in POINTS[:2])]
 
 
 def data_dict(dataset: str, point: int, arm: str) -> dict:
@@ -113,7 +122,8 @@ def plot(rows: list[dict], dataset: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "f1_macro", "test macro-F1"), (axes[1], "auc", "test AUC")):
-        for i, arm in enumerate(ARMS):
+        names = {**ARMS, OUT_OF_DOMAIN: f"{ARMS[REFERENCE]} + cxr_pool_128 (secondary)"}
+        for i, arm in enumerate(names):
             pts = []
             for point in POINTS:
                 rs = [r for r in rows if r["arm"] == arm and r["point"] == point]
@@ -124,7 +134,8 @@ def plot(rows: list[dict], dataset: str):
                     pts.append((x, m, *(t["ci"] if t else (m, m))))
             if pts:
                 x, m, lo, hi = map(np.array, zip(*sorted(pts)))
-                ax.plot(x, m, marker="o", color=f"C{i}", label=ARMS[arm], lw=2 if arm == REFERENCE else 1)
+                ax.plot(x, m, marker="o", color=f"C{i}", label=names[arm], lw=2 if arm == REFERENCE else 1,
+                        ls="--" if arm == OUT_OF_DOMAIN else "-")
                 ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=f"C{i}", alpha=0.12)
         ax.set_xscale("log")
         ticks = sorted({p for p in POINTS if p} | {round(float(np.mean([r["train_per_class"] for r in rows
@@ -153,14 +164,17 @@ def table() -> str:
              f"Paired columns: {ARMS[REFERENCE]} minus the arm, same test images and seeds; {STATS}; each "
              "dataset's comparisons one family. The comparisons, their families and the decision rule were committed "
              "before these runs ([the registration](docs/benchmarks/learning_curves-preregistration.md)).\n"]
-    want = {(ds, p, a, s) for ds in DATASETS for p in POINTS for a in ARMS for s in seeds_for(p)}
-    missing = sorted(want - {(r["dataset"], r["point"], r["arm"], r["seed"]) for r in rows}, key=str)
+    want, have = registered(), {(r["dataset"], r["point"], r["arm"], r["seed"]) for r in rows}
+    missing = [w for w in want if w not in have]  # in the order they run
     if missing and not SMOKE:  # the registration: an incomplete page says so, and draws no verdict
-        lines.append(f"**In progress**: {len(want) - len(missing)} of the {len(want)} registered runs are in; no "
+        lines.append(f"**In progress**: {len(want) - len(missing)} of the {len(want)} registered runs in; no "
                      "verdict of the registered rule is drawn before every run it names is in. Missing, e.g.: "
                      + ", ".join(f"{d} k={p or 'all'} {a} seed {s}" for d, p, a, s in missing[:4]) + ".\n")
     for ds in DATASETS:
         runs = [r for r in rows if r["dataset"] == ds]
+        if ds == OUT_OF_DOMAIN:
+            lines += _out_of_domain(runs, [r for r in rows if r["dataset"] == base(ds) and r["arm"] == REFERENCE])
+            continue
         if not runs:
             continue
         fam = Family(f"{ds}: {ARMS[REFERENCE]} minus every other arm, macro-F1 and AUC")
@@ -180,11 +194,36 @@ def table() -> str:
                 lines.append(f"| {point or 'all'} | {ARMS[arm]} | {len(rs)} | "
                              f"{mean_std([r['test']['f1_macro'] for r in rs])} | "
                              f"{mean_std([r['test']['auc'] for r in rs])} | {cells[0]} | {cells[1]} |")
-        path = plot(runs, ds)
+        path = plot(runs + [{**r, "arm": OUT_OF_DOMAIN} for r in rows if r["dataset"] == OUT_OF_DOMAIN
+                            and base(OUT_OF_DOMAIN) == ds], ds)
         lines += ["", fam.note(), "", f"![learning curves, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
                   if not SMOKE else f"plot: {path.name}"]
         lines = fam.fill("\n".join(lines)).split("\n")
     return "\n".join(lines)
+
+
+def _out_of_domain(runs: list[dict], own: list[dict]) -> list[str]:
+    """The registration's secondary comparison: the reference arm with cxr_pool_128 added to its pool minus the
+    same arm with its own unlabelled rest only, per few-label point; its own family."""
+    if not runs:
+        return []
+    fam = Family(f"{OUT_OF_DOMAIN}: the out-of-domain pool, one comparison per point and metric")
+    lines = [f"\n### {OUT_OF_DOMAIN} (secondary, not part of the decision)\n",
+             f"{ARMS[REFERENCE]} with `cxr_pool_128` (adult radiographs, resized to 28 px) added to the pool, minus "
+             f"the same arm on `{base(OUT_OF_DOMAIN)}` with its own unlabelled rest only; same test images, paired "
+             "by seed.\n", "| labelled / class | seeds | macro-F1 | AUC | ΔF1 [95 % CI], p, Holm p | "
+             "ΔAUC [95 % CI], p, Holm p |", "|---|---|---|---|---|---|"]
+    for point in POINTS[:2]:
+        rs = sorted((r for r in runs if r["point"] == point), key=lambda r: r["seed"])
+        ref = {r["seed"]: r for r in own if r["point"] == point}
+        if not rs:
+            continue
+        pairs = [r for r in rs if r["seed"] in ref]
+        cells = ([fam.cell(pairs, [ref[r["seed"]] for r in pairs], m) for m in ("f1_macro", "auc")]
+                 if len(pairs) >= 2 else ["-", "-"])
+        lines.append(f"| {point} | {len(rs)} | {mean_std([r['test']['f1_macro'] for r in rs])} | "
+                     f"{mean_std([r['test']['auc'] for r in rs])} | {cells[0]} | {cells[1]} |")
+    return fam.fill("\n".join(lines + ["", fam.note()])).split("\n")
 
 
 def main(argv=None):
@@ -202,7 +241,7 @@ def main(argv=None):
         return partial(baseline_arm, ds, point, arm, seed)
 
     jobs = ((f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed))
-            for point in a.points for seed in (a.seeds or seeds_for(point)) for ds in a.datasets for arm in a.arms)
+            for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds))
     return run_study(STUDY, jobs, table, a.table_only)
 
 
