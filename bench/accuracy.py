@@ -25,7 +25,8 @@ BASELINE_EPOCHS = {  # MedMNIST v2 trains 100 epochs; shortened for the CPU budg
     "pneumoniamnist": {"resnet18": 4, "resnet50": 2, "efficientnet-lite0": 3},
     "breastmnist": {"resnet18": 30, "resnet50": 12, "efficientnet-lite0": 15},
 }
-METHODS = ("dcube", "dcube-resnet18", "dcube-auto", "linear-probe", "efficientnet-lite0", "resnet18", "resnet50")
+METHODS = ("dcube", "dcube-resnet18", "dcube-auto", "dcube-uvit", "linear-probe", "efficientnet-lite0", "resnet18",
+           "resnet50")
 # D-Cube with MONAI's ResNet-18 (28-px stem, random initialisation) as its sub-feature CNN: an option
 # (classifier.subfeature: resnet18), not the default: on BreastMNIST validation (bench.step2, 3 seeds) it was
 # +0.045 [-0.003, +0.103] AUC, p = 0.07, against the default's EfficientNet-Lite0, short of p < 0.05
@@ -34,6 +35,9 @@ OPTION = "D-Cube, ResNet-18 sub-features (classifier.subfeature: resnet18; an op
 # otherwise; tests/pipeline: byte-identical weights) and keeps the higher validation score, so its row is
 # composed from those runs' stored results by the option's own rule (dcube.classify.trainer.choose_subfeature)
 AUTO = "D-Cube, sub-feature CNN chosen on validation per run (classifier.subfeature: auto; an option)"
+# the paper's step-1 backbone family at the size of the default UNet tiny (about 1.6 M parameters each); the
+# paper's own U-ViT (width 512, depth 12) does not train in these schedules on this CPU (bench.size_curve)
+UVIT = "D-Cube, U-ViT step 1 (diffusion.backbone: uvit, preset tiny; an option)"
 PUBLISHED = {  # MedMNIST v2 paper, test AUC / ACC (../shared/data/README.md)
     "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (28)": (0.948, 0.854),
                        "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855),
@@ -48,21 +52,23 @@ def data_path(name: str) -> str:
     return str(shared_data() / "medmnist" / f"{name}.npz")
 
 
-def dcube_run(dataset: str, seed: int, subfeature: str | None = None) -> dict:
+def dcube_run(dataset: str, seed: int, subfeature: str | None = None, backbone: str | None = None) -> dict:
     from dcube.config import from_dict
     from dcube.pipeline import run
     from dcube.utils.io import read_json
 
     sched = SCHEDULES[dataset]
-    name = "dcube" if subfeature is None else f"dcube-{subfeature}"
+    name = "dcube" + "".join(f"-{v}" for v in (subfeature, backbone) if v)
     sections = {**sched, "classifier": {**sched["classifier"], "subfeature": subfeature}} if subfeature else sched
+    if backbone:
+        sections = {**sections, "diffusion": {**sections["diffusion"], "backbone": backbone, "preset": "tiny"}}
     cfg = from_dict(shrink({
         "run_dir": str(RESULTS / STUDY / "runs" / f"{dataset}-{name}-s{seed}"), "seed": seed, "threads": THREADS,
         "data": {"name": dataset, "path": data_path(dataset), "download": False},
         **sections,
     }))
     out = run(cfg)
-    return {"study": STUDY, "dataset": dataset, "method": "D-Cube" if subfeature is None else OPTION,
+    return {"study": STUDY, "dataset": dataset, "method": OPTION if subfeature else UVIT if backbone else "D-Cube",
             "method_id": name, "seed": seed, "schedule": sched,
             "config": cfg.to_dict(), "data": read_json(Path(cfg.run_dir) / "run.json")["data"],
             "data_config": cfg.to_dict()["data"],
@@ -163,7 +169,8 @@ def _option_lines(runs: list[dict]) -> list[str]:
         by.setdefault(r["method"], []).append(r)
     out = []
     for label, opt in ((OPTION, "D-Cube with ResNet-18 sub-features"), (AUTO, "D-Cube with the sub-feature CNN "
-                                                                              "chosen on validation")):
+                                                                              "chosen on validation"),
+                       (UVIT, "D-Cube with a U-ViT step 1")):
         if by.get(label):
             out += ["", *(f"- {opt} minus {m}: ΔAUC {paired_cell(by[label], rs, 'auc')}; "
                           f"ΔACC {paired_cell(by[label], rs, 'accuracy')}"
@@ -208,6 +215,8 @@ def main(argv=None):
     def job(ds, m, seed):  # "dcube", "dcube-<subfeature>" or "dcube-auto"
         if m == "dcube-auto":
             return partial(auto_run, ds, seed)
+        if m == "dcube-uvit":
+            return partial(dcube_run, ds, seed, backbone="uvit")
         if m.startswith("dcube"):
             return partial(dcube_run, ds, seed, m.partition("-")[2] or None)
         return partial(baseline_run, ds, m, seed)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = {
     "accuracy": ["--datasets", "breastmnist", "--seeds", "0", "--methods", "dcube", "dcube-resnet18", "dcube-auto",
-                 "linear-probe", "resnet18"],
+                 "dcube-uvit", "linear-probe", "resnet18"],
     "covid": ["--seeds", "0", "--methods", "resnet18", "dcube"],
     "controls": ["--datasets", "breastmnist", "--seeds", "3", "4", "--arms", "dcube", "cnn-only", "ks-worst"],
     "size_curve": ["--datasets", "breastmnist", "--seeds", "0", "--models", "unet-micro", "uvit-tiny"],
@@ -53,6 +53,8 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
     if study == "accuracy":  # subfeature=auto's row: the candidate its rule keeps, from the candidates' runs
         auto = json.loads((tmp_path / "results" / study / "breastmnist-dcube-auto-s0.json").read_text())
         assert auto["chosen"] in auto["candidates"] and "chosen on validation" in md
+        uvit = json.loads((tmp_path / "results" / study / "breastmnist-dcube-uvit-s0.json").read_text())
+        assert uvit["config"]["diffusion"]["backbone"] == "uvit" and "D-Cube with a U-ViT step 1 minus" in md
     if study == "covid":  # D-Cube (64 px) and ResNet-18 (128 px) are paired on the same test images
         row = next(line for line in md.splitlines() if line.startswith("| **ResNet-18**"))
         assert "p = " in row and "[" in row, row
