@@ -151,6 +151,125 @@ def _param_groups(head, cfg: ClassifierConfig):
     return groups
 
 
+@dataclass
+class StepPlan:
+    """One optimiser step's draws, shared by its micro-batches: the batch rows `idx`; its first `kc` rows also go
+    through the cycle loss (with `draws`) and its first `kf` are also classified flipped; `flip` marks the rows
+    trained mirrored; `totals`: every rank's rows of the ce, cycle and consistency terms (None: one process and
+    no accumulation, the losses need no weights)."""
+
+    idx: torch.Tensor
+    kc: int
+    kf: int
+    draws: tuple | None
+    flip: torch.Tensor | None
+    totals: tuple[int, int, int] | None
+
+
+def plan_step(idx, every, step: int, seed: int, shape: tuple, scheduler, use_cycle: bool, use_flip: bool,
+              cycle_batch: int, consistency_batch: int) -> StepPlan:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    kc, kf = min(cycle_batch, len(idx)), min(consistency_batch, len(idx))
+    draws = cycle_draws(scheduler, (kc, *shape), g) if use_cycle else None
+    # random horizontal flips (own generator: the cycle draws stay what they were)
+    flip = (torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 2_000_003 + step)) < 0.5
+            if use_flip else None)
+    totals = None
+    if every is not None:  # normalisers of the whole batch (the rows every rank uses)
+        used = torch.cat(every)
+        totals = (len(used), int((used < kc).sum()), int((used < kf).sum()))
+    return StepPlan(idx, kc, kf, draws, flip, totals)
+
+
+@dataclass
+class HeadLoss:
+    """Step 2's loss on the micro-batches of one step: CE + cycle_weight * cycle + consistency_weight * flip
+    consistency. `grad_ratio`: the cycle term's share of the gradient, when a step measured it."""
+
+    cfg: ClassifierConfig
+    net: torch.nn.Module
+    head: torch.nn.Module
+    train: FeatureSplit
+    denoiser: object
+    scheduler: object
+    amp: Precision
+    layout: object
+    device: object
+    use_cycle: bool
+    use_cons: bool
+    grad_ratio: float | None = None
+
+    def micro_batches(self, st: StepPlan, mine: list, epoch: int, measure: bool):
+        """Yield ``(loss to backward, ce, cycle, consistency)`` per micro-batch of this rank's rows `mine`, the
+        last three weighted as their share of the whole batch. `measure`: record grad_ratio on this step."""
+        cfg, layout = self.cfg, self.layout
+        for rows in mine:
+            bidx = st.idx if rows is None else st.idx[rows]
+            lc = st.kc if rows is None else int((rows < st.kc).sum())  # rows ascend: the first lc are cycle rows
+            lf = st.kf if rows is None else int((rows < st.kf).sum())
+            fl = None if st.flip is None else (st.flip if rows is None else st.flip[rows])
+            cons = bool(self.use_cons and lf)  # the first lf rows are also classified flipped
+            x, y, feats, other, x_other = _views(self.train, bidx, fl, lf, cons, self.device)
+            with self.amp.autocast():
+                logits = self.net([layout(f) for f in feats], layout(x))
+                logits_f = None
+                if other is not None:
+                    logits_f = self.net([layout(f) for f in other], layout(x_other))
+            logits = logits.float()
+            ce = F.cross_entropy(logits, y)
+            loss = ce
+            cyc = con = torch.zeros(())
+            if self.use_cycle and lc:
+                d = st.draws if rows is None else (st.draws[0][rows[:lc]], st.draws[1][rows[:lc]])
+                with self.amp.autocast():
+                    cyc = cycle_loss(self.denoiser, self.scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
+                loss = loss + cfg.cycle_weight * cyc
+            if measure and lc and rows is None:  # the cycle term's share of the gradient
+                self.grad_ratio = gradient_ratio(self.head, ce, cfg.cycle_weight * cyc)
+            if logits_f is not None:
+                con = consistency_loss(logits[:lf], logits_f.float())
+                loss = loss + cfg.consistency_weight * con
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
+                                         "lower classifier.lr")
+            if rows is not None:  # weights: the ranks' average gradient is the whole batch's
+                total_ce, total_c, total_f = st.totals
+                ce, cyc, con = ce * (len(rows) / total_ce), cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
+                loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) * dist.world_size()
+            yield loss, ce, cyc, con
+
+
+def _engine(cfg: ClassifierConfig, train: FeatureSplit, nc: int, compute: ComputeConfig, out_dir: Path, seed: int,
+            device) -> Engine:
+    """The head (seeded), its AdamW, the EMA of its weights and the precision."""
+    torch.manual_seed(seed)
+    head = build_head(cfg, train, nc).to(device)
+    dist.broadcast_module(head)
+    ema = EMA(head, EMA_DECAY)
+    opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=WEIGHT_DECAY)
+    return Engine(head, opt, ema=ema, amp=Precision(compute.mixed_precision, device), last=out_dir / LAST,
+                  modules={"head": head, "ema": ema.module, "opt": opt})
+
+
+def _check(cfg: ClassifierConfig, train: FeatureSplit, denoiser, scheduler) -> tuple[bool, bool, bool]:
+    """Which losses run (cycle, consistency, flips), or a ValueError for what they lack."""
+    use_cycle = cfg.cycle_weight > 0
+    if use_cycle and (denoiser is None or scheduler is None):
+        raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
+    if cfg.flip_augment and train.feats_flipped is None:
+        raise ValueError("classifier.flip_augment needs the features of the flipped training images "
+                         "(FeatureSplit.feats_flipped)")
+    has_flipped = train.feats_flipped is not None
+    return use_cycle, cfg.consistency_weight > 0 and has_flipped, cfg.flip_augment and has_flipped
+
+
+def _validate(engine: Engine, train: FeatureSplit, val: FeatureSplit, score_fn, batch_size: int, seed: int, device):
+    """The EMA head's validation score and accuracy, after re-estimating its BN statistics on training rows."""
+    recalibrate_bn(engine.ema.module, bn_batches(train, BN_RECALIBRATION, batch_size, seed, device))
+    probs = head_probabilities(engine.ema.module, val, device=device)
+    return score_fn(val.labels.numpy(), probs.numpy())
+
+
 def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSplit, class_names: list[str],
                      out_dir: str | Path, score_fn, denoiser=None, scheduler=None, seed: int = 0,
                      device="cpu", on_epoch=None, compute: ComputeConfig | None = None,
@@ -163,37 +282,21 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
     `compute`: mixed precision, gradient accumulation (micro-batches), channels-last; torch.compile
     is for the step-1 denoiser only (the head runs twice per step on different batch sizes).
     """
-    compute = compute or ComputeConfig()
-    out_dir = Path(out_dir)
+    compute, out_dir, main = compute or ComputeConfig(), Path(out_dir), dist.is_main()
     out_dir.mkdir(parents=True, exist_ok=True)
-    nc = len(class_names)
-    torch.manual_seed(seed)
-    head = build_head(cfg, train, nc).to(device)
-    dist.broadcast_module(head)
-    ema = EMA(head, EMA_DECAY)
-    opt = torch.optim.AdamW(_param_groups(head, cfg), weight_decay=WEIGHT_DECAY)
-    amp = Precision(compute.mixed_precision, device)
-    engine = Engine(head, opt, ema=ema, amp=amp, last=out_dir / LAST,
-                    modules={"head": head, "ema": ema.module, "opt": opt})
-    use_cycle = cfg.cycle_weight > 0
-    if use_cycle and (denoiser is None or scheduler is None):
-        raise ValueError("classifier.cycle_weight > 0 needs the frozen denoiser and its scheduler")
-    use_cons = cfg.consistency_weight > 0 and train.feats_flipped is not None
-    use_flip = cfg.flip_augment and train.feats_flipped is not None
-    if cfg.flip_augment and train.feats_flipped is None:
-        raise ValueError("classifier.flip_augment needs the features of the flipped training images "
-                         "(FeatureSplit.feats_flipped)")
+    engine = _engine(cfg, train, len(class_names), compute, out_dir, seed, device)
+    head, ema = engine.model, engine.ema
+    use_cycle, use_cons, use_flip = _check(cfg, train, denoiser, scheduler)
     epoch, best = 0, {"score": -float("inf"), "epoch": -1}
-    main = dist.is_main()
-    state = engine.resume()  # the weights, the loss scale, the step count and the history
-    if state:
+    if state := engine.resume():  # the weights, the loss scale, the step count and the history
         epoch, best = state["epoch"], state["best"]
         if main:
             print(f"[step 2] resuming after epoch {epoch} ({out_dir / LAST})")
     net = training_module(head, ComputeConfig(channels_last=compute.channels_last), "step2")
-    layout = partial(memory_format, compute=compute, stage="step2")
     if channels_last(compute, "step2"):  # the EMA copy too: BN recalibration and validation run on it
         ema.module.to(memory_format=torch.channels_last)
+    losses = HeadLoss(cfg, net, head, train, denoiser, scheduler, engine.amp,
+                      partial(memory_format, compute=compute, stage="step2"), device, use_cycle, use_cons)
     n = len(train.labels)
     passes = passes_for(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
     total = cfg.epochs * passes * -(-n // cfg.batch_size)
@@ -208,83 +311,31 @@ def train_classifier(cfg: ClassifierConfig, train: FeatureSplit, val: FeatureSpl
         torch.manual_seed(seed * 7919 + epoch + 1_000_003 * dist.rank())
         sums = {"ce": 0.0, "cycle": 0.0, "consistency": 0.0}
         batches = epoch_batches(n, cfg.batch_size, seed, epoch, passes)
-        grad_ratio, measure_ratio = None, use_cycle and ratio_epoch(epoch, cfg.epochs)
+        losses.grad_ratio, measure = None, use_cycle and ratio_epoch(epoch, cfg.epochs)
         for b, idx in enumerate(tqdm(batches, desc=f"step 2: epoch {epoch + 1}/{cfg.epochs}", leave=False,
                                      disable=not main)):
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            first_batch = b == 0
             mine, every = micro_batches(len(idx), compute.grad_accum)
             if every == []:  # every share too small for batch norm
                 continue
-            step = engine.steps
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            kc = min(cycle_batch, len(idx))
-            kf = min(consistency_batch, len(idx))
-            draws = cycle_draws(scheduler, (kc, *train.images.shape[1:]), g) if use_cycle else None
-            # random horizontal flips (own generator: the cycle draws stay what they were)
-            flip = (torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 2_000_003 + step)) < 0.5
-                    if use_flip else None)
-            if every is not None:  # normalisers of the whole batch (the rows every rank uses)
-                used = torch.cat(every)
-                total_ce = len(used)
-                total_c, total_f = int((used < kc).sum()), int((used < kf).sum())
+            st = plan_step(idx, every, engine.steps, seed, tuple(train.images.shape[1:]), scheduler, use_cycle,
+                           use_flip, cycle_batch, consistency_batch)
             logged = torch.zeros(3)  # this rank's share of the batch's ce, cycle, consistency
             with engine.step():
-                for rows in mine:
-                    bidx = idx if rows is None else idx[rows]
-                    lc = kc if rows is None else int((rows < kc).sum())  # rows ascend: the first lc are cycle rows
-                    lf = kf if rows is None else int((rows < kf).sum())
-                    fl = None if flip is None else (flip if rows is None else flip[rows])
-                    cons = bool(use_cons and lf)  # the first lf rows are also classified flipped
-                    x, y, feats, other, x_other = _views(train, bidx, fl, lf, cons, device)
-                    with amp.autocast():
-                        logits = net([layout(f) for f in feats], layout(x))
-                        logits_f = None
-                        if other is not None:
-                            logits_f = net([layout(f) for f in other], layout(x_other))
-                    logits = logits.float()
-                    ce = F.cross_entropy(logits, y)
-                    loss = ce
-                    cyc = con = torch.zeros(())
-                    if use_cycle and lc:
-                        d = draws if rows is None else (draws[0][rows[:lc]], draws[1][rows[:lc]])
-                        with amp.autocast():
-                            cyc = cycle_loss(denoiser, scheduler, x[:lc], logits[:lc], y[:lc], draws=d).float()
-                        loss = loss + cfg.cycle_weight * cyc
-                    if measure_ratio and lc and first_batch and rows is None:  # the cycle term's share of the gradient
-                        grad_ratio = gradient_ratio(head, ce, cfg.cycle_weight * cyc)
-                    if logits_f is not None:
-                        con = consistency_loss(logits[:lf], logits_f.float())
-                        loss = loss + cfg.consistency_weight * con
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"step 2: loss became {float(loss)} in epoch {epoch + 1}; "
-                                                 "lower classifier.lr")
-                    if rows is not None:  # weights: the ranks' average gradient is the whole batch's
-                        w_ce = len(rows) / total_ce
-                        ce, cyc, con = ce * w_ce, cyc * (lc / max(total_c, 1)), con * (lf / max(total_f, 1))
-                        loss = (ce + cfg.cycle_weight * cyc + cfg.consistency_weight * con) \
-                            * dist.world_size()
+                for loss, *parts in losses.micro_batches(st, mine, epoch, measure and b == 0):
                     engine.backward(loss)
-                    logged += torch.stack([ce.detach().float().cpu(), cyc.detach().float().cpu(),
-                                           con.detach().float().cpu()])
-            ce_s, cyc_s, con_s = dist.all_sum(logged).tolist()
-            sums["ce"] += ce_s
-            if use_cycle:
-                sums["cycle"] += cyc_s
-            if use_cons:
-                sums["consistency"] += con_s
+                    logged += torch.stack([v.detach().float().cpu() for v in parts])
+            for k, v, on in zip(sums, dist.all_sum(logged).tolist(), (True, use_cycle, use_cons)):
+                sums[k] += v if on else 0.0
         nb = max(1, len(batches))
-        # statistics of the EMA weights themselves (dcube.classify.bn)
-        recalibrate_bn(ema.module, bn_batches(train, BN_RECALIBRATION, cfg.batch_size, seed, device))
-        probs = head_probabilities(ema.module, val, device=device)
-        score, acc = score_fn(val.labels.numpy(), probs.numpy())
+        score, acc = _validate(engine, train, val, score_fn, cfg.batch_size, seed, device)
         row = {"epoch": epoch + 1, **{k: v / nb for k, v in sums.items()},
                "val_" + SELECT_METRIC: score, "val_acc": acc, "ema_decay": ema.decay_at(engine.steps)}
         if use_cycle:  # the weighted cycle term against the weighted cross-entropy
             row["cycle_loss_share"] = (cfg.cycle_weight * row["cycle"]) / max(row["ce"], 1e-12)
-            if grad_ratio is not None:
-                row["cycle_grad_ratio"] = grad_ratio
+            if losses.grad_ratio is not None:
+                row["cycle_grad_ratio"] = losses.grad_ratio
         engine.history.append(row)
         if main:
             tqdm.write(f"[step 2] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()

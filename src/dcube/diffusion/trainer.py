@@ -195,6 +195,94 @@ def plot_probe_curve(probe: dict, path: Path) -> Path:
     return out
 
 
+def plan_batches(cfg: DiffusionConfig, labels: torch.Tensor, n: int, sample_shape: tuple, num_classes: int,
+                 contrastive: bool, seed: int, first: int, total: int, planned: collections.deque):
+    """Steps `first` .. `total` - 1: each step's batch (make_batch), drawn from its epoch's order and its own
+    generator, so the same for any resume point or number of reader workers. Appends it to `planned` and yields
+    its rows for the reader."""
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    for s in range(first, total):
+        epoch, k = divmod(s, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        planned.append(make_batch(cfg, labels, idx, g, num_classes, contrastive, sample_shape))
+        yield planned[-1][0]
+
+
+def step_losses(cfg: DiffusionConfig, net, mid, sched, amp: Precision, compute: ComputeConfig, batch, device, step):
+    """One step's losses, per micro-batch of this rank's rows: ``(loss to backward, mse, contrastive)``, the last
+    two weighted as their share of the whole batch. `batch`: ``(x, y, t, noise, cond, q)``."""
+    x, y, t, noise, cond, q = batch
+    paper = cfg.contrastive_form == "paper"
+    for rows, qr in paired_micro_batches(len(x), q, compute.grad_accum):
+        xb, yb, tb, nb, cb = (v if rows is None else v[rows] for v in (x, y, t, noise, cond))
+        xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
+        with amp.autocast():
+            eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
+        mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
+        loss, con = mse, torch.zeros(())
+        if qr:
+            f = mid.out.flatten(1)
+            pair_loss = contrastive_loss_paper if paper else contrastive_loss
+            con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr])  # each form's own margin
+            loss = mse + cfg.contrastive_weight * con
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
+        if rows is not None:  # weights: the ranks' average gradient is the whole batch's
+            w_mse, w_con = len(rows) / len(x), (qr / q if q else 0.0)
+            loss = (w_mse * mse + w_con * cfg.contrastive_weight * con) * dist.world_size()
+            mse, con = mse * w_mse, con * w_con
+        yield loss, mse, con
+
+
+def _engine(cfg: DiffusionConfig, compute: ComputeConfig, meta: dict, out_dir: Path, device) -> Engine:
+    """The denoiser (from a pretrained backbone when cfg.init_from names one), its optimiser, EMA and precision."""
+    model = build_denoiser(cfg, meta["in_channels"], meta["image_size"], meta["num_classes"]).to(device)
+    if getattr(cfg, "init_from", None):  # a pretrained backbone: all but the class conditioning (a resume overrides)
+        from dcube.diffusion.backbone import init_from_backbone
+
+        init_from_backbone(model, cfg.init_from)
+    dist.broadcast_module(model)  # replicas start from rank 0's initialisation
+    return Engine(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+                  ema=EMA(model, cfg.ema_decay), amp=Precision(compute.mixed_precision, device), last=out_dir / LAST)
+
+
+def _total_steps(cfg: DiffusionConfig, n: int, eval_fn) -> int:
+    auto = cfg.epochs == "auto"
+    if auto and eval_fn is None:
+        raise ValueError("diffusion.epochs='auto' needs a validation probe (eval_fn)")
+    total = (AUTO_MAX_EPOCHS if auto else cfg.epochs) * math.ceil(n / cfg.batch_size)
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
+def _finish(cfg: DiffusionConfig, engine: Engine, probe: dict, meta: dict, out_dir: Path, elapsed: float,
+            class_names, seed: int, device) -> Path:
+    """The model step 2 uses (epochs=auto: the best EMA weights on the validation probe, else the last EMA
+    weights), history.json, and the sample grid."""
+    ema, step, main = engine.ema, engine.steps, dist.is_main()
+    final_meta = {**meta, "step": step}
+    record = {"steps": step, "seconds_this_session": elapsed, "history": engine.history}
+    if cfg.epochs == "auto":
+        load_checkpoint(out_dir / BEST_EMA, {"model": ema.module})
+        final_meta.update(chosen_step=probe["best"]["step"], probe_score=probe["best"]["score"])
+        record.update(probe=probe["curve"], chosen_step=probe["best"]["step"], chosen_score=probe["best"]["score"],
+                      stopped_early=probe["stopped"])
+        if main:
+            plot_probe_curve(probe, out_dir / "probe_curve.png")
+    save_checkpoint(out_dir / FINAL, {"model": ema.module}, final_meta)
+    write_json(out_dir / "history.json", record)
+    num_classes = meta["num_classes"]
+    if cfg.sample_grid and class_names and step > 0:  # an untrained model (epochs 0) draws noise
+        from dcube.diffusion.sampling import sample_images, save_grid
+
+        lab = torch.arange(num_classes).repeat_interleave(8)
+        imgs = sample_images(ema.module, cfg, lab, sampler="ddim", steps=min(GRID_STEPS, cfg.num_train_timesteps),
+                             seed=seed, device=device, progress=main)
+        save_grid(imgs, lab, class_names, out_dir / "samples.png")
+    return out_dir / FINAL
+
+
 def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     out_dir: str | Path, seed: int = 0, device: torch.device | str = "cpu",
                     class_names: list[str] | None = None, on_step=None,
@@ -214,84 +302,32 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     ``ema.safetensors``, and training stops after ``patience`` evaluations without improvement (or at
     ``max_steps`` / ``AUTO_MAX_EPOCHS``). The curve and the chosen step go into history.json and
     probe_curve.png."""
-    compute = compute or ComputeConfig()
-    out_dir = Path(out_dir)
+    compute, out_dir, main = compute or ComputeConfig(), Path(out_dir), dist.is_main()
     out_dir.mkdir(parents=True, exist_ok=True)
     n, c, h, _ = images.shape
-    model = build_denoiser(cfg, c, h, num_classes).to(device)
-    if getattr(cfg, "init_from", None):  # a pretrained backbone: all but the class conditioning (a resume overrides)
-        from dcube.diffusion.backbone import init_from_backbone
-
-        init_from_backbone(model, cfg.init_from)
-    dist.broadcast_module(model)  # replicas start from rank 0's initialisation
-    amp = Precision(compute.mixed_precision, device)
-    engine = Engine(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
-                    ema=EMA(model, cfg.ema_decay), amp=amp, last=out_dir / LAST)
-    ema = engine.ema
-    sched = ddpm_scheduler(cfg)
     meta = model_meta(cfg, c, h, num_classes)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    auto = cfg.epochs == "auto"
-    if auto and eval_fn is None:
-        raise ValueError("diffusion.epochs='auto' needs a validation probe (eval_fn)")
-    total = (AUTO_MAX_EPOCHS if auto else cfg.epochs) * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    engine = _engine(cfg, compute, meta, out_dir, device)
+    model, sched, total, auto = engine.model, ddpm_scheduler(cfg), _total_steps(cfg, n, eval_fn), cfg.epochs == "auto"
     probe = {"curve": [], "best": None, "since_best": 0, "train_seconds": 0.0, "stopped": False}
-    main = dist.is_main()
-    state = engine.resume()
-    if state:
+    if state := engine.resume():
         probe = state.get("probe", probe)
         if main:
             print(f"[step 1] resuming from step {engine.steps}/{total} ({out_dir / LAST})")
-    step = engine.steps
     mid = _MidFeatures(model) if cfg.contrastive_weight > 0 else None
-    paper = mid is not None and cfg.contrastive_form == "paper"
     net = training_module(model, compute)
-
-    bar = tqdm(total=total, initial=step, desc="step 1: diffusion", unit="step", disable=not main)
-    pace = Pace("step 1", step, total, "steps", main)
-    t0 = time.time()
-    planned = collections.deque()  # the batches whose rows the reader has been given, oldest first
-
-    def plan():
-        """Each step's batch, drawn from the epoch's order and the step's own generator (so the same for
-        any resume point or number of reader workers); yields its rows for the reader."""
-        for s in range(step, total):
-            epoch, k = divmod(s, steps_per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            g = torch.Generator().manual_seed(seed * 1_000_003 + s)
-            planned.append(make_batch(cfg, labels, idx, g, num_classes, mid is not None, tuple(images.shape[1:])))
-            yield planned[-1][0]
-
-    # an on-disk split is read ahead in `workers` DataLoader processes (dcube.utils.rows.batches)
-    for x in batches(images, plan(), workers):
+    bar = tqdm(total=total, initial=engine.steps, desc="step 1: diffusion", unit="step", disable=not main)
+    pace = Pace("step 1", engine.steps, total, "steps", main)
+    t0, planned = time.time(), collections.deque()  # the batches whose rows the reader has been given, oldest first
+    plan = plan_batches(cfg, labels, n, tuple(images.shape[1:]), num_classes, mid is not None, seed, engine.steps,
+                        total, planned)
+    for x in batches(images, plan, workers):  # an on-disk split is read ahead in `workers` processes
         if probe["stopped"]:
             break
-        t_step = time.time()
-        rows_used, y, t, noise, cond, q = planned.popleft()
+        t_step, batch = time.time(), (x, *planned.popleft()[1:])
         model.train()
         logged = torch.zeros(2)  # this rank's share of the batch's mse and contrastive loss
         with engine.step():
-            for rows, qr in paired_micro_batches(len(x), q, compute.grad_accum):
-                xb, yb, tb, nb, cb = (v if rows is None else v[rows] for v in (x, y, t, noise, cond))
-                xb, yb, tb, nb, cb = xb.to(device), yb.to(device), tb.to(device), nb.to(device), cb.to(device)
-                with amp.autocast():
-                    eps = net(memory_format(sched.add_noise(xb, nb, tb), compute), tb, cb)
-                mse = F.mse_loss(eps.float(), nb) if amp.dtype is not None else F.mse_loss(eps, nb)
-                loss, con = mse, torch.zeros(())
-                if qr:
-                    f = mid.out.flatten(1)
-                    pair_loss = contrastive_loss_paper if paper else contrastive_loss
-                    con = pair_loss(f[:qr], f[qr:2 * qr], yb[:qr] == yb[qr:2 * qr])  # each form's own margin
-                    loss = mse + cfg.contrastive_weight * con
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step 1: loss became {loss.item()} at step {step}; lower diffusion.lr")
-                if rows is not None:  # weights: the ranks' average gradient is the whole batch's
-                    w_mse, w_con = len(rows) / len(x), (qr / q if q else 0.0)
-                    loss = (w_mse * mse + w_con * cfg.contrastive_weight * con) * dist.world_size()
-                    mse, con = mse * w_mse, con * w_con
+            for loss, mse, con in step_losses(cfg, net, mid, sched, engine.amp, compute, batch, device, engine.steps):
                 engine.backward(loss)
                 logged += torch.stack([mse.detach().float().cpu(), con.detach().float().cpu()])
         mse, con = dist.all_sum(logged)
@@ -303,7 +339,7 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
         probe["train_seconds"] += time.time() - t_step
         evaluated = auto and (step % cfg.checkpoint_every == 0 or step == total)
         if evaluated:
-            _evaluate_probe(probe, eval_fn, ema.module, step, cfg.patience, out_dir, meta)
+            _evaluate_probe(probe, eval_fn, engine.ema.module, step, cfg.patience, out_dir, meta)
             if main:
                 tqdm.write(f"[step 1] step {step}: validation probe {probe['curve'][-1]['score']:.4f} "
                            f"(best {probe['best']['score']:.4f} at step {probe['best']['step']})")
@@ -314,25 +350,4 @@ def train_diffusion(cfg: DiffusionConfig, images: torch.Tensor, labels: torch.Te
     bar.close()
     if mid is not None:
         mid.handle.remove()
-    elapsed = time.time() - t0
-    final_meta = {**meta, "step": step}
-    step = engine.steps
-    record = {"steps": step, "seconds_this_session": elapsed, "history": engine.history}
-    if auto:  # the best-on-validation EMA weights are the model step 2 uses
-        load_checkpoint(out_dir / BEST_EMA, {"model": ema.module})
-        final_meta.update(chosen_step=probe["best"]["step"], probe_score=probe["best"]["score"])
-        record.update(probe=probe["curve"], chosen_step=probe["best"]["step"], chosen_score=probe["best"]["score"],
-                      stopped_early=probe["stopped"])
-        if main:
-            plot_probe_curve(probe, out_dir / "probe_curve.png")
-    save_checkpoint(out_dir / FINAL, {"model": ema.module}, final_meta)
-    write_json(out_dir / "history.json", record)
-    if cfg.sample_grid and class_names and step > 0:  # an untrained model (epochs 0) draws noise
-        from dcube.diffusion.sampling import sample_images, save_grid
-
-        per = 8
-        lab = torch.arange(num_classes).repeat_interleave(per)
-        imgs = sample_images(ema.module, cfg, lab, sampler="ddim", steps=min(GRID_STEPS, cfg.num_train_timesteps),
-                             seed=seed, device=device, progress=main)
-        save_grid(imgs, lab, class_names, out_dir / "samples.png")
-    return out_dir / FINAL
+    return _finish(cfg, engine, probe, meta, out_dir, time.time() - t0, class_names, seed, device)
