@@ -270,6 +270,14 @@ def two_level_test(runs: list[dict], ref: list[dict] | None = None, metric: str 
     return two_level_bootstrap(y, a, b, metric, paired=paired)
 
 
+def thread_hours(r: dict) -> float:
+    """Hours of one CPU thread a run took: the sum of its pipeline stages over every session it ran in (a
+    resumed run included), else the wall time of its one call. A stage it read from another run (a shared
+    step-1 model) is not counted."""
+    stages = {k: v for k, v in (r.get("stage_seconds") or {}).items() if k != "total_this_call"}
+    return (sum(stages.values()) if stages else r.get("wall_s", 0.0)) / 3600
+
+
 def ci_cell(runs: list[dict], metric: str = "auc") -> str:
     """'[low, high]': 95 % CI of the seed-mean test metric (two-level bootstrap: test images, then seeds)."""
     r = two_level_test(runs, None, metric)

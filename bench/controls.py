@@ -30,7 +30,7 @@ from functools import partial
 
 from bench.baselines import run_baseline
 from bench.common import (RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
-                          runs_root, shared_data, shrink, smoke_epochs)
+                          runs_root, shared_data, shrink, smoke_epochs, thread_hours)
 
 STUDY = "controls"
 DATASETS = ("pneumoniamnist", "breastmnist", "covid")
@@ -162,7 +162,7 @@ def table() -> str:
         by = {a: sorted((r for r in runs if _arm(r) == a), key=lambda r: r["seed"]) for a in ARMS}
         dc = by["dcube"]
         lines += [f"\n### {ds}\n", "| arm | seeds | test AUC | 95 % CI | val AUC | test macro-F1 | "
-                  "D-Cube minus this arm: ΔAUC [95 % CI], p, Holm p |", "|---|---|---|---|---|---|---|"]
+                  "D-Cube minus this arm: ΔAUC [95 % CI], p, Holm p | CPU-hours |", "|---|---|---|---|---|---|---|---|"]
         for arm, rs in by.items():
             if not rs:
                 continue
@@ -178,12 +178,15 @@ def table() -> str:
             seeds = ", ".join(f"{r['seed']}{chr(8224) if r.get('reused_from') else ''}" for r in rs)
             lines.append(f"| {ARMS[arm]} | {len(rs)} ({seeds}) | {mean_std([r['test']['auc'] for r in rs])} | "
                          f"{ci_cell(rs)} | {mean_std([r['val']['auc'] for r in rs])} | "
-                         f"{mean_std([r['test']['f1_macro'] for r in rs])} | {cell} |")
+                         f"{mean_std([r['test']['f1_macro'] for r in rs])} | {cell} | "
+                         f"{sum(thread_hours(r) for r in rs):.1f} |")
     n_primary = {ds: len({r["seed"] for r in rows if r["dataset"] == ds and _arm(r) in PRIMARY and
                           all(any(q["seed"] == r["seed"] and _arm(q) == a and q["dataset"] == ds for q in rows)
                               for a in PRIMARY)}) for ds in DATASETS}
     done = all(n == 5 for n in n_primary.values())
-    lines += ["", primary.note(), secondary.note(), table_vi.note(),
+    lines += ["", "CPU-hours: one thread's hours of the arm's runs, every stage and session (a shared step-1 model "
+              f"counted once, with its D-Cube run); {sum(thread_hours(r) for r in rows):.1f} in all.",
+              primary.note(), secondary.note(), table_vi.note(),
               "" if done else "\n**In progress**: the primary comparison has "
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())
               + " of 5 paired seeds; no verdict of the pre-registered rule is drawn before all 5 are in."]
