@@ -28,8 +28,8 @@ BASELINE_EPOCHS = {  # MedMNIST v2 trains 100 epochs; shortened for the CPU budg
 METHODS = ("dcube", "dcube-resnet18", "dcube-auto", "dcube-uvit", "linear-probe", "efficientnet-lite0", "resnet18",
            "resnet50")
 # D-Cube with MONAI's ResNet-18 (28-px stem, random initialisation) as its sub-feature CNN: an option
-# (classifier.subfeature: resnet18), not the default: on BreastMNIST validation (bench.step2, 3 seeds) it was
-# +0.045 [-0.003, +0.103] AUC, p = 0.07, against the default's EfficientNet-Lite0, short of p < 0.05
+# (classifier.subfeature: resnet18), not the default: on BreastMNIST validation it did not beat the default's
+# EfficientNet-Lite0 by the step-2 rule (the evidence: docs/benchmarks/step2.md)
 OPTION = "D-Cube, ResNet-18 sub-features (classifier.subfeature: resnet18; an option, not the default)"
 # classifier.subfeature: auto trains exactly the heads of the two runs above (same seed and configuration
 # otherwise; tests/pipeline: byte-identical weights) and keeps the higher validation score, so its row is

@@ -38,7 +38,7 @@ SCHEDULE = {
     "sampling": {"guidance": 0.0, "seed": 0, "batch_size": 250, "images": 500, "minority_share": 0.6},
     "baseline": {"model": "resnet18", "epochs": 8, "batch_size": 64, "lr": 1e-3},
 }
-GENERATORS = {"short": 15, "long": 300, "longer": 500}  # step-1 epochs per generator ("short": the 2026-11 schedule)
+GENERATORS = {"short": 15, "long": 300, "longer": 500}  # step-1 epochs per generator ("short": dcube 0.1's schedule)
 SAMPLERS = {"candidates": [["ddim", 50], ["ddim", 250]], "per_class": 100, "seed": 1}  # chosen on TRAIN FID
 if SMOKE:  # a tiny slice, seconds: the smoke test of this study
     SCHEDULE = {"diffusion": {**SCHEDULE["diffusion"], "preset": "micro", "max_steps": 2},
@@ -61,7 +61,7 @@ def data_config() -> dict:
 
 
 def suffix(gen: str) -> str:
-    """File-name suffix of a generator ("short" keeps the 2026-11 names)."""
+    """File-name suffix of a generator ("short" keeps the names of dcube 0.1's runs)."""
     return "" if gen == "short" else f"-{gen}"
 
 
