@@ -190,6 +190,13 @@ def table() -> str:
               "" if done else "\n**In progress**: the primary comparison has "
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())
               + " of 5 paired seeds; no verdict of the pre-registered rule is drawn before all 5 are in."]
+    dc_seeds = {ds: {r["seed"] for r in rows if r["dataset"] == ds and _arm(r) == "dcube"} for ds in DATASETS}
+    complete = [(ds, a) for ds in DATASETS for a in SECONDARY
+                if len(dc_seeds[ds] & {r["seed"] for r in rows if r["dataset"] == ds and _arm(r) == a}) == 5]
+    if len(complete) < len(DATASETS) * len(SECONDARY):
+        lines.append(f"\n**In progress**: {len(complete)} of the {len(DATASETS) * len(SECONDARY)} secondary "
+                     "comparisons have their 5 paired seeds; until all are in, the secondary family's Holm "
+                     "adjustment is over the comparisons shown, and no secondary verdict is final.")
     md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
     return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done) + _answer_vi(table_vi, vi_ds))
 
