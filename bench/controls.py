@@ -195,7 +195,7 @@ def table() -> str:
                 if len(dc_seeds[ds] & {r["seed"] for r in rows if r["dataset"] == ds and _arm(r) == a}) == 5]
     if len(complete) < len(DATASETS) * len(SECONDARY):
         lines.append(f"\n**In progress**: {len(complete)} of the {len(DATASETS) * len(SECONDARY)} secondary "
-                     "comparisons have their 5 paired seeds; until all are in, the secondary family's Holm "
+                     "comparisons are complete (5 paired seeds each); until all are, the secondary family's Holm "
                      "adjustment is over the comparisons shown, and no secondary verdict is final.")
     md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
     return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done) + _answer_vi(table_vi, vi_ds))
