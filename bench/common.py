@@ -143,11 +143,13 @@ def render(study: str, table: Callable[[], str]) -> str:
     if not fam.results:
         return md
     if "**Answer" not in md:  # the index shows it; a study that writes its own answer keeps it
-        up = sum(r["diff"] > 0 and r["p_holm"] < 0.05 for r in fam.results)
-        down = sum(r["diff"] < 0 and r["p_holm"] < 0.05 for r in fam.results)
+        from dcube.evaluate.stats import result_verdict
+
+        up = sum(result_verdict(r, r["p_holm"]) == "beats" for r in fam.results)
+        down = sum(result_verdict(r, r["p_holm"]) == "below" for r in fam.results)
         md += (f"\n\n**Answer.** Of the {len(fam.results)} paired comparisons on this page (each table names the "
                f"difference it pairs), {up} are above 0 and {down} below 0 at Holm-adjusted p < 0.05 (within each "
-               f"heading); the other {len(fam.results) - up - down} are not distinguishable.")
+               f"heading) with at least 3 seeds; the other {len(fam.results) - up - down} are not distinguishable.")
     return md + "\n\n" + fam.note()
 
 
@@ -304,7 +306,7 @@ class Family:
         it) are Holm-adjusted as their own family, else all of them together."""
         import re
 
-        from dcube.evaluate.stats import holm, verdict
+        from dcube.evaluate.stats import holm, result_verdict
 
         heads = [m.start() for m in re.finditer(r"^#{2,4} ", text, flags=re.M)] if by_heading else []
         where = {}
@@ -319,7 +321,7 @@ class Family:
         for i, (r, q) in enumerate(zip(self.results, adj)):
             r["p_holm"] = q
             text = text.replace(f"@@{id(self)}:{i}@@", f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
-                                f"p = {r['p']:.3f}, Holm p = {q:.3f}: {verdict(r['diff'], q)}")
+                                f"p = {r['p']:.3f}, Holm p = {q:.3f}: {result_verdict(r, q)}")
         return text
 
     def note(self) -> str:

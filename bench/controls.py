@@ -29,6 +29,7 @@ import sys
 from functools import partial
 
 from bench.baselines import run_baseline
+from dcube.evaluate.stats import result_verdict
 from bench.common import (RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
                           runs_root, shared_data, shrink, smoke_epochs, thread_hours)
 
@@ -207,7 +208,7 @@ def _answer(primary, datasets: list, done: bool) -> str:
         return "**Answer.** Not yet: no paired runs."
     parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], Holm p = {r['p_holm']:.3f} ({n} seeds)"
              for (ds, n), r in zip(datasets, primary.results)]
-    wins = sum(r["diff"] > 0 and r["p_holm"] < 0.05 for r in primary.results)
+    wins = sum(result_verdict(r, r["p_holm"]) == "beats" for r in primary.results)
     rule = "at least 2 of the 3 datasets with D-Cube minus CNN-only > 0 at Holm p < 0.05"
     if done:
         verdict = f"the pre-registered bar ({rule}) is {'met' if wins >= 2 else 'not met'}."

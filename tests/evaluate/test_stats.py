@@ -172,3 +172,15 @@ def test_holm_on_a_hand_computed_example():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+
+
+def test_no_verdict_with_fewer_than_three_seeds_whatever_the_p_value():
+    from dcube.evaluate.stats import result_verdict
+
+    assert verdict(0.05, 0.001, seeds=2).startswith("not distinguishable")
+    assert verdict(0.05, 0.001, seeds=3) == "beats"
+    r = {"diff": 0.05, "p": 0.001, "seeds_a": 5, "seeds_b": 2}
+    assert result_verdict(r).startswith("not distinguishable") and result_verdict({**r, "seeds_b": 3}) == "beats"
+    assert result_verdict({**r, "seeds_b": 3}, p=0.2) == "not distinguishable"  # the adjusted p decides
+    assert result_verdict({**r, "seeds_b": 1}) == "beats"  # one run: a fixed reference, the other arm's 5 count
+    assert result_verdict({**r, "seeds_a": 2, "seeds_b": 1}).startswith("not distinguishable")

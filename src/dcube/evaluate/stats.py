@@ -296,8 +296,23 @@ def mcnemar_test(y, pred_a, pred_b) -> dict:
             "method": "exact McNemar (binomial test on discordant pairs)"}
 
 
-def verdict(diff: float, p: float, alpha: float = 0.05) -> str:
-    """'beats' / 'below' only with p < alpha; otherwise 'not distinguishable'."""
+MIN_SEEDS = 3  # fewer seeds per arm than this: no verdict, whatever the p-value (training noise is barely sampled)
+
+
+def verdict(diff: float, p: float, alpha: float = 0.05, seeds: int | None = None) -> str:
+    """'beats' / 'below' only with p < alpha and, when `seeds` (the fewer of the two arms') is given, at least
+    MIN_SEEDS of them; otherwise 'not distinguishable'."""
+    if seeds is not None and seeds < MIN_SEEDS:
+        return f"not distinguishable (fewer than {MIN_SEEDS} seeds)"
     if p < alpha:
         return "beats" if diff > 0 else "below"
     return "not distinguishable"
+
+
+def result_verdict(r: dict, p: float | None = None) -> str:
+    """verdict() of a two_level_bootstrap result, at `p` (e.g. Holm-adjusted; default its own p). The seeds that
+    count are the fewer of the two arms'; an arm of one run is a fixed reference (a deterministic baseline such
+    as a linear probe), so then the other arm's count applies."""
+    counts = [n for n in (r.get("seeds_a"), r.get("seeds_b")) if n and n > 1]
+    seeds = min(counts) if counts else 1
+    return verdict(r["diff"], r["p"] if p is None else p, seeds=seeds)
