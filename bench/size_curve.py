@@ -33,6 +33,8 @@ SEEDS = (0, 1, 2)
 # the default changes only when another model's seed-mean validation probe AUC is higher than the default's on
 # BOTH datasets by at least this much (fixed before any run: the seed spread of the probe in bench.convergence)
 MARGIN = 0.01
+RULE = (f"another model replaces `{DEFAULT}` only when its seed-mean validation probe AUC is at least {MARGIN} "
+        "higher on every dataset")
 
 
 def seconds_per_step(backbone: str, preset: str, channels: int, size: int, batch: int, steps: int = 3) -> float:
@@ -122,8 +124,8 @@ def _decision(rows: list[dict]) -> list[str]:
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
     want = [(ds, m, s) for ds in BUDGET_MINUTES for m in MODELS for s in SEEDS]
     if not SMOKE and any(w not in have for w in want):
-        return ["", f"Decision: not yet ({sum(w in have for w in want)} of the {len(want)} runs are in; the rule "
-                    "below is applied when every dataset, model and seed is)."]
+        return ["", f"Decision: not yet ({sum(w in have for w in want)} of the {len(want)} runs are in). The rule, "
+                    f"applied when every dataset, model and seed is in: {RULE}."]
     means = {(ds, m): np.mean([r["val_auc"] for r in rows if r["dataset"] == ds and r["model"] == m])
              for ds in BUDGET_MINUTES for m in MODELS
              if any(r["dataset"] == ds and r["model"] == m for r in rows)}
@@ -133,8 +135,7 @@ def _decision(rows: list[dict]) -> list[str]:
     gains = {m: min(means[(ds, m)] - means[(ds, DEFAULT)] for ds in BUDGET_MINUTES) for m in both if m != DEFAULT}
     best = max(gains, key=gains.get)
     chosen = best if gains[best] >= MARGIN else DEFAULT
-    return ["", f"Decision on validation (rule fixed before the runs: another model replaces `{DEFAULT}` only when "
-                f"its seed-mean validation probe AUC is at least {MARGIN} higher on every dataset): the largest "
+    return ["", f"Decision on validation (rule fixed before the runs: {RULE}): the largest "
                 f"smallest-gain is `{best}`'s {gains[best]:+.3f}; step-1 default: **{chosen}**."]
 
 
@@ -145,7 +146,7 @@ def table() -> str:
              "CPU budget (steps = budget / the CPU seconds one step took when timed, batch 64, one thread), the validation probe "
              f"{EVALS} times, the best checkpoint on validation chosen, its probe scored once on test.\n",
              "| dataset | model | parameters | seeds | steps | s / step | val probe AUC (chosen) | test probe AUC | "
-             "training minutes |", "|---|---|---|---|---|---|---|---|---|"]
+             "training wall-minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for ds in BUDGET_MINUTES:
         for m in MODELS:
             rs = [r for r in rows if r["dataset"] == ds and r["model"] == m]
