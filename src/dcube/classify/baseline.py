@@ -187,8 +187,9 @@ def train_baseline(cfg: BaselineConfig, bundle: DataBundle, out_dir: str | Path,
             if pool is not None:
                 u = pool[torch.randint(0, len(pool), (cfg.unlabelled_ratio * len(idx),), generator=g)]
                 u = torch.as_tensor(u)
-                lu, mask = fixmatch_loss(model(weak_view(u, g).to(device)), model(strong_view(u, g).to(device)),
-                                         cfg.threshold)
+                with torch.no_grad():  # the pseudo-labels take no gradient (BN statistics still update)
+                    logits_weak = model(weak_view(u, g).to(device))
+                lu, mask = fixmatch_loss(logits_weak, model(strong_view(u, g).to(device)), cfg.threshold)
                 loss = loss + cfg.lambda_u * lu
                 masked.append(float(mask.mean()))
             with engine.step():  # the EMA follows at step epoch * steps_per_epoch + b + 1
