@@ -3,6 +3,7 @@ unlabelled images. The product's headline figure.
 
     python -m bench.learning_curves [--datasets ...] [--arms ...] [--points 10 50 250 0] [--seeds ...]   # resumable
     python -m bench.learning_curves --table-only
+    DCUBE_BENCH_OUT=$OUT python -m bench.learning_curves --device cuda --budget-s 480 --datasets covid   # a GPU slot
 
 Labelled subsets: `data.labelled_per_class: k` (seeded, stratified, nested: for one seed the k = 10 set lies
 inside the k = 50 set); point 0 is the full training split. The pool: the training images left unlabelled
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -80,25 +82,27 @@ def _cfg(dataset: str, point: int, arm: str, seed: int) -> dict:
     return cfg
 
 
-def _record(dataset, point, arm, seed, data_cfg, out, counts: dict) -> dict:
-    return {"study": STUDY, "dataset": dataset, "point": point, "arm": arm, "seed": seed, "data_config": data_cfg,
+def _record(dataset, point, arm, seed, data_cfg, out, counts: dict, device: str) -> dict:
+    return {"study": STUDY, "dataset": dataset, "point": point, "arm": arm, "seed": seed, "device": device,
+            "data_config": data_cfg,
             "train_per_class": float(np.mean(list(counts.values()))), "test": out["test"], "val": out["val"],
             "test_probs": out["test_probs"]}
 
 
-def dcube_arm(dataset: str, point: int, arm: str, seed: int) -> dict:
+def dcube_arm(dataset: str, point: int, arm: str, seed: int, device: str = "cpu") -> dict:
     from dcube.config import from_dict
     from dcube.pipeline import run
 
     from dcube.utils.io import read_json
 
-    cfg = from_dict(_cfg(dataset, point, arm, seed))
+    cfg = from_dict({**_cfg(dataset, point, arm, seed), "device": device})
     out = run(cfg)
     counts = read_json(f"{cfg.run_dir}/run.json")["data"]["class_counts"]["train"]
-    return {**_record(dataset, point, arm, seed, cfg.to_dict()["data"], out, counts), "stage_seconds": out["timings_s"]}
+    return {**_record(dataset, point, arm, seed, cfg.to_dict()["data"], out, counts, device),
+            "stage_seconds": out["timings_s"]}
 
 
-def baseline_arm(dataset: str, point: int, arm: str, seed: int) -> dict:
+def baseline_arm(dataset: str, point: int, arm: str, seed: int, device: str = "cpu") -> dict:
     from dcube.config import DataConfig
     from dcube.data import load_data
 
@@ -106,9 +110,10 @@ def baseline_arm(dataset: str, point: int, arm: str, seed: int) -> dict:
     dc = _cfg(dataset, point, arm, seed)["data"]
     data = load_data(DataConfig(**dc), seed, run_dir)
     out = run_baseline(arm, data, run_dir, seed, smoke_epochs(BASELINE_EPOCHS[base(dataset)]), THREADS,
-                       min_steps=LONG_STEPS)
+                       device=device, min_steps=LONG_STEPS)
     counts = dict(enumerate(np.bincount(data.train.labels.numpy()).tolist()))
-    return {**_record(dataset, point, arm, seed, dc, out, counts), "method": out["method"], "schedule": out["schedule"]}
+    return {**_record(dataset, point, arm, seed, dc, out, counts, device), "method": out["method"],
+            "schedule": out["schedule"]}
 
 
 def plot(rows: list[dict], dataset: str):
@@ -164,6 +169,10 @@ def table() -> str:
              f"Paired columns: {ARMS[REFERENCE]} minus the arm, same test images and seeds; {STATS}; each "
              "dataset's comparisons one family. The comparisons, their families and the decision rule were committed "
              "before these runs ([the registration](docs/benchmarks/learning_curves-preregistration.md)).\n"]
+    on_gpu = sum(r.get("device") == "cuda" for r in rows)
+    if on_gpu:
+        lines.append(f"{on_gpu} of these runs trained on a GPU (`--device cuda`; `device` in their JSON), the same "
+                     "configurations and seeds as on the CPU.\n")
     want, have = registered(), {(r["dataset"], r["point"], r["arm"], r["seed"]) for r in rows}
     missing = [w for w in want if w not in have]  # in the order they run
     if missing and not SMOKE:  # the registration: an incomplete page says so, and draws no verdict
@@ -232,17 +241,25 @@ def main(argv=None):
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--points", nargs="+", type=int, default=list(POINTS))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: SEEDS of each point")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every arm trains (a GPU slot: "
+                   "cuda, with DCUBE_BENCH_OUT=$OUT and DCUBE_BENCH_RUNS on the device's disk)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
 
     def job(ds, point, arm, seed):
-        if arm.startswith("dcube") or arm == "cnn-only":
-            return partial(dcube_arm, ds, point, arm, seed)
-        return partial(baseline_arm, ds, point, arm, seed)
+        fn = dcube_arm if arm.startswith("dcube") or arm == "cnn-only" else baseline_arm
+        return partial(fn, ds, point, arm, seed, a.device)
 
-    jobs = ((f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed))
-            for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds))
-    return run_study(STUDY, jobs, table, a.table_only)
+    def jobs(t0=time.time()):
+        for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds):
+            if a.budget_s is not None and time.time() - t0 > a.budget_s:
+                print(f"[learning_curves] budget of {a.budget_s:.0f} s spent; {ds} k={point} {arm} seed {seed} and "
+                      "later runs are left for the next call")
+                return
+            yield f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed)
+
+    return run_study(STUDY, jobs(), table, a.table_only)
 
 
 if __name__ == "__main__":
