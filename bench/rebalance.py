@@ -87,9 +87,10 @@ def step1(data, gen: str):
     return train_diffusion(cfg, data.train.images, data.train.labels, data.num_classes, out, seed=0)
 
 
-def choose_sampler(data, ckpt, gen: str) -> dict:
+def choose_sampler(data, ckpt, gen: str, extractor, real_features) -> dict:
     """Every candidate sampler draws `per_class` images of each class from the same seed; the one with
-    the lowest mean per-class FID against the TRAIN images is chosen (never validation or test)."""
+    the lowest mean per-class FID against the TRAIN images (their features: `real_features`) is chosen (never
+    validation or test)."""
     from dcube.diffusion.sampling import sample_images
     from dcube.diffusion.trainer import load_denoiser
     from dcube.evaluate.fidelity import per_class_fidelity
@@ -103,7 +104,8 @@ def choose_sampler(data, ckpt, gen: str) -> dict:
         imgs = sample_images(model, cfg, labels, sampler=sampler, steps=steps, seed=SAMPLERS["seed"],
                              batch_size=SCHEDULE["sampling"]["batch_size"], desc=f"{sampler}-{steps}")
         wall = time.time() - t0
-        fid = per_class_fidelity(data.train.images, data.train.labels, imgs, labels, data.class_names)
+        fid = per_class_fidelity(data.train.images, data.train.labels, imgs, labels, data.class_names, extractor,
+                                 real_features=real_features)
         save_real_vs_generated(data.train.images, data.train.labels, imgs, labels, data.class_names,
                                RUNS / f"candidates{suffix(gen)}-{sampler}{steps}.png")
         per = {k: v["fid"] for k, v in fid["per_class"].items() if "fid" in v}
@@ -117,13 +119,15 @@ def choose_sampler(data, ckpt, gen: str) -> dict:
 def synthesis(data, gen: str) -> dict:
     """The generator's sampler chosen on TRAIN FID, then `images` samples of it (timed): the top-up
     images, per-class FID/KID and the grid."""
-    from dcube.evaluate.fidelity import format_fidelity, per_class_fidelity
+    from dcube.evaluate.fidelity import build_extractor, extract_features, format_fidelity, per_class_fidelity
     from dcube.generate import balance_counts, synthesize
     from dcube.generate.grid import save_real_vs_generated
     from dcube.generate.synthetic import train_fingerprint
 
     ckpt = step1(data, gen)
-    choice = choose_sampler(data, ckpt, gen)
+    extractor = build_extractor()
+    real = extract_features(extractor, data.train.images, desc="features (TRAIN images)")  # once for every FID below
+    choice = choose_sampler(data, ckpt, gen, extractor, real)
     sampler, steps = choice["chosen"]
     s = {**SCHEDULE["sampling"], "sampler": sampler, "steps": steps}
     counts = data.train.labels.bincount().tolist()
@@ -136,7 +140,8 @@ def synthesis(data, gen: str) -> dict:
                        sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
                        batch_size=s["batch_size"], overwrite=True)
     wall = time.time() - t0
-    fid = per_class_fidelity(data.train.images, data.train.labels, synth.images, synth.labels, data.class_names)
+    fid = per_class_fidelity(data.train.images, data.train.labels, synth.images, synth.labels, data.class_names,
+                             extractor, real_features=real)
     print(format_fidelity(fid))
     save_real_vs_generated(data.train.images, data.train.labels, synth.images, synth.labels, data.class_names,
                            RESULTS / STUDY / f"real_vs_generated{suffix(gen)}.png")  # committed: the grid people look at

@@ -53,6 +53,22 @@ def test_per_class_kid_and_fid_separate_the_classes():
     assert a["n_real"] == 30 and "note" not in a  # 30 images > 2 features: no warning
 
 
+def test_precomputed_real_features_give_the_same_report_and_a_mismatch_is_refused():
+    from dcube.evaluate.fidelity import extract_features
+
+    real = torch.cat([_images(30, 0), _images(30, 1) * 0.3])
+    labels = torch.cat([torch.zeros(30), torch.ones(30)]).long()
+    fake = torch.cat([_images(30, 2), _images(30, 3)])
+    toy = _Toy()
+    once = extract_features(toy, real)
+    assert per_class_fidelity(real, labels, fake, labels, ["a", "b"], toy, real_features=once) == \
+        per_class_fidelity(real, labels, fake, labels, ["a", "b"], toy)
+    with pytest.raises(ValueError, match="real_features"):
+        per_class_fidelity(real, labels, fake, labels, ["a", "b"], toy, real_features=once[:10])
+    with pytest.raises(ValueError, match="real_features"):
+        per_class_fidelity(real, labels, fake, labels, ["a", "b"], None, real_features=once)
+
+
 def test_fid_kid_on_feature_tables():
     a = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)).double()
     assert fid_kid(a, a)["fid"] < 1e-6

@@ -145,14 +145,20 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100, seed
 
 def per_class_fidelity(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor,
                        fake_labels: torch.Tensor, class_names: Sequence[str], extractor: nn.Module | None = None,
-                       batch_size: int = 64, device="cpu", seed: int = 0) -> dict:
+                       batch_size: int = 64, device="cpu", seed: int = 0,
+                       real_features: torch.Tensor | None = None) -> dict:
     """FID/KID of every class: real images (use the TRAIN split) vs generated ones.
 
-    Images are (N, C, H, W) in [-1, 1]. Returns a JSON-able dict naming the extractor.
+    Images are (N, C, H, W) in [-1, 1]. Returns a JSON-able dict naming the extractor. `real_features`:
+    ``extract_features(extractor, real)`` computed once, for several generated sets scored against the same
+    real images (then `extractor` must be the one that computed them).
     """
+    if real_features is not None and (extractor is None or len(real_features) != len(real)):
+        raise ValueError("real_features: give the extractor that computed them, one row per real image")
     extractor = extractor if extractor is not None else build_extractor()
     d = extractor.num_features
-    freal = extract_features(extractor, real, batch_size, device, "features (real)")
+    freal = real_features if real_features is not None else extract_features(extractor, real, batch_size, device,
+                                                                              "features (real)")
     ffake = extract_features(extractor, fake, batch_size, device, "features (generated)")
     out = {"extractor": extractor.name, "extractor_description": extractor.description, "feature_dim": d,
            "comparable_to_inception_fid": extractor.name == "inception", "per_class": {}}
