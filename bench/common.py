@@ -33,7 +33,8 @@ _RUNS = os.environ.get("DCUBE_BENCH_RUNS")
 
 # what every table's CIs and paired cells are (paired_cell, ci_cell), in the words its prose uses
 STATS = ("two-level bootstrap (the test images within class, then the seeds; t with Satterthwaite df); \"beats\" / "
-         "\"below\" only at Holm-adjusted p < 0.05, the paired comparisons under one heading one family")
+         "\"below\" only at Holm-adjusted p < 0.05 with at least 3 seeds per trained arm, the paired comparisons "
+         "under one heading one family")
 
 
 def runs_root(study: str) -> Path:

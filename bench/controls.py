@@ -148,7 +148,7 @@ def table() -> str:
              f"Command: `python -m bench.controls` (resumable). Machine: {machine()}. The comparisons, data, seeds, "
              "metric and decision rule were committed before these runs ([the registration](docs/benchmarks/controls-preregistration.md)). "
              "Test AUC: seed mean ± std; 95 % CI and every difference: two-level bootstrap (test images, then "
-             "seeds), t with Satterthwaite df; \"beats\" / \"below\" only at Holm-adjusted p < 0.05. Rows marked "
+             "seeds), t with Satterthwaite df; \"beats\" / \"below\" only at Holm-adjusted p < 0.05 with at least 3 seeds per arm. Rows marked "
              "\u2020 reuse bench.accuracy's stored run of the same schedule, split and seed.\n", "@@ANSWER@@"]
     primary, secondary = Family("D-Cube minus CNN-only, test AUC, 3 datasets"), Family(
         "D-Cube minus {untrained, diffusion-only, ResNet-18}, test AUC, 3 datasets")
