@@ -20,10 +20,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dcube demo
 
-# two pytest workers of one torch thread each: the 2-core budget without oversubscription
+# two pytest workers of one torch thread each: the 2-core budget without oversubscription; an idle worker
+# takes tests from the busy one (worksteal), so that the suite does not end on one core
 TEST_JOBS ?= 2
 test: $(STAMP) browser
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --durations=25 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=25 tests
 
 # report.html is tested in headless Chromium (Debian's package): installed here when missing and
 # apt-get can (root); otherwise the browser test skips outside CI and fails in CI
