@@ -251,7 +251,9 @@ def main(argv=None):
         fn = dcube_arm if arm.startswith("dcube") or arm == "cnn-only" else baseline_arm
         return partial(fn, ds, point, arm, seed, a.device)
 
-    def jobs(t0=time.time()):
+    t0 = time.time()
+
+    def jobs():
         for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds):
             if a.budget_s is not None and time.time() - t0 > a.budget_s:
                 print(f"[learning_curves] budget of {a.budget_s:.0f} s spent; {ds} k={point} {arm} seed {seed} and "
