@@ -231,15 +231,14 @@ def _labels(data_json: str, seed: int, split: str):
     import dataclasses
 
     from dcube.config import DataConfig
-    from dcube.data import load_data
-
     from dcube.config import with_legacy_values
+    from dcube.data import split_labels as labels_of
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
     # a record from another version: keys it lacks take their behaviour of before they existed (e.g. the split
     # of a folder grouped byte-identical files only), other unknown keys are dropped
     values = {k: v for k, v in with_legacy_values({"data": json.loads(data_json)})["data"].items() if k in known}
-    return getattr(load_data(DataConfig(**values), seed), split).labels.numpy()
+    return labels_of(DataConfig(**values), seed, split)
 
 
 def split_labels(data_cfg: dict, seed: int, split: str = "test"):

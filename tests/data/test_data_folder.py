@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcube.config import DataConfig
-from dcube.data import DataError, load_data
+from dcube.data import DataError, load_data, split_labels
 
 
 def _cfg(path, **kw):
@@ -71,6 +71,21 @@ def test_caps_on_folder(tmp_path, make_folder):
     assert (len(b.train), len(b.val), len(b.test)) == (20, 5, 10)
     assert _by_class(b.train, b) == {"A": 4, "B": 16}
     assert b.info["split_sizes_before_caps"] == {"train": 140, "val": 20, "test": 40}
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_train": 12, "max_val": 4, "max_test": 6, "minority_ratio": 0.5}])
+def test_split_labels_are_load_datas_without_reading_an_image(tmp_path, make_folder, monkeypatch, kw):
+    root = make_folder(tmp_path / "imgs", {"A": 20, "B": 60})
+    b = load_data(_cfg(root, **kw), seed=3)
+    import dcube.data.dataset as dataset
+
+    def no_reading(*a, **k):
+        raise AssertionError("split_labels read an image")
+
+    monkeypatch.setattr(dataset, "read_split", no_reading)
+    for split in ("train", "val", "test"):
+        got = split_labels(_cfg(root, **kw), seed=3, split=split)
+        assert got.dtype.kind == "i" and got.tolist() == getattr(b, split).labels.tolist(), split
 
 
 def test_predefined_folders(tmp_path, make_folder):
@@ -337,6 +352,8 @@ def test_a_re_encoded_copy_shares_its_twins_split(tmp_path):
     assert any(w[f"copy_{i}.jpg"] != w[f"A_{i:02d}.png"] for w in by_seed.values() for i in range(6))
     off = load_data(_cfg(tmp_path, image_size=16, duplicates="off"), seed=0)
     assert off.info["grouping"]["duplicate_groups"] == 0
+    _smooth_png(tmp_path / "A" / "copy_0.jpg", 999)  # no longer a copy: the thumbnails are read again
+    assert load_data(_cfg(tmp_path, image_size=16), seed=0).info["grouping"]["near_duplicate_pairs"] == 5
 
 
 def test_covid_folder_near_copies_land_with_their_twins(shared_data):

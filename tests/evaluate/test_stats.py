@@ -6,7 +6,8 @@ import pytest
 from scipy import stats as sps
 
 from dcube.evaluate import compute_metrics
-from dcube.evaluate.stats import bootstrap_ci, delong_test, mcnemar_test, metric_rows, paired_bootstrap, verdict
+from dcube.evaluate.stats import (bootstrap_ci, chunked_rows, delong_test, mcnemar_test, metric_rows, paired_bootstrap,
+                                  stratified_indices, verdict)
 
 
 def _binormal(rng, d, n_pos=50, n_neg=100):
@@ -27,6 +28,26 @@ def test_point_estimates_match_compute_metrics(c):
     got = metric_rows(y[None], p[None])
     for m in ("accuracy", "balanced_accuracy", "f1_macro", "auc"):
         assert got[m][0] == pytest.approx(ref[m], abs=1e-12), m
+
+
+@pytest.mark.parametrize("c, ties, absent", [(2, False, False), (2, True, False), (3, True, False), (4, True, True)])
+def test_resampled_metrics_are_the_floats_of_gathering_and_ranking_each_resample(c, ties, absent):
+    """chunked_rows counts multiplicities and ranks each score once: every metric of every resample must be
+    exactly metric_rows of the gathered resample (ties in the scores, a class absent from y included)."""
+    rng = np.random.default_rng(c)
+    y = rng.integers(0, c - 1 if absent else c, 157)
+    p = rng.dirichlet(np.ones(c), len(y))
+    if ties:
+        p = np.round(p, 1) + 1e-3
+        p /= p.sum(1, keepdims=True)
+    idx = stratified_indices(y, 300, seed=5)
+    fast = chunked_rows(y, p, idx, chunk=70)
+    slow = metric_rows(y[idx], p[idx])
+    assert list(fast) == list(slow)
+    for m in slow:
+        np.testing.assert_array_equal(fast[m], slow[m], err_msg=m)
+    assert np.isnan(fast["auc"]).all() == absent and np.ptp(fast["auc"][~np.isnan(fast["auc"])] if not absent
+                                                             else fast["accuracy"]) > 0
 
 
 def test_bootstrap_ci_is_seeded_and_contains_the_estimate():

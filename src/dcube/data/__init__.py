@@ -6,8 +6,8 @@ file, class or config field.
 """
 
 from dcube.data.bundle import DataBundle, DataError, Split
-from dcube.data.dataset import load_data
+from dcube.data.dataset import load_data, split_labels
 from dcube.data.images import read_image
 from dcube.data.medmnist import MEDMNIST, MedMNISTInfo
 
-__all__ = ["Split", "DataBundle", "DataError", "load_data", "MEDMNIST", "MedMNISTInfo", "read_image"]
+__all__ = ["Split", "DataBundle", "DataError", "load_data", "split_labels", "MEDMNIST", "MedMNISTInfo", "read_image"]

@@ -77,21 +77,18 @@ def _cache(cfg: DataConfig, run_dir: Optional[Path], split: str, members: list, 
     return root / f"{split}-{ids[:16]}.u8", key
 
 
-def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:
-    """Load train/val/test as float32 (N, C, S, S) tensors in [-1, 1] with int64 labels.
-
-    MedMNIST keeps its official split; folders/CSVs are split here (seeded, stratified,
-    grouped by patient_id when given) and the split is saved to / reused from
-    ``run_dir/splits.csv``. `seed` draws the split and the caps unless ``cfg.split_seed`` is set. Every check runs before a tensor is returned.
-    """
-    try:  # a DataConfig built in Python has not been through dcube.config.from_dict
+def _checked(cfg: DataConfig, seed: int) -> int:
+    """Validate `cfg` (a DataConfig built in Python has not been through dcube.config.from_dict) -> the seed
+    that draws the split and the caps."""
+    try:
         validate_data(cfg)
     except ConfigError as exc:
         raise DataError(str(exc)) from exc
-    if cfg.split_seed is not None:  # one split (and caps) shared by runs with different seeds
-        seed = cfg.split_seed
-    if cfg.source == "medmnist":
-        return _load_medmnist(cfg, seed, run_dir)
+    return cfg.split_seed if cfg.split_seed is not None else seed  # split_seed: one split for every run seed
+
+
+def _planned(cfg: DataConfig, seed: int, run_dir: Optional[Path]):
+    """A folder's or CSV's files and their split -> (path, layout, root, fingerprint, files.plan's tuple)."""
     path = Path(cfg.path).expanduser()
     if cfg.source == "folder":
         entries, layout = scan_folder(path)
@@ -100,7 +97,35 @@ def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> Dat
         entries, layout = read_manifest(path), "csv"
         root, manifest = absolute(path).parent, path
     sha = fingerprint(entries, root, manifest)
-    entries, splits, classes, file, reused, grouping = plan(entries, cfg, seed, root, str(path), run_dir)
+    return path, layout, root, sha, plan(entries, cfg, seed, root, str(path), run_dir)
+
+
+def split_labels(cfg: DataConfig, seed: int, split: str = "test") -> np.ndarray:
+    """The int labels of one split in the order load_data(cfg, seed) returns it, without decoding a folder's
+    or CSV's images (its split is planned exactly as load_data plans it, with no run directory): what a
+    table needs to pair runs by their test images."""
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {list(SPLITS)}")
+    seed = _checked(cfg, seed)
+    if cfg.source == "medmnist":
+        return getattr(_load_medmnist(cfg, seed, None), split).labels.numpy()
+    *_, (entries, splits, classes, *_) = _planned(cfg, seed, None)
+    members = np.flatnonzero(splits == split)
+    labels = np.array([classes.index(entries[i].label) for i in members], dtype=np.int64)
+    return labels[_cap(labels, cfg, split, seed)]
+
+
+def load_data(cfg: DataConfig, seed: int, run_dir: Optional[Path] = None) -> DataBundle:
+    """Load train/val/test as float32 (N, C, S, S) tensors in [-1, 1] with int64 labels.
+
+    MedMNIST keeps its official split; folders/CSVs are split here (seeded, stratified,
+    grouped by patient_id when given) and the split is saved to / reused from
+    ``run_dir/splits.csv``. `seed` draws the split and the caps unless ``cfg.split_seed`` is set. Every check runs before a tensor is returned.
+    """
+    seed = _checked(cfg, seed)
+    if cfg.source == "medmnist":
+        return _load_medmnist(cfg, seed, run_dir)
+    path, layout, root, sha, (entries, splits, classes, file, reused, grouping) = _planned(cfg, seed, run_dir)
     labels = np.array([classes.index(e.label) for e in entries])
     out, before, rest, errors = {}, {}, None, []
     for s in SPLITS:  # every file is read before any error is raised: all bad files in one message

@@ -70,10 +70,19 @@ def content_hashes(entries: list[Entry]) -> list[str]:
 NEAR_SIZE, NEAR_RMS = 16, 8.0  # data.duplicates=near: 16x16 grey thumbnails within 8 grey levels RMS
 
 
+_LAST_THUMBS: dict = {}  # the last folder's thumbnails: a process that splits one folder for several seeds reads it once
+
+
 def thumbnails(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, list[int]]:
     """(n, NEAR_SIZE**2) float64 grey levels in [0, 255] of every readable entry, and the rows that could not be
-    read (left NaN: the data stage names them when it reads the images)."""
+    read (left NaN: the data stage names them when it reads the images). Reused within a process while every
+    file keeps its path, size and modification time."""
     from tqdm.auto import tqdm
+
+    stats = [e.path.stat() for e in entries]
+    key = (cfg.dicom_window, tuple((str(e.path), st.st_size, st.st_mtime_ns) for e, st in zip(entries, stats)))
+    if _LAST_THUMBS.get("key") == key:
+        return _LAST_THUMBS["thumbs"].copy(), list(_LAST_THUMBS["bad"])
 
     def one(e):
         try:
@@ -90,6 +99,7 @@ def thumbnails(entries: list[Entry], cfg: DataConfig) -> tuple[np.ndarray, list[
     for i, r in enumerate(rows):
         if r is not None:
             out[i] = r
+    _LAST_THUMBS.update(key=key, thumbs=out.copy(), bad=list(bad))
     return out, bad
 
 

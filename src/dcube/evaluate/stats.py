@@ -95,10 +95,58 @@ def stratified_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return out
 
 
+class _Resampler:
+    """METRICS of the resamples of one run's (y, p), from each resample's multiplicity of every image: the
+    class counts by one matrix product, the AUC from scores ranked once (Mann-Whitney U over tie groups in
+    score order). Every count, and U, is a sum of integers or halves, exact in float64, so the numbers are
+    the very floats metric_rows(y[idx], p[idx]) gives, without gathering probabilities or ranking each
+    resample."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray):
+        c = p.shape[-1]
+        pred = _decide(p)
+        eye = np.eye(c)
+        self.n = len(y)
+        self.support, self.predicted = eye[y], eye[pred]  # (n, C) one-hot
+        self.hit = self.support * (pred == y)[:, None]
+        self.ranked = []  # per AUC column: (order, first sorted position of each tie group, positives in order)
+        for k in ([1] if c == 2 else range(c)):
+            order = np.argsort(p[:, k], kind="stable")
+            s = p[order, k]
+            self.ranked.append((order, np.flatnonzero(np.r_[True, s[1:] != s[:-1]]), (y == k)[order]))
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        b, m = idx.shape
+        w = np.bincount((np.arange(b)[:, None] * self.n + idx).ravel(), minlength=b * self.n)
+        w = w.reshape(b, self.n).astype(np.float64)  # w[r, i]: how often resample r drew image i
+        tp, support, predicted = w @ self.hit, w @ self.support, w @ self.predicted
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(support > 0, tp / support, 0.0)
+            pr = np.where(predicted > 0, tp / predicted, 0.0)
+            f = np.where(pr + r > 0, 2 * pr * r / (pr + r), 0.0)
+        out = {"accuracy": tp.sum(axis=1) / m, "balanced_accuracy": r.mean(axis=1), "f1_macro": f.mean(axis=1)}
+        aucs = []
+        for order, starts, pos in self.ranked:
+            ws = w[:, order]
+            npos = np.add.reduceat(np.where(pos, ws, 0.0), starts, axis=1)  # per tie group
+            nneg = np.add.reduceat(np.where(pos, 0.0, ws), starts, axis=1)
+            u = (npos * (np.cumsum(nneg, axis=1) - 0.5 * nneg)).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                aucs.append(u / (npos.sum(axis=1) * nneg.sum(axis=1)))
+        out["auc"] = aucs[0] if len(aucs) == 1 else np.mean(aucs, axis=0)
+        return out
+
+
 def chunked_rows(y: np.ndarray, p: np.ndarray, idx: np.ndarray, chunk: int = 100) -> dict[str, np.ndarray]:
     """`metric_rows(y[idx], p[idx])`, `chunk` resamples at a time: the same numbers in O(chunk x n) memory
-    (all resamples at once held n_boot x n x C float64: 1.6 GB for 10k test images)."""
-    parts = [metric_rows(y[idx[a:a + chunk]], p[idx[a:a + chunk]]) for a in range(0, len(idx), chunk)]
+    (all resamples at once held n_boot x n x C float64: 1.6 GB for 10k test images). By multiplicities
+    (_Resampler) unless there are more than MAX_AUC_CLASSES classes or a probability is not finite."""
+    if p.shape[-1] <= MAX_AUC_CLASSES and np.isfinite(p).all():
+        rows = _Resampler(y, p).rows
+    else:
+        def rows(i):
+            return metric_rows(y[i], p[i])
+    parts = [rows(idx[a:a + chunk]) for a in range(0, len(idx), chunk)]
     return {m: np.concatenate([q[m] for q in parts]) for m in parts[0]}
 
 
