@@ -12,30 +12,14 @@ from dcube.config import DiffusionConfig
 from dcube.diffusion.guidance import guided_eps
 from dcube.diffusion.schedule import ddim_scheduler, ddpm_scheduler
 from dcube.utils import dist
-from dcube.utils.io import atomic_write
-from dcube.utils.plotting import pyplot
+from dcube.utils.plotting import save_image_rows
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: str | Path) -> Path:
     """One row per class of generated images, saved as PNG."""
-    plt = pyplot()
-
-    rows = len(class_names)
-    per = max(int((labels == c).sum()) for c in range(rows))
-    fig, axes = plt.subplots(rows, per, figsize=(1.2 * per, 1.3 * rows), squeeze=False)
-    for c, name in enumerate(class_names):
-        imgs = images[labels == c]
-        for j in range(per):
-            ax = axes[c][j]
-            ax.axis("off")
-            if j < len(imgs):
-                img = (imgs[j].permute(1, 2, 0).numpy() + 1) / 2
-                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-        axes[c][0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return out
+    per = max(int((labels == c).sum()) for c in range(len(class_names)))
+    return save_image_rows([(name, images[labels == c]) for c, name in enumerate(class_names)], path, per,
+                           inches=1.2)
 
 
 # --------------------------------------------------------------------------- generation
