@@ -155,6 +155,7 @@ def table() -> str:
     table_vi = Family("Table VI: least minus most Gaussian layers (the same step-1 model), test AUC, 3 datasets; "
                       "added after the registration")
     primary_ds, vi_ds = [], []  # the dataset of each primary / Table VI comparison, in the family's order
+    drawn = []  # (dataset, arm, seeds, family, index of its result) of every comparison, for the plot
     for ds in DATASETS:
         runs = [r for r in rows if r["dataset"] == ds]
         if not runs:
@@ -172,6 +173,8 @@ def table() -> str:
             if arm != "dcube" and len(common) >= 2:
                 fam = primary if arm in PRIMARY else table_vi if arm in TABLE_VI else secondary
                 cell = fam.cell([r for r in dc if r["seed"] in common], [r for r in rs if r["seed"] in common])
+                if cell != "-":
+                    drawn.append((ds, arm, len(common), fam, len(fam.results) - 1))
                 if fam is primary and cell != "-":
                     primary_ds.append((ds, len(common)))
                 if fam is table_vi and cell != "-":
@@ -199,7 +202,50 @@ def table() -> str:
                      "comparisons are complete (5 paired seeds each); until all are, the secondary family's Holm "
                      "adjustment is over the comparisons shown, and no secondary verdict is final.")
     md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
+    if drawn:
+        path = plot([(ds, arm, n, fam is primary, fam.results[i]) for ds, arm, n, fam, i in drawn])
+        md += ("\n\n" + (f"![D-Cube minus each control arm]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+                          if not SMOKE else f"plot: {path.name}"))
     return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done) + _answer_vi(table_vi, vi_ds))
+
+
+def plot(entries: list):
+    """A forest plot: per dataset, D-Cube minus each arm (test AUC) with its two-level 95 % CI; a hollow
+    marker where an arm has fewer than 3 seeds (no verdict), the pre-registered primary arm in blue."""
+    from matplotlib.ticker import MaxNLocator
+
+    from dcube.utils.io import atomic_write
+    from dcube.utils.plotting import pyplot
+
+    plt = pyplot()
+    datasets = [d for d in DATASETS if any(e[0] == d for e in entries)]
+    arms = [a for a in ARMS if any(e[1] == a for e in entries)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 0.55 * len(arms) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for ds_, arm, n, is_primary, r in entries:
+            if ds_ != ds:
+                continue
+            y, color = arms.index(arm), "C0" if is_primary else "C7"
+            ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci"][0]], [r["ci"][1] - r["diff"]]], fmt="o",
+                        color=color, mfc=color if n >= 3 else "white", capsize=3)
+            ax.annotate(f"{n} seeds, Holm p {r['p_holm']:.2f}", (r["diff"], y), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(ds, fontsize=9)
+        ax.set_xlabel("test AUC, D-Cube minus the arm")
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.25, y=0.25)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    axes[0][0].set_yticks(range(len(arms)), [ARMS[a].split(":")[0].split(" (")[0] for a in arms], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Does the diffusion model earn its place? Right of 0: D-Cube higher (two-level bootstrap 95 % CI; "
+                 "hollow: fewer than 3 seeds)", fontsize=9)
+    fig.tight_layout()
+    path = RESULTS / STUDY / "controls.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
 
 
 def _answer(primary, datasets: list, done: bool) -> str:

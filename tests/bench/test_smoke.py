@@ -64,7 +64,7 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
         assert not (tmp_path / "results" / study / "runs" / "breastmnist-cnn-only-s3" / "diffusion").exists()
         worst = json.loads((tmp_path / "results" / study / "breastmnist-ks-worst-s3.json").read_text())
         assert worst["step1_from"] == "dcube" and worst["config"]["features"]["ks_keep"] == "most_gaussian"
-        assert "Table VI" in md
+        assert "Table VI" in md and "plot: controls.png" in md and (tmp_path / "results" / study / "controls.png").exists()
     if study == "learning_curves":  # the pool's arms paired with the others by seed; FixMatch saw the pool
         row = next(line for line in md.splitlines() if line.startswith("| 10 | FixMatch"))
         assert "Holm p = " in row, row
