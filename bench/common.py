@@ -167,14 +167,19 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+INDEX = "<!-- index -->"  # ends a page's plot line that the BENCHMARKS.md index shows too
+
+
 def write_section(study: str, markdown: str) -> None:
     """Write the study's page (docs/benchmarks/<study>.md) and its entry in the BENCHMARKS.md index: the page's
-    title, its "**Answer.**" / "**In progress**" lines (when the table writes them) and the link."""
+    title, its "**Answer.**" / "**In progress**" lines (when the table writes them), the plots it marks with
+    INDEX (a headline figure) and the link."""
     page = markdown.replace("](bench/", "](../../bench/").replace("](docs/", "](../").replace("](BENCHMARKS.md", "](../../BENCHMARKS.md")
     PAGES.mkdir(parents=True, exist_ok=True)
     atomic_write_text(PAGES / f"{study}.md", f"[Benchmarks index](../../BENCHMARKS.md)\n\n{page.rstrip()}\n")
     title = next((line[3:].strip() for line in markdown.splitlines() if line.startswith("## ")), study)
-    answers = [line.strip() for line in markdown.splitlines() if line.strip().startswith(("**Answer", "**In progress"))]
+    answers = [line.strip() for line in markdown.splitlines()
+               if line.strip().startswith(("**Answer", "**In progress")) or line.rstrip().endswith(INDEX)]
     entry = "\n\n".join([f"### [{title}](docs/benchmarks/{study}.md)", *answers])
     begin, end = f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (

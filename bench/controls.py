@@ -30,7 +30,7 @@ from functools import partial
 
 from bench.baselines import run_baseline
 from dcube.evaluate.stats import result_verdict
-from bench.common import (RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
+from bench.common import (INDEX, RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
                           runs_root, shared_data, shrink, smoke_epochs, thread_hours)
 
 STUDY = "controls"
@@ -204,7 +204,7 @@ def table() -> str:
     md = table_vi.fill(secondary.fill(primary.fill("\n".join(lines))))
     if drawn:
         path = plot([(ds, arm, n, fam is primary, fam.results[i]) for ds, arm, n, fam, i in drawn])
-        md += ("\n\n" + (f"![D-Cube minus each control arm]({path.relative_to(RESULTS.parent.parent).as_posix()})"
+        md += ("\n\n" + (f"![D-Cube minus each control arm]({path.relative_to(RESULTS.parent.parent).as_posix()}) {INDEX}"
                           if not SMOKE else f"plot: {path.name}"))
     return md.replace("@@ANSWER@@", _answer(primary, primary_ds, done) + _answer_vi(table_vi, vi_ds))
 

@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 
 from bench.baselines import run_baseline
-from bench.common import (LONG_STEPS, RESULTS, SMOKE, STATS, THREADS, Family, load_results, machine, mean_std,
+from bench.common import (INDEX, LONG_STEPS, RESULTS, SMOKE, STATS, THREADS, Family, load_results, machine, mean_std,
                           run_study, runs_root, shared_data, shrink, smoke_epochs, two_level_test)
 from bench.controls import SCHEDULES, data_dict as controls_data
 
@@ -205,8 +205,8 @@ def table() -> str:
                              f"{mean_std([r['test']['auc'] for r in rs])} | {cells[0]} | {cells[1]} |")
         path = plot(runs + [{**r, "arm": OUT_OF_DOMAIN} for r in rows if r["dataset"] == OUT_OF_DOMAIN
                             and base(OUT_OF_DOMAIN) == ds], ds)
-        lines += ["", fam.note(), "", f"![learning curves, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()})"
-                  if not SMOKE else f"plot: {path.name}"]
+        lines += ["", fam.note(), "", f"![learning curves, {ds}]({path.relative_to(RESULTS.parent.parent).as_posix()}) "
+                  f"{INDEX}" if not SMOKE else f"plot: {path.name}"]
         lines = fam.fill("\n".join(lines)).split("\n")
     return "\n".join(lines)
 

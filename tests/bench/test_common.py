@@ -46,7 +46,8 @@ def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path
         for key in ("a", "b"):
             yield key, lambda key=key: {"v": key}
 
-    table = lambda: "## S\n\n**Answer.** " + " | ".join(r["v"] for r in common.load_results("s")) + "\n\n| x |"  # noqa: E731
+    table = lambda: ("## S\n\n**Answer.** " + " | ".join(r["v"] for r in common.load_results("s")) + "\n\n| x |\n\n"  # noqa: E731
+                     f"![headline](bench/results/s/h.png) {common.INDEX}\n\n![detail](bench/results/s/d.png)")
     assert common.run_study("s", jobs(), table, table_only=True) == 0 and not started
     common.run_study("s", jobs(), table)
     common.run_study("s", jobs(), table)  # resumed: nothing reruns
@@ -54,3 +55,5 @@ def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path
     page, index = (tmp_path / "pages" / "s.md").read_text(), (tmp_path / "BENCHMARKS.md").read_text()
     assert "**Answer.** a | b" in page and "| x |" in page  # the study's page: the whole table
     assert "### [S](docs/benchmarks/s.md)" in index and "**Answer.** a | b" in index and "| x |" not in index
+    assert "![headline](bench/results/s/h.png)" in index and "detail" not in index  # only the marked plot
+    assert "![headline](../../bench/results/s/h.png)" in page and "![detail](../../bench/results/s/d.png)" in page
