@@ -125,7 +125,7 @@ def synthesis(data, gen: str) -> dict:
     from dcube.generate.synthetic import train_fingerprint
 
     ckpt = step1(data, gen)
-    extractor = build_extractor()
+    extractor = build_extractor(size=64 if SMOKE else 224)  # the FID extractor's input side: small in the smoke test
     real = extract_features(extractor, data.train.images, desc="features (TRAIN images)")  # once for every FID below
     choice = choose_sampler(data, ckpt, gen, extractor, real)
     sampler, steps = choice["chosen"]
