@@ -1,5 +1,5 @@
-"""bench.size_curve's decision: drawn only when every run is in, and a model replaces the default only by the
-margin on every dataset."""
+"""bench.size_curve's decision: drawn when every run is in (or when one complete dataset already rules every other
+model out), and a model replaces the default only by the margin on every dataset."""
 
 import bench.size_curve as sc
 
@@ -22,3 +22,13 @@ def test_another_model_replaces_the_default_only_by_the_margin_on_every_dataset(
     assert "step-1 default: **uvit-small**" in " ".join(sc._decision(rows(on_both)))
     just_short = {(d, "uvit-small"): 0.80 + sc.MARGIN / 2 for d in ds}
     assert f"step-1 default: **{sc.DEFAULT}**" in " ".join(sc._decision(rows(just_short)))
+
+
+def test_one_complete_dataset_without_a_winner_decides_before_the_others_are_in():
+    ds = list(sc.BUDGET_MINUTES)
+    partial = [r for r in rows({}) if r["dataset"] == ds[0]] + [r for r in rows({}) if r["dataset"] == ds[1]][:3]
+    text = " ".join(sc._decision(partial))
+    assert f"step-1 default: **{sc.DEFAULT}**" in text and "cannot change" in text
+    ahead = {(ds[0], "unet-small"): 0.80 + 2 * sc.MARGIN}  # it could still win if it wins on the other dataset too
+    partial = [r for r in rows(ahead) if r["dataset"] == ds[0]] + [r for r in rows(ahead) if r["dataset"] == ds[1]][:3]
+    assert "not yet" in " ".join(sc._decision(partial))
