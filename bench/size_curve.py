@@ -124,22 +124,20 @@ def _decision(rows: list[dict]) -> list[str]:
     when one complete dataset already rules every other model out."""
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
     want = [(ds, m, s) for ds in BUDGET_MINUTES for m in MODELS for s in SEEDS]
-    if not SMOKE and any(w not in have for w in want):
-        done = [ds for ds in BUDGET_MINUTES if all((ds, m, s) in have for m in MODELS for s in SEEDS)]
-        mean = lambda ds, m: np.mean([r["val_auc"] for r in rows if r["dataset"] == ds and r["model"] == m])  # noqa: E731
-        # a model needs the margin on EVERY dataset: one complete dataset where none has it decides already
-        settled = [ds for ds in done if all(mean(ds, m) - mean(ds, DEFAULT) < MARGIN for m in MODELS if m != DEFAULT)]
-        if settled:
-            return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}): on {settled[0]}, with every "
-                        f"model and seed in, no model is {MARGIN} above `{DEFAULT}` (the largest gain: "
-                        f"{max(mean(settled[0], m) - mean(settled[0], DEFAULT) for m in MODELS if m != DEFAULT):+.3f}), "
-                        f"so the remaining runs complete the curve but cannot change the choice; step-1 default: "
-                        f"**{DEFAULT}**."]
-        return ["", f"**In progress**: decision not yet ({sum(w in have for w in want)} of the {len(want)} runs are in). The rule, "
-                    f"applied when every dataset, model and seed is in: {RULE}."]
     means = {(ds, m): np.mean([r["val_auc"] for r in rows if r["dataset"] == ds and r["model"] == m])
              for ds in BUDGET_MINUTES for m in MODELS
              if any(r["dataset"] == ds and r["model"] == m for r in rows)}
+    if not SMOKE and any(w not in have for w in want):
+        # a model needs the margin on EVERY dataset: one complete dataset where none has it decides already
+        for ds in (d for d in BUDGET_MINUTES if all((d, m, s) in have for m in MODELS for s in SEEDS)):
+            top = max(means[(ds, m)] - means[(ds, DEFAULT)] for m in MODELS if m != DEFAULT)
+            if top < MARGIN:
+                return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}): on {ds}, with "
+                            f"every model and seed in, no model is {MARGIN} above `{DEFAULT}` (the largest gain: "
+                            f"{top:+.3f}), so the remaining runs complete the curve but cannot change the choice; "
+                            f"step-1 default: **{DEFAULT}**."]
+        return ["", f"**In progress**: decision not yet ({sum(w in have for w in want)} of the {len(want)} runs are in). The rule, "
+                    f"applied when every dataset, model and seed is in: {RULE}."]
     both = [m for m in MODELS if all((ds, m) in means for ds in BUDGET_MINUTES)]
     if DEFAULT not in both or len(both) < 2:
         return ["", "**In progress**: decision not yet (every dataset needs the default and another model)."]
