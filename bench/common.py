@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -99,6 +100,8 @@ def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
 
     `peak_rss_mb` is this run's own peak (the count restarts per run, so a later run in the same
     process does not inherit an earlier one's), unless `fn` measured it itself (a child process).
+    Once the JSON is stored, the run directory's feature cache (`features/`, gigabytes on the COVID folder)
+    is deleted: the pipeline rebuilds it when needed, and a finished run is never run again.
     """
     path = RESULTS / study / f"{key}.json"
     if path.exists():
@@ -111,6 +114,7 @@ def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
     out.update(key=key, wall_s=round(time.time() - t0, 1), versions=package_versions(),
                machine=machine(), date=dt.date.today().isoformat())
     write_json(path, out)
+    shutil.rmtree(runs_root(study) / key / "features", ignore_errors=True)
     return out
 
 

@@ -1,4 +1,4 @@
-"""bench.common.run_once: one JSON per run, skipped when present, each run's own peak memory."""
+"""bench.common.run_once: one JSON per run, skipped when present, each run's own peak memory, its feature cache deleted."""
 
 import os
 
@@ -19,6 +19,22 @@ def test_run_once_writes_once_and_skips_finished_runs(results):
     first = common.run_once("s", "k", lambda: calls.append(1) or {"x": 1})
     again = common.run_once("s", "k", lambda: calls.append(1) or {"x": 2})
     assert calls == [1] and first["x"] == again["x"] == 1 and (results / "s" / "k.json").exists()
+
+
+def test_run_once_deletes_the_finished_runs_feature_cache_and_keeps_the_rest(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(common, "_OUT", "")
+    run_dir = tmp_path / "runs" / "s" / "k"
+
+    def job():
+        for sub in ("features", "diffusion"):
+            (run_dir / sub).mkdir(parents=True)
+            (run_dir / sub / "x.safetensors").write_bytes(b"0")
+        assert (run_dir / "features").exists()  # the cache is there while the run needs it
+        return {"x": 1}
+
+    common.run_once("s", "k", job)
+    assert not (run_dir / "features").exists() and (run_dir / "diffusion" / "x.safetensors").exists()
 
 
 def test_run_once_keeps_a_peak_measured_by_the_run_itself(results):
