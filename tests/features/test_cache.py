@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dcube.features.cache import load_features, save_features
+from dcube.features.cache import FeatureWriter, load_features, save_features
 from dcube.utils.io import disk_tensors, load_tensors, save_tensors
 
 
@@ -33,3 +33,16 @@ def test_disk_tensors_reads_what_save_tensors_wrote(tmp_path):
     ref, ref_meta = load_tensors(p)
     assert meta == ref_meta == {"x": 1}
     assert all(torch.equal(dk[k][:], ref[k]) for k in t)
+
+
+def test_a_new_feature_file_removes_what_a_killed_writer_left(tmp_path):
+    stale = tmp_path / "train.safetensors.tmp4242"  # a writer SIGKILLed mid-split leaves its temporary file
+    stale.write_bytes(b"x" * 1000)
+    other = tmp_path / "val.safetensors.tmp4242"  # another split's: not this writer's to remove
+    other.write_bytes(b"x")
+    w = FeatureWriter(tmp_path / "train.safetensors", 2, {"n": 2})
+    w.write(0, {"mid": torch.ones(2, 3, 4, 4)})
+    path = w.close()
+    assert not stale.exists() and other.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "train.safetensors", "val.safetensors.tmp4242"]
+    assert torch.equal(load_features(path, ["mid"], {"n": 2})["mid"], torch.ones(2, 3, 4, 4))

@@ -59,6 +59,8 @@ class FeatureWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(self.path.name + ".tmp*"):  # a killed writer's, gigabytes each: the
+            stale.unlink(missing_ok=True)  # run directory's lock means no live process writes another one
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, 8 + len(raw) + start)
         os.pwrite(self.fd, len(raw).to_bytes(8, "little") + raw, 0)
