@@ -125,7 +125,7 @@ def plot(rows: list[dict], dataset: str):
 
     from dcube.utils.io import atomic_write
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, metric, label in ((axes[0], "f1_macro", "test macro-F1"), (axes[1], "auc", "test AUC")):
         names = {**ARMS, OUT_OF_DOMAIN: f"{ARMS[REFERENCE]} + cxr_pool_128 (secondary)"}
         for i, arm in enumerate(names):
@@ -146,14 +146,17 @@ def plot(rows: list[dict], dataset: str):
         ticks = sorted({p for p in POINTS if p} | {round(float(np.mean([r["train_per_class"] for r in rows
                                                                           if r["point"] == 0])))}
                        if any(r["point"] == 0 for r in rows) else {p for p in POINTS if p})
-        ax.set_xticks(ticks, [str(t) for t in ticks])
+        top = max(p for p in POINTS if p)  # the whole split's tick one line lower when it would overlap k's
+        ax.set_xticks(ticks, [("\n" if top < t < 1.5 * top else "") + str(t) for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("labelled training images per class (the last point: all)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()  # below both panels: inside one it hides points
+    rows_ = -(-len(labels) // 3)
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"{dataset}: learning curves (mean over seeds, 95 % CI band)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * rows_ + 0.02, 1, 1))
     path = RESULTS / STUDY / f"learning-{dataset}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
