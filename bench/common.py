@@ -100,8 +100,9 @@ def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
 
     `peak_rss_mb` is this run's own peak (the count restarts per run, so a later run in the same
     process does not inherit an earlier one's), unless `fn` measured it itself (a child process).
-    Once the JSON is stored, the run directory's feature cache (`features/`, gigabytes on the COVID folder)
-    is deleted: the pipeline rebuilds it when needed, and a finished run is never run again.
+    Once the JSON is stored, the feature cache of the run directory `runs_root(study) / key` (where the
+    studies that keep their runs there put them; gigabytes on the COVID folder) is deleted: the pipeline
+    rebuilds it when needed, and a finished run is never run again.
     """
     path = RESULTS / study / f"{key}.json"
     if path.exists():

@@ -140,11 +140,12 @@ def plot(rows: list[dict], dataset: str):
             if pts:
                 x, m, lo, hi = map(np.array, zip(*sorted(pts)))
                 x = x * 10 ** (0.012 * (i - (len(names) - 1) / 2))  # arms side by side at one point (log axis)
+                lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)  # a metric in [0, 1]
                 ax.plot(x, m, marker="o", color=f"C{i}", label=names[arm], lw=2 if arm == REFERENCE else 1,
                         ls="--" if arm == OUT_OF_DOMAIN else "-")
-                ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=f"C{i}", alpha=0.12)
-                ax.errorbar(x, m, yerr=[m - np.clip(lo, 0, 1), np.clip(hi, 0, 1) - m], fmt="none", ecolor=f"C{i}",
-                            elinewidth=0.8, capsize=2)  # the CI at each point: a band alone is invisible at one
+                ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.12)
+                ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="none", ecolor=f"C{i}", elinewidth=0.8,
+                            capsize=2)  # the CI at each point: a band alone is invisible at one
         ax.set_xscale("log")
         ticks = sorted({p for p in POINTS if p} | {round(float(np.mean([r["train_per_class"] for r in rows
                                                                           if r["point"] == 0])))}
@@ -157,11 +158,11 @@ def plot(rows: list[dict], dataset: str):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()  # below both panels: inside one it hides points
-    rows_ = -(-len(labels) // 3)
+    legend_rows = -(-len(labels) // 3)
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"{dataset}: learning curves (mean over seeds, 95 % CI: bars and band; arms side by side at each point)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0.045 * rows_ + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.02, 1, 1))
     path = RESULTS / STUDY / f"learning-{dataset}.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
