@@ -316,7 +316,7 @@ class Family:
         it) are Holm-adjusted as their own family, else all of them together."""
         import re
 
-        from dcube.evaluate.stats import holm, result_verdict
+        from dcube.evaluate.stats import format_p, holm, result_verdict
 
         heads = [m.start() for m in re.finditer(r"^#{2,4} ", text, flags=re.M)] if by_heading else []
         where = {}
@@ -331,7 +331,7 @@ class Family:
         for i, (r, q) in enumerate(zip(self.results, adj)):
             r["p_holm"] = q
             text = text.replace(f"@@{id(self)}:{i}@@", f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
-                                f"p = {r['p']:.3f}, Holm p = {q:.3f}: {result_verdict(r, q)}")
+                                f"{format_p(r['p'])}, {format_p(q, 'Holm p')}: {result_verdict(r, q)}")
         return text
 
     def note(self) -> str:

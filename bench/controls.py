@@ -29,7 +29,7 @@ import sys
 from functools import partial
 
 from bench.baselines import run_baseline
-from dcube.evaluate.stats import result_verdict
+from dcube.evaluate.stats import format_p, result_verdict
 from bench.common import (INDEX, RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
                           runs_root, shared_data, shrink, smoke_epochs, thread_hours)
 
@@ -229,7 +229,7 @@ def plot(entries: list):
             y, color = arms.index(arm), "C0" if is_primary else "C7"
             ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["ci"][0]], [r["ci"][1] - r["diff"]]], fmt="o",
                         color=color, mfc=color if n >= 3 else "white", capsize=3)
-            ax.annotate(f"{n} seeds, Holm p {r['p_holm']:.2f}", (r["diff"], y), textcoords="offset points",
+            ax.annotate(f"{n} seeds, {format_p(r['p_holm'], 'Holm p', 2)}", (r["diff"], y), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=7)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(ds, fontsize=9)
@@ -252,7 +252,7 @@ def _answer(primary, datasets: list, done: bool) -> str:
     """The section's one-line answer (the index of BENCHMARKS.md shows it): the primary family, Holm-adjusted."""
     if not primary.results:
         return "**Answer.** Not yet: no paired runs."
-    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], Holm p = {r['p_holm']:.3f} ({n} seeds)"
+    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], {format_p(r['p_holm'], 'Holm p')} ({n} seeds)"
              for (ds, n), r in zip(datasets, primary.results)]
     wins = sum(result_verdict(r, r["p_holm"]) == "beats" for r in primary.results)
     rule = "at least 2 of the 3 datasets with D-Cube minus CNN-only > 0 at Holm p < 0.05"
@@ -270,7 +270,7 @@ def _answer_vi(table_vi, datasets: list) -> str:
     """Table VI's line (its own family, added after the registration): the paper's layers minus the worst ones."""
     if not table_vi.results:
         return ""
-    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], Holm p = {r['p_holm']:.3f} ({n} seeds)"
+    parts = [f"{ds} {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], {format_p(r['p_holm'], 'Holm p')} ({n} seeds)"
              for (ds, n), r in zip(datasets, table_vi.results)]
     return " Table VI, the least minus the most Gaussian layers on the same step-1 model: " + "; ".join(parts) + "."
 

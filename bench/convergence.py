@@ -220,7 +220,7 @@ def _decision(rows: list[dict]) -> list[str]:
     higher with p < 0.05 (paired t-test over seeds); test numbers never enter."""
     from scipy.stats import ttest_rel
 
-    from dcube.evaluate.stats import holm
+    from dcube.evaluate.stats import format_p, holm
 
     base = {r["seed"]: r["val_auc"] for r in rows if r["variant"] == DEFAULT}
     out = ["", f"Decision on validation (paired t over seeds against `{DEFAULT}`, the current default; the family: "
@@ -242,7 +242,7 @@ def _decision(rows: list[dict]) -> list[str]:
         if verdict == "better":
             winners.append((sum(diff) / len(diff), key))
         out.append(f"- `{key}` − `{DEFAULT}`: validation AUC {sum(diff) / len(diff):+.3f} "
-                   f"(per seed {', '.join(f'{d:+.3f}' for d in diff)}; p = {p:.2f}, Holm p = {q:.2f}, {len(diff)} "
+                   f"(per seed {', '.join(f'{d:+.3f}' for d in diff)}; {format_p(p, digits=2)}, {format_p(q, 'Holm p', 2)}, {len(diff)} "
                    f"seeds): {verdict}")
     out.append("")
     out.append(f"Default: **{max(winners)[1] if winners else DEFAULT}**"
@@ -266,6 +266,8 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
     """Whether the longer schedule helps, on VALIDATION: its chosen probe minus the standard schedule's, same seeds."""
     from scipy.stats import ttest_rel
 
+    from dcube.evaluate.stats import format_p
+
     ref = [r for r in standard if r["variant"] == DEFAULT]
     base = {r["seed"]: r["val_auc"] for r in ref}
     mine = {r["seed"]: r["val_auc"] for r in long if r["variant"] == DEFAULT}
@@ -273,7 +275,7 @@ def _longer(long: list[dict], standard: list[dict]) -> list[str]:
     if not seeds:
         return []
     diff = [mine[s] - base[s] for s in seeds]
-    p = (f"p = {float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue):.2f} (a family of "
+    p = (f"{format_p(float(ttest_rel([mine[s] for s in seeds], [base[s] for s in seeds]).pvalue), digits=2)} (a family of "
          "one: Holm p = p)" if len(seeds) > 1 else "one seed so far: no test")
     return ["", f"- {long[0]['epochs']} epochs − {ref[0]['epochs']} epochs (`{DEFAULT}`, "
                 f"validation AUC of the chosen checkpoints): {np.mean(diff):+.3f} (per seed "

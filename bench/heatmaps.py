@@ -226,7 +226,7 @@ def _deletion_contrasts(deletion: dict) -> list[str]:
     import numpy as np
     from scipy.stats import bootstrap, wilcoxon
 
-    from dcube.evaluate.stats import holm
+    from dcube.evaluate.stats import format_p, holm
 
     ref = "lung field"
     if ref not in deletion:
@@ -241,7 +241,7 @@ def _deletion_contrasts(deletion: dict) -> list[str]:
         found.append((k, d, ci, wilcoxon(d).pvalue if np.any(d != 0) else 1.0))
     # the family: these contrasts, Holm-adjusted together
     return [f"- {k} minus lung field, paired over the {len(d)} images: {d.mean():+.3f} [{ci.low:+.3f}, "
-            f"{ci.high:+.3f}], Wilcoxon p = {p:.3f}, Holm p = {q:.3f}"
+            f"{ci.high:+.3f}], {format_p(p, 'Wilcoxon p')}, {format_p(q, 'Holm p')}"
             for (k, d, ci, p), q in zip(found, holm([f[3] for f in found]))]
 
 

@@ -195,6 +195,14 @@ def test_holm_on_a_hand_computed_example():
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
 
 
+def test_a_p_value_below_the_printed_precision_is_never_printed_as_zero():
+    from dcube.evaluate.stats import format_p
+
+    assert format_p(3e-6) == "p < 0.001" and format_p(0.0) == "p < 0.001"
+    assert format_p(0.0042, "Holm p", 2) == "Holm p < 0.01" and format_p(0.042) == "p = 0.042"
+    assert format_p(0.001) == "p = 0.001" and format_p(1.0, "Holm p", 2) == "Holm p = 1.00"
+
+
 def test_no_verdict_with_fewer_than_three_seeds_whatever_the_p_value():
     from dcube.evaluate.stats import result_verdict
 

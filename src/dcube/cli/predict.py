@@ -52,10 +52,11 @@ def cmd_compare(args) -> int:
     two-level bootstrap (images, then runs), so that the runs' training noise is in the CI. Works for any run
     whose metrics.json holds the per-image test record (dcube run, dcube train-baseline)."""
     from dcube.compare import compare_runs
+    from dcube.evaluate.stats import format_p
 
     r = compare_runs(args.runs, args.against, args.metric)
     print(f"{args.metric}: A ({r['seeds_a']} run(s)) {r['a']:.4f}, B ({r['seeds_b']} run(s)) {r['b']:.4f}; A minus B "
-          f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}], p = {r['p']:.3f} ({r['n_test']} test images; "
+          f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}], {format_p(r['p'])} ({r['n_test']} test images; "
           f"{r['method']})")
 
 

@@ -289,6 +289,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
+def format_p(p: float, name: str = "p", digits: int = 3) -> str:
+    """'p = 0.042', or 'p < 0.001' below the shown precision: a printed 0.000 would claim a p of zero."""
+    floor = 10.0 ** -digits
+    return f"{name} < {floor:.{digits}f}" if p < floor else f"{name} = {p:.{digits}f}"
+
+
 def seed_mean_ci(y, probs: Sequence, metric: str = "auc", n_boot: int = N_BOOT, seed: int = 0,
                  level: float = 0.95) -> list[float]:
     """Percentile CI of the mean over seeds of `metric`, the test images resampled jointly (stratified)."""
