@@ -60,14 +60,14 @@ def test_study_runs_on_a_tiny_slice(study, shared_data, tmp_path):
         assert "p = " in row and "[" in row, row
     if study == "controls":  # every arm paired with D-Cube by seed, Holm beside the raw p; CNN-only has no step 1
         row = next(line for line in md.splitlines() if line.startswith("| CNN-only"))
-        assert "Holm p = " in row and "2 (3, 4)" in row, row
+        assert "Holm p " in row and "2 (3, 4)" in row, row
         assert not (tmp_path / "results" / study / "runs" / "breastmnist-cnn-only-s3" / "diffusion").exists()
         worst = json.loads((tmp_path / "results" / study / "breastmnist-ks-worst-s3.json").read_text())
         assert worst["step1_from"] == "dcube" and worst["config"]["features"]["ks_keep"] == "most_gaussian"
         assert "Table VI" in md and "plot: controls.png" in md and (tmp_path / "results" / study / "controls.png").exists()
     if study == "learning_curves":  # the pool's arms paired with the others by seed; FixMatch saw the pool
         row = next(line for line in md.splitlines() if line.startswith("| 10 | FixMatch"))
-        assert "Holm p = " in row, row
+        assert "Holm p " in row, row
         rec = json.loads((tmp_path / "results" / study / "breastmnist-k10-fixmatch-s0.json").read_text())
         assert rec["data_config"]["unlabelled_rest"] and rec["data_config"]["labelled_per_class"] == 10
     if study == "convergence":  # --grids: the finished default run's samples, drawn and shown; the others skipped
