@@ -113,7 +113,7 @@ def baseline_arm(dataset: str, point: int, arm: str, seed: int, device: str = "c
                        device=device, min_steps=LONG_STEPS)
     counts = dict(enumerate(np.bincount(data.train.labels.numpy()).tolist()))
     return {**_record(dataset, point, arm, seed, dc, out, counts, device), "method": out["method"],
-            "schedule": out["schedule"]}
+            "schedule": out["schedule"], "train_seconds": out["train_seconds"]}
 
 
 def plot(rows: list[dict], dataset: str):

@@ -1,6 +1,7 @@
 """bench.common.run_once: one JSON per run, skipped when present, each run's own peak memory, its feature cache deleted."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,27 @@ def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path
     assert "### [S](docs/benchmarks/s.md)" in index and "**Answer.** a | b" in index and "| x |" not in index
     assert "![headline](bench/results/s/h.png)" in index and "detail" not in index  # only the marked plot
     assert "![headline](../../bench/results/s/h.png)" in page and "![detail](../../bench/results/s/d.png)" in page
+
+
+def test_a_resumed_baselines_cost_counts_every_session(monkeypatch):
+    """run_baseline reports the training loop's seconds over all sessions, not the last call's wall time, and
+    thread_hours counts them."""
+    from types import SimpleNamespace
+
+    import dcube.classify.baseline as baseline
+    from bench.baselines import run_baseline
+    from bench.common import thread_hours
+
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.labels)
+
+    split = Split(labels=torch.tensor([0, 1, 0, 1]), images=torch.zeros(4, 1, 8, 8))
+    data = SimpleNamespace(class_names=["a", "b"], train=split, val=split, test=split)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    monkeypatch.setattr(baseline, "train_baseline", lambda *a, **k: {  # a run resumed after 5,000 s of epochs
+        "best_epoch": 2, "history": [], "val_probs": probs, "test_probs": probs, "train_seconds": 5000.0})
+    out = run_baseline("resnet18", data, Path("unused"), 0, epochs=2)
+    assert out["train_seconds"] == 5000.0
+    assert thread_hours({**out, "wall_s": 60.0}) == pytest.approx(5000 / 3600)
+    assert thread_hours({"wall_s": 60.0}) == pytest.approx(60 / 3600)  # a record without it: its wall time
