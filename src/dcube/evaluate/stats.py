@@ -290,7 +290,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def format_p(p: float, name: str = "p", digits: int = 3) -> str:
-    """'p = 0.042', or 'p < 0.001' below the shown precision: a printed 0.000 would claim a p of zero."""
+    """`name = p` at `digits` decimals, or `name < 10**-digits` when p is below that precision: a printed zero
+    would claim a p of zero."""
     floor = 10.0 ** -digits
     return f"{name} < {floor:.{digits}f}" if p < floor else f"{name} = {p:.{digits}f}"
 
