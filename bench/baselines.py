@@ -61,4 +61,4 @@ def run_baseline(method: str, data, run_dir: Path, seed: int, epochs: int | None
             "test": compute_metrics(data.test.labels, test_p, data.class_names),
             "test_probs": [[round(float(v), 6) for v in row] for row in torch.as_tensor(test_p).tolist()],
             "val": compute_metrics(data.val.labels, val_p, data.class_names),
-            "train_seconds": round(seconds, 1), **extra}
+            "train_seconds": round(seconds, 1), "threads": threads, **extra}

@@ -283,11 +283,14 @@ def two_level_test(runs: list[dict], ref: list[dict] | None = None, metric: str 
 
 
 def thread_hours(r: dict) -> float:
-    """Hours of one CPU thread a run took: the sum of its pipeline stages over every session it ran in (a
-    resumed run included); for a baseline, its training epochs over every session or the wall time of its
-    last call, whichever is longer. A stage it read from another run (a shared step-1 model) is not counted."""
+    """Thread-hours a run took: its seconds times the torch threads it ran with (`threads` in its record or its
+    config; 1 where neither says, as for every run stored before the field). Its seconds: the sum of its
+    pipeline stages over every session it ran in (a resumed run included); for a baseline, its training epochs
+    over every session or the wall time of its last call, whichever is longer. A stage it read from another run
+    (a shared step-1 model) is not counted."""
     stages = {k: v for k, v in (r.get("stage_seconds") or {}).items() if k != "total_this_call"}
-    return (sum(stages.values()) if stages else max(r.get("wall_s", 0.0), r.get("train_seconds") or 0.0)) / 3600
+    seconds = sum(stages.values()) if stages else max(r.get("wall_s", 0.0), r.get("train_seconds") or 0.0)
+    return seconds * (r.get("threads") or (r.get("config") or {}).get("threads") or 1) / 3600
 
 
 def ci_cell(runs: list[dict], metric: str = "auc") -> str:

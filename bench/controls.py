@@ -188,8 +188,9 @@ def table() -> str:
                           all(any(q["seed"] == r["seed"] and _arm(q) == a and q["dataset"] == ds for q in rows)
                               for a in PRIMARY)}) for ds in DATASETS}
     done = all(n == 5 for n in n_primary.values())
-    lines += ["", "CPU-hours: one thread's hours of the arm's runs, every stage and session (a shared step-1 model "
-              f"counted once, with its D-Cube run); {sum(thread_hours(r) for r in rows):.1f} in all.",
+    lines += ["", "CPU-hours: thread-hours of the arm's runs (seconds times the torch threads a run used), every "
+              "stage and session (a shared step-1 model counted once, with its D-Cube run); "
+              f"{sum(thread_hours(r) for r in rows):.1f} in all.",
               primary.note(), secondary.note(), table_vi.note(),
               "" if done else "\n**In progress**: the primary comparison has "
               + ", ".join(f"{ds} {n}" for ds, n in n_primary.items())

@@ -84,7 +84,7 @@ def _cfg(dataset: str, point: int, arm: str, seed: int) -> dict:
 
 def _record(dataset, point, arm, seed, data_cfg, out, counts: dict, device: str) -> dict:
     return {"study": STUDY, "dataset": dataset, "point": point, "arm": arm, "seed": seed, "device": device,
-            "data_config": data_cfg,
+            "threads": THREADS, "data_config": data_cfg,
             "train_per_class": float(np.mean(list(counts.values()))), "test": out["test"], "val": out["val"],
             "test_probs": out["test_probs"]}
 

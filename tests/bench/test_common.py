@@ -98,3 +98,31 @@ def test_a_resumed_baselines_cost_counts_every_session(monkeypatch):
     assert out["train_seconds"] == 5000.0
     assert thread_hours({**out, "wall_s": 60.0}) == pytest.approx(5000 / 3600)
     assert thread_hours({"wall_s": 60.0}) == pytest.approx(60 / 3600)  # a record without it: its wall time
+
+
+def test_a_runs_cost_counts_the_threads_it_ran_with(monkeypatch):
+    """A run on two torch threads costs twice its seconds in thread-hours: run_baseline records the threads it
+    was given, and thread_hours reads them from the record or from a D-Cube run's config."""
+    from types import SimpleNamespace
+
+    import dcube.classify.baseline as baseline
+    import dcube.utils.runtime as runtime
+    from bench.baselines import run_baseline
+    from bench.common import thread_hours
+
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.labels)
+
+    split = Split(labels=torch.tensor([0, 1, 0, 1]), images=torch.zeros(4, 1, 8, 8))
+    data = SimpleNamespace(class_names=["a", "b"], train=split, val=split, test=split)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    monkeypatch.setattr(baseline, "train_baseline", lambda *a, **k: {
+        "best_epoch": 1, "history": [], "val_probs": probs, "test_probs": probs, "train_seconds": 1800.0})
+    monkeypatch.setattr(runtime, "configure_torch", lambda threads=None: None)  # keep this test worker's one thread
+    out = run_baseline("resnet18", data, Path("unused"), 0, epochs=1, threads=2)
+    assert out["threads"] == 2
+    assert thread_hours({**out, "wall_s": 10.0}) == pytest.approx(1.0)
+    dcube = {"stage_seconds": {"diffusion": 900.0, "classifier": 900.0, "total_this_call": 1800.0}}
+    assert thread_hours({**dcube, "config": {"threads": 2}}) == pytest.approx(1.0)
+    assert thread_hours(dcube) == pytest.approx(0.5)  # a record that names no threads: one
