@@ -76,39 +76,13 @@ def test_run_study_runs_each_job_once_and_table_only_runs_none(results, tmp_path
     assert "![headline](../../bench/results/s/h.png)" in page and "![detail](../../bench/results/s/d.png)" in page
 
 
-def test_a_resumed_baselines_cost_counts_every_session(monkeypatch):
-    """run_baseline reports the training loop's seconds over all sessions, not the last call's wall time, and
-    thread_hours counts them."""
-    from types import SimpleNamespace
-
-    import dcube.classify.baseline as baseline
-    from bench.baselines import run_baseline
-    from bench.common import thread_hours
-
-    class Split(SimpleNamespace):
-        def __len__(self):
-            return len(self.labels)
-
-    split = Split(labels=torch.tensor([0, 1, 0, 1]), images=torch.zeros(4, 1, 8, 8))
-    data = SimpleNamespace(class_names=["a", "b"], train=split, val=split, test=split)
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    monkeypatch.setattr(baseline, "train_baseline", lambda *a, **k: {  # a run resumed after 5,000 s of epochs
-        "best_epoch": 2, "history": [], "val_probs": probs, "test_probs": probs, "train_seconds": 5000.0})
-    out = run_baseline("resnet18", data, Path("unused"), 0, epochs=2)
-    assert out["train_seconds"] == 5000.0
-    assert thread_hours({**out, "wall_s": 60.0}) == pytest.approx(5000 / 3600)
-    assert thread_hours({"wall_s": 60.0}) == pytest.approx(60 / 3600)  # a record without it: its wall time
-
-
-def test_a_runs_cost_counts_the_threads_it_ran_with(monkeypatch):
-    """A run on two torch threads costs twice its seconds in thread-hours: run_baseline records the threads it
-    was given, and thread_hours reads them from the record or from a D-Cube run's config."""
+def _baseline_on(monkeypatch, train_seconds: float, threads: int = 1) -> dict:
+    """run_baseline's record of a ResNet-18 whose training loop (stubbed) reports train_seconds."""
     from types import SimpleNamespace
 
     import dcube.classify.baseline as baseline
     import dcube.utils.runtime as runtime
     from bench.baselines import run_baseline
-    from bench.common import thread_hours
 
     class Split(SimpleNamespace):
         def __len__(self):
@@ -118,9 +92,28 @@ def test_a_runs_cost_counts_the_threads_it_ran_with(monkeypatch):
     data = SimpleNamespace(class_names=["a", "b"], train=split, val=split, test=split)
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     monkeypatch.setattr(baseline, "train_baseline", lambda *a, **k: {
-        "best_epoch": 1, "history": [], "val_probs": probs, "test_probs": probs, "train_seconds": 1800.0})
+        "best_epoch": 1, "history": [], "val_probs": probs, "test_probs": probs, "train_seconds": train_seconds})
     monkeypatch.setattr(runtime, "configure_torch", lambda threads=None: None)  # keep this test worker's one thread
-    out = run_baseline("resnet18", data, Path("unused"), 0, epochs=1, threads=2)
+    return run_baseline("resnet18", data, Path("unused"), 0, epochs=1, threads=threads)
+
+
+def test_a_resumed_baselines_cost_counts_every_session(monkeypatch):
+    """run_baseline reports the training loop's seconds over all sessions, not the last call's wall time, and
+    thread_hours counts them."""
+    from bench.common import thread_hours
+
+    out = _baseline_on(monkeypatch, 5000.0)  # a run resumed after 5,000 s of epochs
+    assert out["train_seconds"] == 5000.0
+    assert thread_hours({**out, "wall_s": 60.0}) == pytest.approx(5000 / 3600)
+    assert thread_hours({"wall_s": 60.0}) == pytest.approx(60 / 3600)  # a record without it: its wall time
+
+
+def test_a_runs_cost_counts_the_threads_it_ran_with(monkeypatch):
+    """A run on two torch threads costs twice its seconds in thread-hours: run_baseline records the threads it
+    was given, and thread_hours reads them from the record or from a D-Cube run's config."""
+    from bench.common import thread_hours
+
+    out = _baseline_on(monkeypatch, 1800.0, threads=2)
     assert out["threads"] == 2
     assert thread_hours({**out, "wall_s": 10.0}) == pytest.approx(1.0)
     dcube = {"stage_seconds": {"diffusion": 900.0, "classifier": 900.0, "total_this_call": 1800.0}}
