@@ -12,8 +12,8 @@ from functools import partial
 from pathlib import Path
 
 from bench.baselines import run_baseline
-from bench.common import (RESULTS, STATS, THREADS, ci_cell, load_results, machine, mean_std, paired_cell, run_study,
-                          shared_data, shrink, smoke_epochs)
+from bench.common import (RESULTS, STATS, THREADS, add_budget_arg, ci_cell, load_results, machine, mean_std,
+                          paired_cell, run_study, shared_data, shrink, smoke_epochs)
 from dcube.config import ClassifierConfig
 
 STUDY = "accuracy"
@@ -210,6 +210,7 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_budget_arg(p)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     def job(ds, m, seed):  # "dcube", "dcube-<subfeature>" or "dcube-auto"
@@ -222,7 +223,7 @@ def main(argv=None):
         return partial(baseline_run, ds, m, seed)
 
     jobs = ((f"{ds}-{m}-s{seed}", job(ds, m, seed)) for ds in a.datasets for m in a.methods for seed in a.seeds)
-    return run_study(STUDY, jobs, table, a.table_only)
+    return run_study(STUDY, jobs, table, a.table_only, a.budget_s)
 
 
 if __name__ == "__main__":

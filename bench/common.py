@@ -120,12 +120,18 @@ def run_once(study: str, key: str, fn: Callable[[], dict]) -> dict:
 
 
 def run_study(study: str, jobs: Iterable[tuple[str, Callable[[], dict]]], table: Callable[[], str],
-              table_only: bool = False) -> int:
+              table_only: bool = False, budget_s: float | None = None) -> int:
     """Every study's main loop: run each `(key, fn)` once (`run_once`), refresh the study's section of
     BENCHMARKS.md after each, then print the table. `jobs` may be a generator: with `table_only` it is
-    never started, so set-up inside it (loading data) is skipped too."""
+    never started, so set-up inside it (loading data) is skipped too. With `budget_s`, no run starts once
+    that many seconds have passed since the call (a run in progress finishes): a sitting's end."""
     if not table_only:
+        t0 = time.monotonic()
         for key, fn in jobs:
+            spent = budget_s is not None and time.monotonic() - t0 > budget_s
+            if spent and not (RESULTS / study / f"{key}.json").exists():
+                print(f"[{study}] budget of {budget_s:.0f} s spent; {key} and later runs are left for the next call")
+                break
             run_once(study, key, fn)
             write_section(study, render(study, table))
     md = render(study, table)
@@ -135,6 +141,12 @@ def run_study(study: str, jobs: Iterable[tuple[str, Callable[[], dict]]], table:
 
 
 _FAMILY: list = []  # the family of the section being rendered (render): paired_cell adds to it
+
+
+def add_budget_arg(parser, default: float | None = None) -> None:
+    """`--budget-s`, the argument of run_study's budget_s (every long study takes it)."""
+    parser.add_argument("--budget-s", type=float, default=default,
+                        help="start no new run after this many seconds (a run in progress finishes)")
 
 
 def render(study: str, table: Callable[[], str]) -> str:

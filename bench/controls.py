@@ -30,8 +30,8 @@ from functools import partial
 
 from bench.baselines import run_baseline
 from dcube.evaluate.stats import format_p, result_verdict
-from bench.common import (INDEX, RESULTS, SMOKE, THREADS, Family, ci_cell, load_results, machine, mean_std, run_study,
-                          runs_root, shared_data, shrink, smoke_epochs, thread_hours)
+from bench.common import (INDEX, RESULTS, SMOKE, THREADS, Family, add_budget_arg, ci_cell, load_results, machine,
+                          mean_std, run_study, runs_root, shared_data, shrink, smoke_epochs, thread_hours)
 
 STUDY = "controls"
 DATASETS = ("pneumoniamnist", "breastmnist", "covid")
@@ -281,6 +281,7 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    add_budget_arg(p)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
 
@@ -288,7 +289,7 @@ def main(argv=None):
         return partial(resnet_arm, ds, seed) if arm == "resnet18" else partial(dcube_arm, ds, arm, seed)
 
     jobs = ((f"{ds}-{arm}-s{seed}", job(ds, arm, seed)) for seed in a.seeds for ds in a.datasets for arm in a.arms)
-    return run_study(STUDY, jobs, table, a.table_only)
+    return run_study(STUDY, jobs, table, a.table_only, a.budget_s)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
-from bench.common import (RESULTS, SMOKE, STATS, ci_cell, load_results, machine, mean_std, paired_cell, render,
-                          run_once, shared_data, shrink, smoke_epochs, write_section)
+from bench.common import (RESULTS, SMOKE, STATS, add_budget_arg, ci_cell, load_results, machine, mean_std, paired_cell,
+                          run_study, shared_data, shrink, smoke_epochs)
 
 STUDY = "gpu"
 DATASETS = ("breastmnist", "pneumoniamnist", "covid")
@@ -137,35 +137,24 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--budget-s", type=float, default=540.0, help="start no new job after this many seconds")
+    add_budget_arg(p, 540.0)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser for step 1")
     p.add_argument("--work", default=None, help="run directories (default: a temporary folder)")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
-    if not a.table_only:
+    def jobs():  # a generator: with --table-only, torch is never imported
         import torch
 
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         work = Path(a.work) if a.work else (RESULTS / STUDY / "runs" if SMOKE else
                                             Path(tempfile.gettempdir()) / "dcube-bench-gpu")
-        t0 = time.time()
         for ds, m, seed in plan(a.datasets, a.methods, a.seeds):
-            key = f"{ds}-{m}-s{seed}"
-            if (RESULTS / STUDY / f"{key}.json").exists():
-                continue
-            if time.time() - t0 > a.budget_s:
-                print(f"[gpu] budget of {a.budget_s:.0f} s spent; {key} and later jobs are left for the next slot")
-                break
-            fn = (lambda: dcube_job(ds, seed, device, work, a.compile, m)) if m in ("dcube", "cnn-only") else \
-                (lambda: baseline_job(ds, m, seed, device, work))
-            run_once(STUDY, key, fn)
-            write_section(STUDY, render(STUDY, table))
-    md = render(STUDY, table)
-    write_section(STUDY, md)
-    print(md)
-    return 0
+            fn = (partial(dcube_job, ds, seed, device, work, a.compile, m) if m in ("dcube", "cnn-only")
+                  else partial(baseline_job, ds, m, seed, device, work))
+            yield f"{ds}-{m}-s{seed}", fn
 
+    return run_study(STUDY, jobs(), table, a.table_only, a.budget_s)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from functools import partial
 
 import numpy as np
 
 from bench.baselines import run_baseline
-from bench.common import (INDEX, LONG_STEPS, RESULTS, SMOKE, STATS, THREADS, Family, load_results, machine, mean_std,
-                          run_study, runs_root, shared_data, shrink, smoke_epochs, two_level_test)
+from bench.common import (INDEX, LONG_STEPS, RESULTS, SMOKE, STATS, THREADS, Family, add_budget_arg, load_results,
+                          machine, mean_std, run_study, runs_root, shared_data, shrink, smoke_epochs, two_level_test)
 from bench.controls import SCHEDULES, data_dict as controls_data
 
 STUDY = "learning_curves"
@@ -252,7 +251,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: SEEDS of each point")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every arm trains (a GPU slot: "
                    "cuda, with DCUBE_BENCH_OUT=$OUT and DCUBE_BENCH_RUNS on the device's disk)")
-    p.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
+    add_budget_arg(p)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
 
@@ -260,17 +259,9 @@ def main(argv=None):
         fn = dcube_arm if arm.startswith("dcube") or arm == "cnn-only" else baseline_arm
         return partial(fn, ds, point, arm, seed, a.device)
 
-    t0 = time.time()
-
-    def jobs():
-        for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds):
-            if a.budget_s is not None and time.time() - t0 > a.budget_s:
-                print(f"[learning_curves] budget of {a.budget_s:.0f} s spent; {ds} k={point} {arm} seed {seed} and "
-                      "later runs are left for the next call")
-                return
-            yield f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed)
-
-    return run_study(STUDY, jobs(), table, a.table_only)
+    jobs = ((f"{ds}-k{point}-{arm}-s{seed}", job(ds, point, arm, seed))
+            for ds, point, arm, seed in registered(a.datasets, a.points, a.arms, a.seeds))
+    return run_study(STUDY, jobs, table, a.table_only, a.budget_s)
 
 
 if __name__ == "__main__":

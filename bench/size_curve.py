@@ -4,8 +4,9 @@ machine? (issue 32, item 4)
     python -m bench.size_curve [--datasets breastmnist covid] [--models unet-tiny uvit-small ...] [--seeds 0 1 2]
     python -m bench.size_curve --table-only
 
-Every run trains step 1 for the same CPU budget (BUDGET_MINUTES of one thread): the model's seconds per
-optimiser step are timed first (a few steps after a warm-up), and the run gets as many steps as fit. Every
+Every run trains step 1 for the same CPU budget (BUDGET_MINUTES of CPU time, summed over the run's torch threads):
+the model's CPU seconds per optimiser step are timed first (a few steps after a warm-up, at the run's threads), and
+the run gets as many steps as fit. Within a dataset every run uses the same number of threads (the table shows it). Every
 fifth of the run the EMA model's pooled block features get the validation probe of bench.convergence (fitted
 on training images, block and C chosen on validation); the best checkpoint on validation is the chosen one,
 and only its probe is scored on test. The decision (preset and backbone of step 1) is taken on validation only.
@@ -20,14 +21,15 @@ from functools import partial
 
 import numpy as np
 
-from bench.common import RESULTS, SMOKE, THREADS, load_results, machine, mean_std, run_study, runs_root, shrink
+from bench.common import (RESULTS, SMOKE, THREADS, add_budget_arg, load_results, machine, mean_std, run_study, runs_root,
+                          shrink)
 from bench.controls import data_dict  # the same splits as the control arms
 from bench.convergence import probe_run
 
 STUDY = "size_curve"
 MODELS = ("unet-micro", "unet-tiny", "unet-small", "uvit-tiny", "uvit-small")
 DEFAULT = "unet-tiny"  # today's step-1 default
-BUDGET_MINUTES = {"breastmnist": 10, "covid": 20}  # step-1 training CPU-minutes per run (1 thread)
+BUDGET_MINUTES = {"breastmnist": 10, "covid": 20}  # step-1 training CPU-minutes per run (thread-minutes)
 EVALS = 5  # validation probes per run
 SEEDS = (0, 1, 2)
 # the default changes only when another model's seed-mean validation probe AUC is higher than the default's on
@@ -76,7 +78,7 @@ def size_run(dataset: str, model: str, seed: int) -> dict:
                         "max_steps": steps, "patience": 10_000, "checkpoint_every": max(1, steps // EVALS)}
     params = sum(p.numel() for p in build_denoiser(DiffusionConfig(backbone=backbone, preset=preset), 1, size,
                                                    2).parameters())
-    return {"study": STUDY, "dataset": dataset, "model": model, "seed": seed, "params": params,
+    return {"study": STUDY, "dataset": dataset, "model": model, "seed": seed, "params": params, "threads": THREADS,
             "seconds_per_step": sec, "steps": steps, "budget_minutes": BUDGET_MINUTES[dataset],
             **probe_run(cfg)}
 
@@ -152,15 +154,18 @@ def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Step-1 model size at equal CPU time\n",
              f"Command: `python -m bench.size_curve` (resumable). Machine: {machine()}. Each run: step 1 for the same "
-             "CPU budget (steps = budget / the CPU seconds one step took when timed, batch 64, one thread), the validation probe "
+             "CPU budget (steps = budget / the CPU seconds one step took when timed, batch 64, summed over the run's torch "
+             "threads: the threads column), the validation probe "
              f"{EVALS} times, the best checkpoint on validation chosen, its probe scored once on test.\n",
-             "| dataset | model | parameters | seeds | steps | s / step | val probe AUC (chosen) | test probe AUC | "
-             "training wall-minutes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | model | parameters | seeds | threads | steps | CPU s / step | val probe AUC (chosen) | "
+             "test probe AUC | training wall-minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ds in BUDGET_MINUTES:
         for m in MODELS:
             rs = [r for r in rows if r["dataset"] == ds and r["model"] == m]
             if rs:
-                lines.append(f"| {ds} | {m} | {rs[0]['params'] / 1e6:.2f} M | {len(rs)} | "
+                # runs made before records stored their threads ran on one
+                threads = ", ".join(str(t) for t in sorted({r.get("threads", 1) for r in rs}))
+                lines.append(f"| {ds} | {m} | {rs[0]['params'] / 1e6:.2f} M | {len(rs)} | {threads} | "
                              f"{mean_std([float(r['steps']) for r in rs], 0)} | "
                              f"{mean_std([r['seconds_per_step'] for r in rs], 2)} | "
                              f"{mean_std([r['val_auc'] for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
@@ -178,11 +183,12 @@ def main(argv=None):
     p.add_argument("--datasets", nargs="+", choices=list(BUDGET_MINUTES), default=list(BUDGET_MINUTES))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    add_budget_arg(p)
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     jobs = ((f"{ds}-{m}-s{seed}", partial(size_run, ds, m, seed))
             for seed in a.seeds for ds in a.datasets for m in a.models)
-    return run_study(STUDY, jobs, table, a.table_only)
+    return run_study(STUDY, jobs, table, a.table_only, a.budget_s)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench.common.run_once: one JSON per run, skipped when present, each run's own peak memory, its feature cache deleted."""
+"""bench.common.run_once and run_study: one JSON per run, skipped when present, each run's own peak memory, its feature
+cache deleted, no new run once a budget is spent."""
 
 import os
 from pathlib import Path
@@ -119,3 +120,17 @@ def test_a_runs_cost_counts_the_threads_it_ran_with(monkeypatch):
     dcube = {"stage_seconds": {"diffusion": 900.0, "classifier": 900.0, "total_this_call": 1800.0}}
     assert thread_hours({**dcube, "config": {"threads": 2}}) == pytest.approx(1.0)
     assert thread_hours(dcube) == pytest.approx(0.5)  # a record that names no threads: one
+
+
+def test_run_study_starts_no_run_once_its_budget_is_spent(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(common, "PAGES", tmp_path / "pages")
+    clock = iter([0.0, 5.0, 11.0, 12.0, 13.0])  # the call's start, then one reading before each job
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    (results / "s").mkdir()
+    (results / "s" / "c.json").write_text('{"v": "c"}')  # finished earlier: read back, not a new run
+    ran = []
+    jobs = ((k, lambda k=k: ran.append(k) or {"v": k}) for k in ("a", "c", "b", "d"))
+    common.run_study("s", jobs, lambda: "## S\n", budget_s=10)
+    assert ran == ["a"]  # c is read back at 11 s; b would start at 12 s > 10 s, so neither it nor d starts
+    assert sorted(p.name for p in (results / "s").glob("*.json")) == ["a.json", "c.json"]
