@@ -135,7 +135,7 @@ def plot(rows: list[dict], dataset: str):
                 if rs:
                     x = point or float(np.mean([r["train_per_class"] for r in rs]))
                     m = float(np.mean([r["test"][metric] for r in rs]))
-                    pts.append((x, m, *(t["ci"] if t else (m, m))))
+                    pts.append((x, m, *(t["ci"] if t else (np.nan, np.nan))))  # one seed: no CI, no band
             if pts:
                 x, m, lo, hi = map(np.array, zip(*sorted(pts)))
                 x = x * 10 ** (0.012 * (i - (len(names) - 1) / 2))  # arms side by side at one point (log axis)
