@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="run directories (default: a temporary folder)")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
+
     def jobs():  # a generator: with --table-only, torch is never imported
         import torch
 
