@@ -137,7 +137,8 @@ def _decision(rows: list[dict]) -> list[str]:
                 return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}): on {ds}, with "
                             f"every model and seed in, no model is {MARGIN} above `{DEFAULT}` (the largest gain: "
                             f"{top:+.3f}), so the remaining runs complete the curve but cannot change the choice; "
-                            f"step-1 default: **{DEFAULT}**."]
+                            f"step-1 default: **{DEFAULT}**. **In progress**: {sum(w in have for w in want)} of "
+                            f"the {len(want)} runs are in."]
         return ["", f"**In progress**: decision not yet ({sum(w in have for w in want)} of the {len(want)} runs are in). The rule, "
                     f"applied when every dataset, model and seed is in: {RULE}."]
     both = [m for m in MODELS if all((ds, m) in means for ds in BUDGET_MINUTES)]

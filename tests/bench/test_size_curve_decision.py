@@ -29,6 +29,7 @@ def test_one_complete_dataset_without_a_winner_decides_before_the_others_are_in(
     partial = [r for r in rows({}) if r["dataset"] == ds[0]] + [r for r in rows({}) if r["dataset"] == ds[1]][:3]
     text = " ".join(sc._decision(partial))
     assert f"step-1 default: **{sc.DEFAULT}**" in text and "cannot change" in text
+    assert f"{len(partial)} of the {2 * len(sc.MODELS) * len(sc.SEEDS)} runs are in" in text  # not shown as complete
     ahead = {(ds[0], "unet-small"): 0.80 + 2 * sc.MARGIN}  # it could still win if it wins on the other dataset too
     partial = [r for r in rows(ahead) if r["dataset"] == ds[0]] + [r for r in rows(ahead) if r["dataset"] == ds[1]][:3]
     assert "not yet" in " ".join(sc._decision(partial))
