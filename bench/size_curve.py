@@ -108,6 +108,7 @@ def plot(rows: list[dict]):
             for xi, yi, n in zip(x, y, names):
                 ax.annotate(n, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.margins(y=0.12)  # room for the preset names above the top point
         ax.set_xlabel("parameters")
         ax.set_ylabel("validation probe AUC (chosen checkpoint)")
         ax.set_title(f"{ds}: {BUDGET_MINUTES[ds]} CPU-minutes of step 1 per model", fontsize=9)
