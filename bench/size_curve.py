@@ -31,6 +31,7 @@ MODELS = ("unet-micro", "unet-tiny", "unet-small", "uvit-tiny", "uvit-small")
 DEFAULT = "unet-tiny"  # today's step-1 default
 BUDGET_MINUTES = {"breastmnist": 10, "covid": 20}  # step-1 training CPU-minutes per run (thread-minutes)
 EVALS = 5  # validation probes per run
+TIMED_STEPS = 3  # training steps timed (after one warm-up) to set a run's number of steps
 SEEDS = (0, 1, 2)
 # the default changes only when another model's seed-mean validation probe AUC is higher than the default's on
 # BOTH datasets by at least this much (fixed before any run: the seed spread of the probe in bench.convergence)
@@ -70,7 +71,7 @@ def size_run(dataset: str, model: str, seed: int) -> dict:
     backbone, preset = model.split("-")
     data = data_dict(dataset)
     size = data.get("image_size", 28)
-    sec = seconds_per_step(backbone, preset, 1, size, 4 if SMOKE else 64, 1 if SMOKE else 3)
+    sec = seconds_per_step(backbone, preset, 1, size, 4 if SMOKE else 64, 1 if SMOKE else TIMED_STEPS)
     steps = 2 if SMOKE else max(EVALS, int(BUDGET_MINUTES[dataset] * 60 / sec))
     cfg = shrink({"run_dir": str(runs_root(STUDY) / f"{dataset}-{model}-s{seed}"), "seed": seed, "threads": THREADS,
                   "data": data, "diffusion": {"backbone": backbone, "preset": preset, "sample_grid": False}})
@@ -152,6 +153,13 @@ def _decision(rows: list[dict]) -> list[str]:
                 f"smallest-gain is `{best}`'s {gains[best]:+.3f}; step-1 default: **{chosen}**."]
 
 
+def _step_spread(rows: list[dict]) -> tuple[float, str, str] | None:
+    """The largest ratio of most to fewest steps among one model's seeds on one dataset, with that dataset and model."""
+    spread = [(max(st) / min(st), ds, m) for ds in BUDGET_MINUTES for m in MODELS
+              if len(st := [r["steps"] for r in rows if r["dataset"] == ds and r["model"] == m]) > 1]
+    return max(spread) if spread else None
+
+
 def table() -> str:
     rows = load_results(STUDY)
     lines = ["## Step-1 model size at equal CPU time\n",
@@ -173,6 +181,11 @@ def table() -> str:
                              f"{mean_std([r['val_auc'] for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
                              f"{mean_std([r['train_minutes'] for r in rs], 1)} |")
     if rows:
+        if spread := _step_spread(rows):
+            ratio, ds, m = spread
+            lines += ["", f"Each run times its own steps (the median of {TIMED_STEPS} steps' process CPU time, which "
+                          "counts every thread of the process), so one model's budget in steps differs between seeds: "
+                          f"by up to {ratio:.2f}x ({ds}, {m}). The steps column shows it."]
         lines += _decision(rows)
         path = plot(rows)
         lines += ["", f"![step-1 size curve]({path.relative_to(RESULTS.parent.parent).as_posix()})"

@@ -33,3 +33,12 @@ def test_one_complete_dataset_without_a_winner_decides_before_the_others_are_in(
     ahead = {(ds[0], "unet-small"): 0.80 + 2 * sc.MARGIN}  # it could still win if it wins on the other dataset too
     partial = [r for r in rows(ahead) if r["dataset"] == ds[0]] + [r for r in rows(ahead) if r["dataset"] == ds[1]][:3]
     assert "not yet" in " ".join(sc._decision(partial))
+
+
+def test_the_step_spread_names_the_model_whose_seeds_got_the_most_different_budgets():
+    ds = list(sc.BUDGET_MINUTES)
+    rs = [{"dataset": ds[0], "model": "unet-tiny", "seed": s, "steps": n} for s, n in enumerate((100, 180, 120))]
+    rs += [{"dataset": ds[1], "model": "unet-small", "seed": s, "steps": n} for s, n in enumerate((20, 21))]
+    rs += [{"dataset": ds[1], "model": "unet-micro", "seed": 0, "steps": 5}]  # one seed: no spread
+    assert sc._step_spread(rs) == (1.8, ds[0], "unet-tiny")
+    assert sc._step_spread(rs[-1:]) is None
