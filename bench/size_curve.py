@@ -128,6 +128,7 @@ def _decision(rows: list[dict]) -> list[str]:
     when one complete dataset already rules every other model out."""
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
     want = [(ds, m, s) for ds in BUDGET_MINUTES for m in MODELS for s in SEEDS]
+    count = f"{sum(w in have for w in want)} of the {len(want)} runs are in"
     means = {(ds, m): np.mean([r["val_auc"] for r in rows if r["dataset"] == ds and r["model"] == m])
              for ds in BUDGET_MINUTES for m in MODELS
              if any(r["dataset"] == ds and r["model"] == m for r in rows)}
@@ -139,9 +140,8 @@ def _decision(rows: list[dict]) -> list[str]:
                 return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}): on {ds}, with "
                             f"every model and seed in, no model is {MARGIN} above `{DEFAULT}` (the largest gain: "
                             f"{top:+.3f}), so the remaining runs complete the curve but cannot change the choice; "
-                            f"step-1 default: **{DEFAULT}**. **In progress**: {sum(w in have for w in want)} of "
-                            f"the {len(want)} runs are in."]
-        return ["", f"**In progress**: decision not yet ({sum(w in have for w in want)} of the {len(want)} runs are in). The rule, "
+                            f"step-1 default: **{DEFAULT}**. **In progress**: {count}."]
+        return ["", f"**In progress**: decision not yet ({count}). The rule, "
                     f"applied when every dataset, model and seed is in: {RULE}."]
     both = [m for m in MODELS if all((ds, m) in means for ds in BUDGET_MINUTES)]
     if DEFAULT not in both or len(both) < 2:
