@@ -146,11 +146,15 @@ def _decision(rows: list[dict]) -> list[str]:
     both = [m for m in MODELS if all((ds, m) in means for ds in BUDGET_MINUTES)]
     if DEFAULT not in both or len(both) < 2:
         return ["", "**In progress**: decision not yet (every dataset needs the default and another model)."]
-    gains = {m: min(means[(ds, m)] - means[(ds, DEFAULT)] for ds in BUDGET_MINUTES) for m in both if m != DEFAULT}
-    best = max(gains, key=gains.get)
-    chosen = best if gains[best] >= MARGIN else DEFAULT
-    return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}): the largest "
-                f"smallest-gain is `{best}`'s {gains[best]:+.3f}; step-1 default: **{chosen}**."]
+    per = {m: [means[(ds, m)] - means[(ds, DEFAULT)] for ds in BUDGET_MINUTES] for m in both if m != DEFAULT}
+    best = max(per, key=lambda m: min(per[m]))
+    chosen = best if min(per[best]) >= MARGIN else DEFAULT
+    listed = "; ".join(f"`{m}` " + ", ".join(f"{g:+.3f}" for g in per[m]) for m in per)
+    verdict = (f"`{best}` is at least {MARGIN} above on every dataset" if chosen == best
+               else f"no model is {MARGIN} above on every dataset")
+    return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}). Each model's seed-mean "
+                f"validation probe AUC minus `{DEFAULT}`'s ({', '.join(BUDGET_MINUTES)}): {listed}. "
+                f"{verdict[0].upper()}{verdict[1:]}; step-1 default: **{chosen}**."]
 
 
 def _step_spread(rows: list[dict]) -> tuple[float, str, str] | None:

@@ -17,7 +17,9 @@ def test_no_decision_before_every_run_is_in():
 def test_another_model_replaces_the_default_only_by_the_margin_on_every_dataset():
     ds = list(sc.BUDGET_MINUTES)
     on_one = {(ds[0], "uvit-small"): 0.80 + 2 * sc.MARGIN}
-    assert f"step-1 default: **{sc.DEFAULT}**" in " ".join(sc._decision(rows(on_one)))
+    text = " ".join(sc._decision(rows(on_one)))
+    assert f"step-1 default: **{sc.DEFAULT}**" in text
+    assert f"`uvit-small` {2 * sc.MARGIN:+.3f}, +0.000" in text  # the gain on each dataset, not only the smaller one
     on_both = {(d, "uvit-small"): 0.80 + 2 * sc.MARGIN for d in ds}
     assert "step-1 default: **uvit-small**" in " ".join(sc._decision(rows(on_both)))
     just_short = {(d, "uvit-small"): 0.80 + sc.MARGIN / 2 for d in ds}
