@@ -92,14 +92,14 @@ def plot(rows: list[dict]):
 
     from dcube.utils.io import atomic_write
 
+    runs = _runs(rows)
     datasets = [d for d in BUDGET_MINUTES if any(r["dataset"] == d for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         for i, backbone in enumerate(("unet", "uvit")):
             pts = []
-            for m in MODELS:
-                rs = [r for r in rows if r["dataset"] == ds and r["model"] == m and m.startswith(backbone)]
-                if rs:
+            for (d, m), rs in runs.items():
+                if d == ds and m.startswith(backbone):
                     v = [r["val_auc"] for r in rs]
                     pts.append((rs[0]["params"], np.mean(v), np.std(v), m.split("-")[1]))
             if not pts:
@@ -123,15 +123,19 @@ def plot(rows: list[dict]):
     return path
 
 
+def _runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The runs of each (dataset, model) that has any, in BUDGET_MINUTES then MODELS order."""
+    return {(ds, m): rs for ds in BUDGET_MINUTES for m in MODELS
+            if (rs := [r for r in rows if r["dataset"] == ds and r["model"] == m])}
+
+
 def _decision(rows: list[dict]) -> list[str]:
     """The rule, applied when every registered run (each dataset, model and seed of SEEDS) is in, or earlier
     when one complete dataset already rules every other model out."""
     have = {(r["dataset"], r["model"], r["seed"]) for r in rows}
     want = [(ds, m, s) for ds in BUDGET_MINUTES for m in MODELS for s in SEEDS]
     count = f"{sum(w in have for w in want)} of the {len(want)} runs are in"
-    means = {(ds, m): np.mean([r["val_auc"] for r in rows if r["dataset"] == ds and r["model"] == m])
-             for ds in BUDGET_MINUTES for m in MODELS
-             if any(r["dataset"] == ds and r["model"] == m for r in rows)}
+    means = {key: np.mean([r["val_auc"] for r in rs]) for key, rs in _runs(rows).items()}
     if not SMOKE and any(w not in have for w in want):
         # a model needs the margin on EVERY dataset: one complete dataset where none has it decides already
         for ds in (d for d in BUDGET_MINUTES if all((d, m, s) in have for m in MODELS for s in SEEDS)):
@@ -151,16 +155,16 @@ def _decision(rows: list[dict]) -> list[str]:
     chosen = best if min(per[best]) >= MARGIN else DEFAULT
     listed = "; ".join(f"`{m}` " + ", ".join(f"{g:+.3f}" for g in per[m]) for m in per)
     verdict = (f"`{best}` is at least {MARGIN} above on every dataset" if chosen == best
-               else f"no model is {MARGIN} above on every dataset")
+               else f"No model is {MARGIN} above on every dataset")
     return ["", f"**Answer.** Decision on validation (rule fixed before the runs: {RULE}). Each model's seed-mean "
                 f"validation probe AUC minus `{DEFAULT}`'s ({', '.join(BUDGET_MINUTES)}): {listed}. "
-                f"{verdict[0].upper()}{verdict[1:]}; step-1 default: **{chosen}**."]
+                f"{verdict}; step-1 default: **{chosen}**."]
 
 
 def _step_spread(rows: list[dict]) -> tuple[float, str, str] | None:
     """The largest ratio of most to fewest steps among one model's seeds on one dataset, with that dataset and model."""
-    spread = [(max(st) / min(st), ds, m) for ds in BUDGET_MINUTES for m in MODELS
-              if len(st := [r["steps"] for r in rows if r["dataset"] == ds and r["model"] == m]) > 1]
+    spread = [(max(st) / min(st), ds, m) for (ds, m), rs in _runs(rows).items()
+              if len(st := [r["steps"] for r in rs]) > 1]
     return max(spread) if spread else None
 
 
@@ -173,17 +177,14 @@ def table() -> str:
              f"{EVALS} times, the best checkpoint on validation chosen, its probe scored once on test.\n",
              "| dataset | model | parameters | seeds | threads | steps | CPU s / step | val probe AUC (chosen) | "
              "test probe AUC | training wall-minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for ds in BUDGET_MINUTES:
-        for m in MODELS:
-            rs = [r for r in rows if r["dataset"] == ds and r["model"] == m]
-            if rs:
-                # runs made before records stored their threads ran on one
-                threads = ", ".join(str(t) for t in sorted({r.get("threads", 1) for r in rs}))
-                lines.append(f"| {ds} | {m} | {rs[0]['params'] / 1e6:.2f} M | {len(rs)} | {threads} | "
-                             f"{mean_std([float(r['steps']) for r in rs], 0)} | "
-                             f"{mean_std([r['seconds_per_step'] for r in rs], 2)} | "
-                             f"{mean_std([r['val_auc'] for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
-                             f"{mean_std([r['train_minutes'] for r in rs], 1)} |")
+    for (ds, m), rs in _runs(rows).items():
+        # runs made before records stored their threads ran on one
+        threads = ", ".join(str(t) for t in sorted({r.get("threads", 1) for r in rs}))
+        lines.append(f"| {ds} | {m} | {rs[0]['params'] / 1e6:.2f} M | {len(rs)} | {threads} | "
+                     f"{mean_std([float(r['steps']) for r in rs], 0)} | "
+                     f"{mean_std([r['seconds_per_step'] for r in rs], 2)} | "
+                     f"{mean_std([r['val_auc'] for r in rs])} | {mean_std([r['test_auc'] for r in rs])} | "
+                     f"{mean_std([r['train_minutes'] for r in rs], 1)} |")
     if rows:
         if spread := _step_spread(rows):
             ratio, ds, m = spread
